@@ -1,0 +1,96 @@
+//! `renv package DIR [-o OUT.zip] [--exclude PAT]… [--json]`.
+
+use std::io::BufWriter;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use super::{StoreArgs, print_stdout};
+use crate::env_vars;
+use crate::error::Error;
+use crate::package::scan_dir;
+use crate::package::zip_write::{Compression, write_zip};
+use crate::progress::Progress;
+
+#[derive(Debug, Args)]
+pub struct PackageArgs {
+    /// The directory to package.
+    dir: PathBuf,
+    /// Write a reproducible zip here instead of putting the package in the store.
+    #[arg(short, long, value_name = "OUT.zip")]
+    output: Option<PathBuf>,
+    /// gitignore-style pattern to leave out (repeatable), as `excludes` in a runtime_env.
+    #[arg(long = "exclude", value_name = "PAT")]
+    excludes: Vec<String>,
+    /// Zip compression.
+    #[arg(long, value_enum, default_value_t = Compression::Stored)]
+    compression: Compression,
+    /// Print one JSON object on stdout.
+    #[arg(long, env = env_vars::RENV_JSON)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+pub fn run(args: PackageArgs) -> Result<(), Error> {
+    let progress = if args.json {
+        Progress::hidden()
+    } else {
+        Progress::for_stderr()
+    };
+    let tree = scan_dir(&args.dir, &args.excludes, args.store.threads(), &progress)?;
+    let digest = tree.manifest.digest();
+    let location = match &args.output {
+        Some(out) => {
+            // Write beside the target and rename, so a failed run never leaves a partial zip.
+            let dir = out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let tmp = tempfile::Builder::new()
+                .prefix(".renv-package-")
+                .suffix(".zip")
+                .tempfile_in(dir)?;
+            let writer = write_zip(
+                &tree,
+                BufWriter::with_capacity(1 << 20, tmp),
+                args.compression,
+                &progress,
+            )?;
+            let tmp = writer.into_inner().map_err(|e| e.into_error())?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(out).map_err(|e| e.error)?;
+            json!({"zip": out})
+        }
+        None => {
+            let store = args.store.open(None)?;
+            let entry = store.ensure_package_from_tree(&tree, &progress)?;
+            json!({"path": entry.path, "created": entry.created})
+        }
+    };
+    let mut value = json!({
+        "digest": digest.to_string(),
+        "uri": format!("pkg://{digest}"),
+        "files": tree.manifest.file_count(),
+        "bytes": tree.manifest.content_bytes(),
+    });
+    value
+        .as_object_mut()
+        .expect("object")
+        .extend(location.as_object().expect("object").clone());
+    let text = if args.json {
+        format!("{value}\n")
+    } else {
+        let place = match &args.output {
+            Some(out) => format!("wrote {}", out.display()),
+            None => "in the store".to_string(),
+        };
+        format!(
+            "pkg://{digest}\n{} files, {}, {place}\n",
+            tree.manifest.file_count(),
+            super::build::human_bytes(tree.manifest.content_bytes())
+        )
+    };
+    print_stdout(&text)
+}

@@ -1,0 +1,52 @@
+//! The library's top-level error and how it maps to exit codes.
+
+use crate::package::PackageError;
+use crate::package::zip_read::ArchiveError;
+use crate::spec::SpecError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid runtime_env: {0}")]
+    Spec(#[from] SpecError),
+    #[error(
+        "{field}: building virtualenvs is not supported yet; remove `{field}` to build the rest of the env"
+    )]
+    NotBuiltYet { field: &'static str },
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error("{path}: {source}", path = .path.display())]
+    Archive {
+        path: std::path::PathBuf,
+        source: ArchiveError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Exit codes: 0 success, 1 internal failure, 2 invalid input.
+pub const EXIT_INTERNAL: u8 = 1;
+pub const EXIT_INVALID_INPUT: u8 = 2;
+
+impl Error {
+    /// True when the user's input (spec, path, archive) is at fault.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Error::Spec(_) | Error::NotBuiltYet { .. } => true,
+            Error::Package(e) => e.is_user_error(),
+            Error::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
+            Error::Store(e) => e.is_user_error(),
+            Error::Io(_) => false,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        if self.is_user_error() {
+            EXIT_INVALID_INPUT
+        } else {
+            EXIT_INTERNAL
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! renv: a per-node runtime-environment agent for Python cluster workers.
+//!
+//! The modules follow the data flow:
+//!
+//! ```text
+//! spec      runtime_env JSON → RuntimeEnvSpec (strict, errors name the field)
+//! resolve   → resolved parts: a scanned tree, a zip path, a package digest, requirements
+//! package   walk + manifest digest, zip writing and safe zip reading
+//! store     content-addressed entries: staging, locks, publish by rename, marker last
+//! context   python, cwd, env for a worker
+//! build     the whole pipeline, as `renv build` runs it
+//! ```
+//!
+//! `cli` is a thin shell over these.
+
+pub mod build;
+pub mod cli;
+pub mod context;
+pub mod digest;
+pub mod env_vars;
+pub mod error;
+pub mod package;
+pub mod progress;
+pub mod resolve;
+pub mod spec;
+pub mod store;
+
+pub use error::Error;

@@ -1,0 +1,125 @@
+//! Materializing a tree in a staging directory: copying a scanned local tree, and the
+//! file-creation and permission rules the zip reader shares.
+//!
+//! Files are created with `O_CREAT | O_EXCL | O_NOFOLLOW`, so nothing is ever written
+//! through a symlink or over an existing name. Modes are renv's, never the source's:
+//! `0444`, or `0555` for executables, directories `0555` once filled — no setuid, no
+//! world-write, and a committed entry is read-only.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use super::manifest::{EntryKind, ManifestEntry};
+use super::scan::{ScannedTree, fs_err_io, open_regular};
+use super::{PackageError, parallel_map};
+use crate::digest::Digest;
+use crate::progress::Progress;
+
+pub const FILE_MODE: u32 = 0o444;
+pub const EXEC_MODE: u32 = 0o555;
+pub const DIR_MODE: u32 = 0o555;
+
+/// Copies `tree` into the empty directory `dest`, verifying every file against its
+/// manifest digest as it is copied (a file edited between scan and copy is an error, so
+/// an entry's bytes always match its name).
+pub fn copy_into(
+    tree: &ScannedTree,
+    dest: &Path,
+    threads: usize,
+    progress: &Progress,
+) -> Result<(), PackageError> {
+    let entries = tree.manifest.entries();
+    for entry in entries {
+        if let EntryKind::Dir = entry.kind {
+            fs_err::create_dir(dest.join(&entry.path))?;
+        }
+    }
+    let files: Vec<&ManifestEntry> = entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+        .collect();
+    let phase = progress.phase("copying", files.len() as u64);
+    parallel_map(files.len(), threads, |i| {
+        let entry = files[i];
+        let EntryKind::File {
+            executable,
+            content,
+            ..
+        } = entry.kind
+        else {
+            unreachable!()
+        };
+        let source = tree.source_path(entry);
+        let (mut input, meta) = open_regular(&source)?;
+        let mut output = create_file(dest, &entry.path, executable)?;
+        let copied = copy_hashing(&mut input, &mut output, &source, meta.len())?;
+        if copied != content || super::scan::is_executable(&meta) != executable {
+            return Err(PackageError::Changed(source));
+        }
+        phase.inc(1);
+        Ok(())
+    })?;
+    phase.finish();
+    for entry in entries {
+        if let EntryKind::Symlink { target } = &entry.kind {
+            fs_err::os::unix::fs::symlink(target, dest.join(&entry.path))?;
+        }
+    }
+    seal_dirs(dest, entries)?;
+    Ok(())
+}
+
+/// Creates a new file for an entry; never follows a symlink, never replaces a name.
+pub fn create_file(root: &Path, rel: &str, executable: bool) -> std::io::Result<File> {
+    let path = root.join(rel);
+    let mode = if executable { EXEC_MODE } else { FILE_MODE };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{e} (while creating {})", path.display()))
+        })?;
+    // The umask may have narrowed the mode; the store's modes are exact.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(file)
+}
+
+/// Makes every directory of a filled tree read-only, deepest first. The root is left
+/// writable until it has been renamed into place (moving a directory to another parent
+/// rewrites its `..`).
+pub fn seal_dirs(root: &Path, entries: &[ManifestEntry]) -> std::io::Result<()> {
+    for entry in entries.iter().rev() {
+        if let EntryKind::Dir = entry.kind {
+            fs_err::set_permissions(
+                root.join(&entry.path),
+                std::fs::Permissions::from_mode(DIR_MODE),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `input` to `output`, returning the blake3 of the bytes copied.
+fn copy_hashing(
+    input: &mut File,
+    output: &mut File,
+    source: &Path,
+    size_hint: u64,
+) -> Result<Digest, PackageError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; (size_hint as usize).clamp(4096, 1 << 20)];
+    loop {
+        let n = input.read(&mut buf).map_err(|e| fs_err_io(source, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n])?;
+    }
+    Ok(hasher.finalize().into())
+}

@@ -1,0 +1,128 @@
+//! From a spec as written to its canonical, resolved form. Local paths are read here (on
+//! the CLI's side): a directory is walked and hashed, a requirements file is read and each
+//! line validated. Nothing downstream re-parses or re-validates.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::digest::PackageDigest;
+use crate::error::Error;
+use crate::package::{self, PackageError, ScannedTree};
+use crate::progress::Progress;
+use crate::spec::{
+    self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError,
+    WorkingDirSpec,
+};
+
+/// A working_dir source, resolved to something the store can ensure.
+#[derive(Debug, Clone)]
+pub enum ResolvedWorkingDir {
+    /// A local directory, walked and hashed: its digest is known.
+    Tree(ScannedTree),
+    /// A zip on this machine; its digest is known once unpacked (or from a previous unpack).
+    Zip(PathBuf),
+    /// An entry that must already be in the store.
+    Package(PackageDigest),
+}
+
+/// The `pip`/`uv` field with its requirement list read and de-duplicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedPackages {
+    pub field: InstallerField,
+    pub requirements: Vec<Requirement>,
+    pub check: bool,
+    pub installer_version: Option<String>,
+    pub install_options: Vec<String>,
+}
+
+/// Resolves `pip`/`uv`: reads a requirements file (relative to `base_dir`) if given.
+/// `None` when the spec asks for no packages.
+pub fn resolve_packages(
+    spec: &PackageSpec,
+    base_dir: &Path,
+) -> Result<Option<ResolvedPackages>, Error> {
+    let field = spec.field.as_str();
+    let requirements = match &spec.packages {
+        PackageList::Listed(reqs) => spec::dedup_requirements(reqs),
+        PackageList::RequirementsFile(file) => {
+            let path = base_dir.join(file);
+            let text = fs_err::read_to_string(&path).map_err(|e| {
+                SpecError::new(
+                    field,
+                    format!("cannot read requirements file {}: {e}", path.display()),
+                )
+            })?;
+            let mut reqs = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split(" #").next().unwrap_or("").trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let at = format!("{field} ({}:{})", file.display(), n + 1);
+                reqs.push(spec::parse_requirement(
+                    &Value::String(line.to_string()),
+                    &at,
+                )?);
+            }
+            spec::dedup_requirements(&reqs)
+        }
+    };
+    if requirements.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ResolvedPackages {
+        field: spec.field,
+        requirements,
+        check: spec.check,
+        installer_version: spec.installer_version.clone(),
+        install_options: spec.install_options.clone(),
+    }))
+}
+
+/// Resolves `working_dir`: relative paths are taken from `base_dir`.
+pub fn resolve_working_dir(
+    spec: &RuntimeEnvSpec,
+    base_dir: &Path,
+    threads: usize,
+    progress: &Progress,
+) -> Result<Option<ResolvedWorkingDir>, Error> {
+    let Some(wd) = &spec.working_dir else {
+        return Ok(None);
+    };
+    Ok(Some(match wd {
+        WorkingDirSpec::Package(digest) => ResolvedWorkingDir::Package(*digest),
+        WorkingDirSpec::FileZip(path) => ResolvedWorkingDir::Zip(existing_zip(path)?),
+        WorkingDirSpec::Local(path) => {
+            let path = base_dir.join(path);
+            match fs_err::metadata(&path) {
+                Err(_) => return Err(PackageError::NotFound(path).into()),
+                Ok(meta) if meta.is_dir() => ResolvedWorkingDir::Tree(package::scan_dir(
+                    &path,
+                    &spec.excludes,
+                    threads,
+                    progress,
+                )?),
+                Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
+                    if !spec.excludes.is_empty() {
+                        return Err(SpecError::new(
+                            "excludes",
+                            "applies only to a local directory working_dir; a zip is used as it is",
+                        )
+                        .into());
+                    }
+                    ResolvedWorkingDir::Zip(path)
+                }
+                Ok(_) => return Err(PackageError::NotADirectory(path).into()),
+            }
+        }
+    }))
+}
+
+fn existing_zip(path: &Path) -> Result<PathBuf, Error> {
+    match fs_err::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
+        Ok(_) => Err(PackageError::NotADirectory(path.to_path_buf()).into()),
+        Err(_) => Err(PackageError::NotFound(path.to_path_buf()).into()),
+    }
+}

@@ -1,0 +1,198 @@
+use super::*;
+use proptest::prelude::*;
+
+fn err(json: &str) -> String {
+    RuntimeEnvSpec::from_json(json).unwrap_err().to_string()
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let cases = [
+        (
+            r#"{"env_vars": {"FOO": 1}}"#,
+            "env_vars.FOO: expected a string, got 1",
+        ),
+        (
+            r#"{"config": {"setup_timeout_seconds": 0}}"#,
+            "config.setup_timeout_seconds: must be an integer > 0 or -1, got 0",
+        ),
+        (
+            r#"{"config": {"setup_timeout_seconds": 1.5}}"#,
+            "config.setup_timeout_seconds: must be an integer > 0 or -1, got 1.5",
+        ),
+        (
+            r#"{"config": {"setup_timeout_seconds": "10"}}"#,
+            "config.setup_timeout_seconds: must be an integer > 0 or -1, got \"10\"",
+        ),
+        (
+            r#"{"config": {"eager_install": "yes"}}"#,
+            "config.eager_install: expected true or false, got \"yes\"",
+        ),
+        (
+            r#"{"config": {"retries": 1}}"#,
+            "config.retries: unknown key; supported keys are: setup_timeout_seconds, eager_install",
+        ),
+        (
+            r#"{"conda": "env.yaml"}"#,
+            "conda: unknown field; supported fields are: working_dir, excludes, env_vars, pip, uv, config, _ray_commit",
+        ),
+        (
+            r#"{"pip": ["a"], "uv": ["b"]}"#,
+            "uv: `pip` and `uv` cannot both be given; use one of them",
+        ),
+        (
+            r#"{"pip": 3}"#,
+            "pip: expected a list of requirements, a requirements file path, or an object, got 3",
+        ),
+        (
+            r#"{"pip": {"pip_check": true}}"#,
+            "pip: expected a `packages` key in the dict form",
+        ),
+        (
+            r#"{"pip": {"packages": [], "uv_check": true}}"#,
+            "pip.uv_check: unknown key; supported keys are: packages, pip_check, pip_version, pip_install_options",
+        ),
+        (
+            r#"{"uv": {"packages": ["a"], "uv_check": 1}}"#,
+            "uv.uv_check: expected true or false, got 1",
+        ),
+        (
+            r#"{"pip": {"packages": ["a"], "pip_version": "latest"}}"#,
+            "pip.pip_version: expected a version specifier such as \"==23.2.1\", got \"latest\"",
+        ),
+        (
+            r#"{"pip": ["requests", 7]}"#,
+            "pip[1]: expected a requirement string, got 7",
+        ),
+        (
+            r#"{"pip": {"packages": ["a", "b", "--index-url https://x"]}}"#,
+            "pip.packages[2]: options are not allowed in requirements (\"--index-url https://x\")",
+        ),
+        (
+            r#"{"uv": ["ok", "./local"]}"#,
+            "uv[1]: local paths are not allowed in requirements (\"./local\")",
+        ),
+        (
+            r#"{"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}"#,
+            "env_vars.CUDA_VISIBLE_DEVICES: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"NVIDIA_VISIBLE_DEVICES": "all"}}"#,
+            "env_vars.NVIDIA_VISIBLE_DEVICES: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}}"#,
+            "env_vars.CUDA_DEVICE_ORDER: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"1BAD": "x"}}"#,
+            "env_vars.1BAD: invalid variable name",
+        ),
+        (
+            r#"{"env_vars": {"A=B": "x"}}"#,
+            "env_vars.A=B: invalid variable name",
+        ),
+        (
+            r#"{"env_vars": ["A"]}"#,
+            "env_vars: expected an object of string to string, got a list",
+        ),
+        (r#"{"working_dir": 5}"#, "working_dir: expected a string"),
+        (
+            r#"{"working_dir": "s3://bucket/wd.zip"}"#,
+            "working_dir: remote URIs (s3://) are not supported yet",
+        ),
+        (
+            r#"{"working_dir": "pkg://abc"}"#,
+            "working_dir: expected pkg://<64 lowercase hex digits>, got \"pkg://abc\"",
+        ),
+        (
+            r#"{"working_dir": "file://relative.zip"}"#,
+            "working_dir: expected file:///absolute/path.zip",
+        ),
+        (
+            r#"{"working_dir": "file:///tmp/x.tar"}"#,
+            "working_dir: expected file:///absolute/path.zip",
+        ),
+        (
+            r#"{"excludes": "*.log"}"#,
+            "excludes: expected a list of gitignore patterns, got \"*.log\"",
+        ),
+        (
+            r#"{"excludes": ["ok", null]}"#,
+            "excludes[1]: expected a string, got null",
+        ),
+        (
+            r#"{"working_dir": "pkg://0000000000000000000000000000000000000000000000000000000000000000", "excludes": ["x"]}"#,
+            "excludes: applies only to a local directory working_dir",
+        ),
+        ("[1]", "expected a JSON object, got a list"),
+        ("{", "invalid JSON"),
+    ];
+    for (json, want) in cases {
+        let got = err(json);
+        assert!(
+            got.starts_with(want),
+            "{json}\n  got:  {got}\n  want: {want}"
+        );
+    }
+}
+
+#[test]
+fn accepts_ray_forms() {
+    let spec = RuntimeEnvSpec::from_json(
+        r#"{"working_dir": "./", "excludes": ["*.log", "!keep.log", "data/"],
+            "env_vars": {"TF_WARNINGS": "none", "P": "${PATH}:x"},
+            "pip": {"packages": ["requests==2.26.0"], "pip_check": false, "pip_version": "==22.0.2;python_version=='3.8.11'"},
+            "config": {"setup_timeout_seconds": -1, "eager_install": false},
+            "_ray_commit": "abc"}"#,
+    )
+    .unwrap();
+    assert_eq!(spec.working_dir, Some(WorkingDirSpec::Local("./".into())));
+    assert_eq!(spec.config.setup_timeout_seconds, None);
+    let pkgs = spec.packages.unwrap();
+    assert_eq!(
+        pkgs.installer_version.as_deref(),
+        Some("==22.0.2; python_version == \"3.8.11\"")
+    );
+    assert!(RuntimeEnvSpec::from_json(r#"{"uv": "requirements.txt"}"#).is_ok());
+    assert!(RuntimeEnvSpec::from_json(r#"{"pip": null, "uv": ["a"]}"#).is_ok());
+}
+
+#[test]
+fn list_and_dict_forms_are_the_same_spec() {
+    let a = RuntimeEnvSpec::from_json(r#"{"pip": ["Requests", "numpy>=1"]}"#).unwrap();
+    let b = RuntimeEnvSpec::from_json(
+        r#"{"pip": {"packages": ["requests", "numpy >= 1"], "pip_check": false}}"#,
+    )
+    .unwrap();
+    assert_eq!(a.canonical_json(), b.canonical_json());
+    let c = RuntimeEnvSpec::from_json(r#"{"config": {"setup_timeout_seconds": 600}}"#).unwrap();
+    let d = RuntimeEnvSpec::from_json("{}").unwrap();
+    assert_eq!(c.canonical_json(), d.canonical_json());
+}
+
+fn env_map() -> impl Strategy<Value = Vec<(String, String)>> {
+    prop::collection::vec(("[A-Z_][A-Z0-9_]{0,8}", "[ -~]{0,12}"), 0..8)
+}
+
+proptest! {
+    /// Key order and whitespace never change the canonical form.
+    #[test]
+    fn canonical_form_ignores_key_order_and_whitespace(vars in env_map(), shuffle in any::<u64>(), pad in 0usize..3) {
+        let vars: BTreeMap<_, _> = vars.into_iter().collect();
+        let mut entries: Vec<_> = vars.iter().collect();
+        let n = entries.len().max(1);
+        entries.rotate_left((shuffle as usize) % n);
+        let ws = " ".repeat(pad);
+        let body: Vec<String> = entries
+            .iter()
+            .map(|(k, v)| format!("{ws}{}{ws}:{ws}{}", serde_json::to_string(k).unwrap(), serde_json::to_string(v).unwrap()))
+            .collect();
+        let forward = format!("{{\"env_vars\": {{{}}}, \"pip\": [\"a\"]}}", body.join(","));
+        let backward = format!("{{{ws}\"pip\":{ws}{{\"packages\": [\"a\"]}},\n\"env_vars\": {{{}}}}}", body.iter().rev().cloned().collect::<Vec<_>>().join(",\n"));
+        let a = RuntimeEnvSpec::from_json(&forward).unwrap();
+        let b = RuntimeEnvSpec::from_json(&backward).unwrap();
+        prop_assert_eq!(a.canonical_json().to_string(), b.canonical_json().to_string());
+        prop_assert_eq!(a, b);
+    }
+}

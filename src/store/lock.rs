@@ -1,0 +1,102 @@
+//! Kernel file locks (`flock` through std's `File::lock`): released by the kernel when the
+//! holder exits or crashes, so a killed build never wedges the store.
+
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::StoreError;
+
+/// A held lock; released on drop.
+#[derive(Debug)]
+pub struct LockFile {
+    file: File,
+    path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+impl LockFile {
+    fn open(path: &Path) -> Result<File, StoreError> {
+        Ok(fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?
+            .into_parts()
+            .0)
+    }
+
+    /// Waits for the lock until `timeout` (None: forever). Polls with backoff rather than
+    /// blocking in `flock`, so the wait has a deadline.
+    pub fn acquire(
+        path: &Path,
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> Result<LockFile, StoreError> {
+        let file = Self::open(path)?;
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match try_lock(&file, mode) {
+                Ok(()) => {
+                    return Ok(LockFile {
+                        file,
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(e.into()),
+            }
+            if let Some(timeout) = timeout
+                && start.elapsed() >= timeout
+            {
+                return Err(StoreError::LockTimeout {
+                    path: path.to_path_buf(),
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Takes the lock only if it is free right now.
+    pub fn try_acquire(path: &Path, mode: LockMode) -> Result<Option<LockFile>, StoreError> {
+        let file = Self::open(path)?;
+        match try_lock(&file, mode) {
+            Ok(()) => Ok(Some(LockFile {
+                file,
+                path: path.to_path_buf(),
+            })),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the lock file while still holding it (for staging locks, whose name is
+    /// never reused), then releases it.
+    pub fn remove(self) -> std::io::Result<()> {
+        fs_err::remove_file(&self.path)
+    }
+
+    #[doc(hidden)]
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+fn try_lock(file: &File, mode: LockMode) -> Result<(), TryLockError> {
+    match mode {
+        LockMode::Shared => file.try_lock_shared(),
+        LockMode::Exclusive => file.try_lock(),
+    }
+}
