@@ -103,6 +103,10 @@ pub fn unpack(
             ),
         ));
     }
+    // The reader keys entries by name, so a repeated name would otherwise go unseen.
+    if archive.has_duplicate_names() {
+        return Err(reject(None, "duplicate names in the central directory"));
+    }
     let plan = plan(&mut archive, limits)?;
 
     // Directories first (sorted: parents before children), then files in parallel, each

@@ -1,0 +1,240 @@
+//! Shared helpers: a temp workspace with its own store, and ways to run `renv` in it.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Workspace { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    pub fn store_v1(&self, sub: &str) -> PathBuf {
+        self.store().join("store-v1").join(sub)
+    }
+
+    /// `renv` with this workspace's store and no inherited `RENV_*` settings.
+    pub fn renv(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_renv"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("RENV_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("RENV_STORE", self.store()).current_dir(self.dir.path());
+        cmd
+    }
+
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    /// Writes a spec file and returns its path.
+    pub fn spec(&self, name: &str, json: &Value) -> PathBuf {
+        self.write(name, json.to_string())
+    }
+
+    /// `renv build --json SPEC`, which must succeed.
+    pub fn build(&self, spec: &Path) -> Value {
+        self.build_with(spec, &[])
+    }
+
+    pub fn build_with(&self, spec: &Path, extra: &[&str]) -> Value {
+        let out = self.renv().arg("build").arg("--json").args(extra).arg(spec).output().unwrap();
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("build --json prints one JSON object")
+    }
+
+    /// `renv build SPEC`, which must fail; returns (exit code, stderr).
+    pub fn build_fails(&self, spec: &Path, extra: &[&str]) -> (i32, String) {
+        let out = self.renv().arg("build").arg("--json").args(extra).arg(spec).output().unwrap();
+        assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.stdout.is_empty(), "a failed build prints nothing on stdout");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Names left in the store's staging and trash directories.
+    pub fn leftovers(&self) -> Vec<String> {
+        ["staging", "trash"]
+            .iter()
+            .flat_map(|sub| list_dir(&self.store_v1(sub)).into_iter().map(move |n| format!("{sub}/{n}")))
+            .collect()
+    }
+
+    pub fn committed_packages(&self) -> Vec<String> {
+        list_dir(&self.store_v1("pkgs"))
+    }
+}
+
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut names: Vec<String> =
+                entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "renv failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every path under `root` (relative, `/`-separated), with a trailing `/` for directories
+/// and ` -> target` for symlinks.
+pub fn tree_listing(root: &Path) -> BTreeSet<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                out.insert(format!("{rel}/"));
+                walk(root, &path, out);
+            } else if kind.is_symlink() {
+                out.insert(format!("{rel} -> {}", std::fs::read_link(&path).unwrap().display()));
+            } else {
+                out.insert(rel);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(root, root, &mut out);
+    out
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Writes `count` files of `size` bytes (distinct contents) under `root`.
+pub fn write_many(root: &Path, count: usize, size: usize) {
+    for i in 0..count {
+        let path = root.join(format!("d{:02}/f{i:05}.dat", i % 50));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut body = format!("file {i}\n").into_bytes();
+        body.resize(size, b'a' + (i % 26) as u8);
+        std::fs::write(path, body).unwrap();
+    }
+}
+
+/// A zip writer that does exactly what it is told, including what well-behaved writers
+/// refuse to do (duplicate names, `..`, special-file modes, lying sizes). Stored entries.
+pub mod raw_zip {
+    pub struct Entry {
+        pub name: Vec<u8>,
+        /// Full unix mode including the file type bits, or None for a DOS-made entry.
+        pub mode: Option<u32>,
+        pub data: Vec<u8>,
+        pub flags: u16,
+    }
+
+    pub fn file(name: &str, data: &[u8]) -> Entry {
+        Entry { name: name.into(), mode: Some(0o100644), data: data.to_vec(), flags: 0 }
+    }
+
+    pub fn dir(name: &str) -> Entry {
+        Entry { name: name.into(), mode: Some(0o040755), data: Vec::new(), flags: 0 }
+    }
+
+    pub fn symlink(name: &str, target: &str) -> Entry {
+        Entry { name: name.into(), mode: Some(0o120777), data: target.into(), flags: 0 }
+    }
+
+    pub fn with_mode(name: &str, mode: u32, data: &[u8]) -> Entry {
+        Entry { name: name.into(), mode: Some(mode), data: data.to_vec(), flags: 0 }
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= byte as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    pub fn build(entries: &[Entry]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for e in entries {
+            let offset = out.len() as u32;
+            let crc = crc32(&e.data);
+            let size = e.data.len() as u32;
+            // Local file header.
+            out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+            out.extend_from_slice(&20u16.to_le_bytes());
+            out.extend_from_slice(&e.flags.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes()); // stored
+            out.extend_from_slice(&0u32.to_le_bytes()); // time, date
+            out.extend_from_slice(&crc.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&e.name);
+            out.extend_from_slice(&e.data);
+            // Central directory header.
+            let made_by: u16 = if e.mode.is_some() { 3 << 8 | 20 } else { 20 };
+            central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+            central.extend_from_slice(&made_by.to_le_bytes());
+            central.extend_from_slice(&20u16.to_le_bytes());
+            central.extend_from_slice(&e.flags.to_le_bytes());
+            central.extend_from_slice(&0u16.to_le_bytes());
+            central.extend_from_slice(&0u32.to_le_bytes());
+            central.extend_from_slice(&crc.to_le_bytes());
+            central.extend_from_slice(&size.to_le_bytes());
+            central.extend_from_slice(&size.to_le_bytes());
+            central.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            central.extend_from_slice(&[0; 6]); // extra len, comment len, disk number
+            central.extend_from_slice(&0u16.to_le_bytes()); // internal attributes
+            central.extend_from_slice(&(e.mode.unwrap_or(0) << 16).to_le_bytes());
+            central.extend_from_slice(&offset.to_le_bytes());
+            central.extend_from_slice(&e.name);
+        }
+        let cd_offset = out.len() as u32;
+        out.extend_from_slice(&central);
+        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+        out.extend_from_slice(&cd_offset.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out
+    }
+}

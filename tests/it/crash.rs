@@ -1,0 +1,59 @@
+//! A build killed with SIGKILL mid-copy leaves nothing that is ever served; the next
+//! build sweeps it and succeeds.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::{Workspace, list_dir, tree_listing, write_many};
+
+/// Waits until a staging directory has content, then SIGKILLs the build.
+fn kill_mid_copy(ws: &Workspace, spec: &std::path::Path) -> bool {
+    let mut child = ws
+        .renv()
+        .args(["build", "--json", "--threads", "1"])
+        .arg(spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = ws.store_v1("staging");
+    let start = Instant::now();
+    loop {
+        let copying = list_dir(&staging)
+            .iter()
+            .filter(|name| !name.ends_with(".lock"))
+            .any(|name| tree_listing(&staging.join(name)).iter().any(|p| p.ends_with(".dat")));
+        if copying {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn sigkill_mid_copy_then_a_clean_build() {
+    let ws = Workspace::new();
+    write_many(&ws.path("proj"), 3000, 16 << 10);
+    let spec = ws.spec("env.json", &json!({"working_dir": "proj"}));
+
+    assert!(kill_mid_copy(&ws, &spec), "the build finished before it could be killed");
+    // The killed build left a staging dir behind, and nothing committed.
+    assert!(!ws.leftovers().is_empty());
+    assert!(ws.committed_packages().is_empty());
+    assert!(list_dir(&ws.store_v1("meta")).is_empty());
+
+    let built = ws.build(&spec);
+    assert_eq!(built["package"]["created"], true);
+    assert!(ws.leftovers().is_empty(), "swept: {:?}", ws.leftovers());
+    assert_eq!(ws.committed_packages().len(), 1);
+    let wd = std::path::Path::new(built["working_dir"].as_str().unwrap());
+    assert_eq!(tree_listing(wd), tree_listing(&ws.path("proj")));
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real `renv` binary on real files in temp dirs.
+//! One test binary (modules below) so the suite links once.
+
+mod common;
+
+mod concurrency;
+mod crash;
+mod digest;
+mod excludes;
+mod hostile_zips;
+mod spec_cli;
+mod zips;
