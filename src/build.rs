@@ -50,16 +50,13 @@ pub fn build_env(
     }
 
     let start = Instant::now();
-    let working_dir =
-        resolve::resolve_working_dir(spec, base_dir, store.options().threads, progress)?;
+    let working_dir = resolve::resolve_working_dir(spec, base_dir, store.options().threads, progress)?;
     if let Some(ResolvedWorkingDir::Tree(_)) = working_dir {
         timings.insert("scan".to_string(), start.elapsed().as_millis() as u64);
     }
     let working_dir = match working_dir {
         None => None,
-        Some(ResolvedWorkingDir::Tree(tree)) => {
-            Some(store.ensure_package_from_tree(&tree, progress)?)
-        }
+        Some(ResolvedWorkingDir::Tree(tree)) => Some(store.ensure_package_from_tree(&tree, progress)?),
         Some(ResolvedWorkingDir::Zip(path)) => Some(ensure_zip(store, &path, progress)?),
         Some(ResolvedWorkingDir::Package(digest)) => Some(store.lookup_package(digest)?),
     };

@@ -17,9 +17,7 @@ pub fn default_store_dir() -> std::path::PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
-        })
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache")))
         .unwrap_or_else(|| std::path::PathBuf::from(".cache"));
     cache.join("renv")
 }

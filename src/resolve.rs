@@ -11,8 +11,7 @@ use crate::error::Error;
 use crate::package::{self, PackageError, ScannedTree};
 use crate::progress::Progress;
 use crate::spec::{
-    self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError,
-    WorkingDirSpec,
+    self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError, WorkingDirSpec,
 };
 
 /// A working_dir source, resolved to something the store can ensure.
@@ -38,10 +37,7 @@ pub struct ResolvedPackages {
 
 /// Resolves `pip`/`uv`: reads a requirements file (relative to `base_dir`) if given.
 /// `None` when the spec asks for no packages.
-pub fn resolve_packages(
-    spec: &PackageSpec,
-    base_dir: &Path,
-) -> Result<Option<ResolvedPackages>, Error> {
+pub fn resolve_packages(spec: &PackageSpec, base_dir: &Path) -> Result<Option<ResolvedPackages>, Error> {
     let field = spec.field.as_str();
     let requirements = match &spec.packages {
         PackageList::Listed(reqs) => spec::dedup_requirements(reqs),
@@ -60,10 +56,7 @@ pub fn resolve_packages(
                     continue;
                 }
                 let at = format!("{field} ({}:{})", file.display(), n + 1);
-                reqs.push(spec::parse_requirement(
-                    &Value::String(line.to_string()),
-                    &at,
-                )?);
+                reqs.push(spec::parse_requirement(&Value::String(line.to_string()), &at)?);
             }
             spec::dedup_requirements(&reqs)
         }
@@ -97,12 +90,9 @@ pub fn resolve_working_dir(
             let path = base_dir.join(path);
             match fs_err::metadata(&path) {
                 Err(_) => return Err(PackageError::NotFound(path).into()),
-                Ok(meta) if meta.is_dir() => ResolvedWorkingDir::Tree(package::scan_dir(
-                    &path,
-                    &spec.excludes,
-                    threads,
-                    progress,
-                )?),
+                Ok(meta) if meta.is_dir() => {
+                    ResolvedWorkingDir::Tree(package::scan_dir(&path, &spec.excludes, threads, progress)?)
+                }
                 Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
                     if !spec.excludes.is_empty() {
                         return Err(SpecError::new(

@@ -51,9 +51,8 @@ fn read_spec(path: &Path) -> Result<(String, PathBuf), Error> {
         std::io::stdin().read_to_string(&mut text)?;
         return Ok((text, std::env::current_dir()?));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        crate::spec::SpecError::new("", format!("cannot read {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::spec::SpecError::new("", format!("cannot read {}: {e}", path.display())))?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -58,10 +58,7 @@ impl StoreArgs {
     }
 
     fn open(&self, lock_timeout: Option<std::time::Duration>) -> Result<Store, Error> {
-        let dir = self
-            .store
-            .clone()
-            .unwrap_or_else(env_vars::default_store_dir);
+        let dir = self.store.clone().unwrap_or_else(env_vars::default_store_dir);
         let options = StoreOptions {
             lock_timeout,
             threads: self.threads(),

@@ -80,9 +80,7 @@ impl Manifest {
             let (kind, exec, content) = match &entry.kind {
                 EntryKind::Dir => (b'd', b'-', Digest::from(blake3::Hash::from_bytes([0; 32]))),
                 EntryKind::File {
-                    executable,
-                    content,
-                    ..
+                    executable, content, ..
                 } => (b'f', if *executable { b'x' } else { b'-' }, *content),
                 EntryKind::Symlink { target } => (b'l', b'-', Digest::of(target.as_bytes())),
             };
@@ -114,14 +112,8 @@ mod tests {
     #[test]
     fn digest_changes_with_name_content_and_exec_bit() {
         let base = Manifest::new(vec![file("a.py", b"x", false)]).digest();
-        assert_ne!(
-            base,
-            Manifest::new(vec![file("b.py", b"x", false)]).digest()
-        );
-        assert_ne!(
-            base,
-            Manifest::new(vec![file("a.py", b"y", false)]).digest()
-        );
+        assert_ne!(base, Manifest::new(vec![file("b.py", b"x", false)]).digest());
+        assert_ne!(base, Manifest::new(vec![file("a.py", b"y", false)]).digest());
         assert_ne!(base, Manifest::new(vec![file("a.py", b"x", true)]).digest());
         let link = ManifestEntry {
             path: "a.py".into(),

@@ -41,10 +41,7 @@ pub enum PackageError {
     #[error("{0}: changed while it was being packaged; try again once it is stable")]
     Changed(PathBuf),
     #[error("walking {path}: {source}")]
-    Walk {
-        path: PathBuf,
-        source: ignore::Error,
-    },
+    Walk { path: PathBuf, source: ignore::Error },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

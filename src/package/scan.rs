@@ -61,10 +61,7 @@ pub fn scan_dir(
 
     let phase = progress.phase(
         "hashing",
-        found
-            .iter()
-            .filter(|(_, f)| matches!(f, Found::File))
-            .count() as u64,
+        found.iter().filter(|(_, f)| matches!(f, Found::File)).count() as u64,
     );
     let entries = parallel_map(found.len(), threads, |i| {
         let (path, kind) = &found[i];

@@ -44,9 +44,7 @@ pub fn copy_into(
     parallel_map(files.len(), threads, |i| {
         let entry = files[i];
         let EntryKind::File {
-            executable,
-            content,
-            ..
+            executable, content, ..
         } = entry.kind
         else {
             unreachable!()
@@ -81,9 +79,7 @@ pub fn create_file(root: &Path, rel: &str, executable: bool) -> std::io::Result<
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{e} (while creating {})", path.display()))
-        })?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (while creating {})", path.display())))?;
     // The umask may have narrowed the mode; the store's modes are exact.
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     Ok(file)
@@ -95,10 +91,7 @@ pub fn create_file(root: &Path, rel: &str, executable: bool) -> std::io::Result<
 pub fn seal_dirs(root: &Path, entries: &[ManifestEntry]) -> std::io::Result<()> {
     for entry in entries.iter().rev() {
         if let EntryKind::Dir = entry.kind {
-            fs_err::set_permissions(
-                root.join(&entry.path),
-                std::fs::Permissions::from_mode(DIR_MODE),
-            )?;
+            fs_err::set_permissions(root.join(&entry.path), std::fs::Permissions::from_mode(DIR_MODE))?;
         }
     }
     Ok(())

@@ -55,10 +55,7 @@ impl Default for UnpackLimits {
 pub enum ArchiveError {
     /// The archive is malformed or hostile; nothing from it is kept.
     #[error("{}{reason}", entry.as_ref().map(|e| format!("zip entry {e:?}: ")).unwrap_or_default())]
-    Rejected {
-        entry: Option<String>,
-        reason: String,
-    },
+    Rejected { entry: Option<String>, reason: String },
     /// Writing it failed (disk full, permissions): not the archive's fault.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -89,8 +86,7 @@ pub fn unpack(
 ) -> Result<Manifest, ArchiveError> {
     let open = || -> Result<ZipArchive<BufReader<std::fs::File>>, ArchiveError> {
         let file = fs_err::File::open(zip_path)?.into_parts().0;
-        ZipArchive::new(BufReader::new(file))
-            .map_err(|e| reject(None, format!("not a readable zip: {e}")))
+        ZipArchive::new(BufReader::new(file)).map_err(|e| reject(None, format!("not a readable zip: {e}")))
     };
     let mut archive = open()?;
     if archive.len() > limits.max_entries {
@@ -119,9 +115,7 @@ pub fn unpack(
     let files: Vec<(&String, usize, bool)> = plan
         .iter()
         .filter_map(|(path, kind, index)| match kind {
-            Planned::File { executable } => {
-                Some((path, index.expect("files are explicit"), *executable))
-            }
+            Planned::File { executable } => Some((path, index.expect("files are explicit"), *executable)),
             _ => None,
         })
         .collect();
@@ -193,9 +187,7 @@ pub fn unpack(
                 (&mut entry)
                     .take(MAX_SYMLINK_TARGET + 1)
                     .read_to_string(&mut target)
-                    .map_err(|e| {
-                        reject(Some(path), format!("symlink target is not UTF-8 text: {e}"))
-                    })?;
+                    .map_err(|e| reject(Some(path), format!("symlink target is not UTF-8 text: {e}")))?;
                 if !symlink::stays_inside(path, &target) {
                     return Err(reject(
                         Some(path),
@@ -222,8 +214,7 @@ fn plan<R: Read + std::io::Seek>(
     archive: &mut ZipArchive<R>,
     limits: UnpackLimits,
 ) -> Result<Vec<(String, Planned, Option<usize>)>, ArchiveError> {
-    let mut explicit: HashMap<String, (Planned, Option<usize>)> =
-        HashMap::with_capacity(archive.len());
+    let mut explicit: HashMap<String, (Planned, Option<usize>)> = HashMap::with_capacity(archive.len());
     let mut declared = 0u64;
     for i in 0..archive.len() {
         let entry = archive
@@ -231,10 +222,7 @@ fn plan<R: Read + std::io::Seek>(
             .map_err(|e| reject(None, format!("entry {i}: {e}")))?;
         let raw = entry.name_raw();
         let Ok(name) = std::str::from_utf8(raw) else {
-            return Err(reject(
-                Some(&String::from_utf8_lossy(raw)),
-                "name is not UTF-8",
-            ));
+            return Err(reject(Some(&String::from_utf8_lossy(raw)), "name is not UTF-8"));
         };
         let is_dir_name = name.ends_with('/');
         let path = name.strip_suffix('/').unwrap_or(name);
@@ -250,10 +238,7 @@ fn plan<R: Read + std::io::Seek>(
             },
             (S_IFLNK, false) => Planned::Symlink,
             (S_IFREG | S_IFLNK, true) => {
-                return Err(reject(
-                    Some(name),
-                    "a file or symlink whose name ends in `/`",
-                ));
+                return Err(reject(Some(name), "a file or symlink whose name ends in `/`"));
             }
             _ => {
                 return Err(reject(

@@ -62,8 +62,7 @@ pub fn write_zip<W: Write + Seek>(
                 let mode = if *executable { 0o755 } else { 0o644 };
                 zip.start_file(
                     &entry.path,
-                    base.unix_permissions(mode)
-                        .large_file(*size >= u32::MAX as u64),
+                    base.unix_permissions(mode).large_file(*size >= u32::MAX as u64),
                 )
                 .map_err(zip_err)?;
                 // Re-hash while copying: the zip must hold exactly the bytes the digest names.

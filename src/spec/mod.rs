@@ -156,8 +156,8 @@ impl RuntimeEnvSpec {
                 ),
             ));
         }
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| SpecError::new("", format!("invalid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| SpecError::new("", format!("invalid JSON: {e}")))?;
         Self::from_value(&value)
     }
 
@@ -195,9 +195,7 @@ impl RuntimeEnvSpec {
                 }
             }
         }
-        if map.get("pip").is_some_and(|v| !v.is_null())
-            && map.get("uv").is_some_and(|v| !v.is_null())
-        {
+        if map.get("pip").is_some_and(|v| !v.is_null()) && map.get("uv").is_some_and(|v| !v.is_null()) {
             return Err(SpecError::new(
                 "uv",
                 "`pip` and `uv` cannot both be given; use one of them",
@@ -240,18 +238,13 @@ impl RuntimeEnvSpec {
         }
         if let Some(p) = &self.packages {
             let packages = match &p.packages {
-                PackageList::Listed(reqs) => {
-                    reqs.iter().map(|r| r.as_str()).collect::<Vec<_>>().into()
-                }
+                PackageList::Listed(reqs) => reqs.iter().map(|r| r.as_str()).collect::<Vec<_>>().into(),
                 PackageList::RequirementsFile(path) => Value::from(path.display().to_string()),
             };
             let mut m = Map::new();
             m.insert("packages".into(), packages);
             m.insert("check".into(), p.check.into());
-            m.insert(
-                "installer_version".into(),
-                p.installer_version.clone().into(),
-            );
+            m.insert("installer_version".into(), p.installer_version.clone().into());
             m.insert("install_options".into(), p.install_options.clone().into());
             out.insert(p.field.as_str().into(), Value::Object(m));
         }
@@ -447,10 +440,7 @@ fn parse_packages(value: &Value, field: InstallerField) -> Result<Option<Package
         Value::Object(map) => {
             let supported = ["packages", check_key, version_key, options_key];
             if !map.contains_key("packages") {
-                return Err(SpecError::new(
-                    name,
-                    "expected a `packages` key in the dict form",
-                ));
+                return Err(SpecError::new(name, "expected a `packages` key in the dict form"));
             }
             for (key, v) in map {
                 let path = format!("{name}.{key}");
@@ -527,20 +517,12 @@ pub fn parse_requirement(value: &Value, path: &str) -> Result<Requirement, SpecE
     Requirement::parse(raw).map_err(|message| SpecError::new(path, message))
 }
 
-fn parse_installer_version(
-    value: &Value,
-    path: &str,
-    tool: &str,
-) -> Result<Option<String>, SpecError> {
+fn parse_installer_version(value: &Value, path: &str, tool: &str) -> Result<Option<String>, SpecError> {
     let version = match value {
         Value::Null => return Ok(None),
         Value::String(s) => s.trim(),
         other => {
-            return Err(expected(
-                path,
-                "a version specifier such as \"==23.2.1\"",
-                other,
-            ));
+            return Err(expected(path, "a version specifier such as \"==23.2.1\"", other));
         }
     };
     // Ray writes these as a bare specifier (`==22.0.2;python_version=='3.8'`): it is

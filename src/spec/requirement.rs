@@ -46,15 +46,10 @@ impl Requirement {
             return Err(format!("`$` is not allowed in requirements ({quoted})"));
         }
         if s.contains('\\') {
-            return Err(format!(
-                "backslashes are not allowed in requirements ({quoted})"
-            ));
+            return Err(format!("backslashes are not allowed in requirements ({quoted})"));
         }
         let lower = s.to_ascii_lowercase();
-        if ["git+", "hg+", "svn+", "bzr+"]
-            .iter()
-            .any(|p| lower.contains(p))
-        {
+        if ["git+", "hg+", "svn+", "bzr+"].iter().any(|p| lower.contains(p)) {
             return Err(format!("VCS requirements are not allowed ({quoted})"));
         }
         if lower.starts_with("file:") || lower.contains("@ file:") || lower.contains("@file:") {
@@ -66,9 +61,7 @@ impl Requirement {
             ));
         }
         if s.starts_with(['.', '/', '~']) || (s.contains('/') && !s.contains('@')) {
-            return Err(format!(
-                "local paths are not allowed in requirements ({quoted})"
-            ));
+            return Err(format!("local paths are not allowed in requirements ({quoted})"));
         }
         Parser { s, pos: 0 }
             .requirement()
@@ -211,11 +204,7 @@ impl<'a> Parser<'a> {
         }
         self.skip_ws();
         if !self.rest().is_empty() {
-            return Err(format!(
-                "unexpected {:?} at position {}",
-                self.rest(),
-                self.pos
-            ));
+            return Err(format!("unexpected {:?} at position {}", self.rest(), self.pos));
         }
         Ok(Requirement {
             name,
@@ -233,10 +222,7 @@ impl<'a> Parser<'a> {
                 if specs.is_empty() && !parens {
                     return Ok(String::new());
                 }
-                return Err(format!(
-                    "expected a version operator at position {}",
-                    self.pos
-                ));
+                return Err(format!("expected a version operator at position {}", self.pos));
             };
             self.pos += op.len();
             self.skip_ws();
@@ -282,9 +268,7 @@ impl<'a> Parser<'a> {
             "implementation_version",
             "extra",
         ];
-        const MARKER_OPS: [&str; 10] = [
-            "===", "==", "!=", "<=", ">=", "~=", "<", ">", "not in", "in",
-        ];
+        const MARKER_OPS: [&str; 10] = ["===", "==", "!=", "<=", ">=", "~=", "<", ">", "not in", "in"];
         let mut tokens: Vec<String> = Vec::new();
         let mut depth = 0usize;
         let mut expect_value = true;
@@ -303,10 +287,7 @@ impl<'a> Parser<'a> {
                 let lhs = self.marker_value(&VARIABLES)?;
                 self.skip_ws();
                 let Some(op) = MARKER_OPS.iter().find(|op| self.rest().starts_with(**op)) else {
-                    return Err(format!(
-                        "expected a marker operator at position {}",
-                        self.pos
-                    ));
+                    return Err(format!("expected a marker operator at position {}", self.pos));
                 };
                 self.pos += op.len();
                 self.skip_ws();
@@ -326,10 +307,7 @@ impl<'a> Parser<'a> {
                 tokens.push("or".into());
                 expect_value = true;
             } else {
-                return Err(format!(
-                    "expected `and`, `or` or `)` at position {}",
-                    self.pos
-                ));
+                return Err(format!("expected `and`, `or` or `)` at position {}", self.pos));
             }
         }
         if expect_value || depth != 0 {

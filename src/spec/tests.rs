@@ -130,10 +130,7 @@ fn validation_errors_name_the_field() {
     ];
     for (json, want) in cases {
         let got = err(json);
-        assert!(
-            got.starts_with(want),
-            "{json}\n  got:  {got}\n  want: {want}"
-        );
+        assert!(got.starts_with(want), "{json}\n  got:  {got}\n  want: {want}");
     }
 }
 
@@ -161,10 +158,9 @@ fn accepts_ray_forms() {
 #[test]
 fn list_and_dict_forms_are_the_same_spec() {
     let a = RuntimeEnvSpec::from_json(r#"{"pip": ["Requests", "numpy>=1"]}"#).unwrap();
-    let b = RuntimeEnvSpec::from_json(
-        r#"{"pip": {"packages": ["requests", "numpy >= 1"], "pip_check": false}}"#,
-    )
-    .unwrap();
+    let b =
+        RuntimeEnvSpec::from_json(r#"{"pip": {"packages": ["requests", "numpy >= 1"], "pip_check": false}}"#)
+            .unwrap();
     assert_eq!(a.canonical_json(), b.canonical_json());
     let c = RuntimeEnvSpec::from_json(r#"{"config": {"setup_timeout_seconds": 600}}"#).unwrap();
     let d = RuntimeEnvSpec::from_json("{}").unwrap();

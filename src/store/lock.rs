@@ -33,11 +33,7 @@ impl LockFile {
 
     /// Waits for the lock until `timeout` (None: forever). Polls with backoff rather than
     /// blocking in `flock`, so the wait has a deadline.
-    pub fn acquire(
-        path: &Path,
-        mode: LockMode,
-        timeout: Option<Duration>,
-    ) -> Result<LockFile, StoreError> {
+    pub fn acquire(path: &Path, mode: LockMode, timeout: Option<Duration>) -> Result<LockFile, StoreError> {
         let file = Self::open(path)?;
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);

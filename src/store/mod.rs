@@ -257,10 +257,7 @@ impl Store {
         let start = Instant::now();
         let zip_digest = hash_file(zip_path)?;
         let hash_ms = ms(start);
-        let alias_path = self
-            .root
-            .join("meta")
-            .join(format!("zip-{zip_digest}.json"));
+        let alias_path = self.root.join("meta").join(format!("zip-{zip_digest}.json"));
         let find_by_alias = || -> Result<Option<PackageEntry>, StoreError> {
             let Some(alias) = read_json::<ZipAlias>(&alias_path)? else {
                 return Ok(None);
@@ -294,13 +291,7 @@ impl Store {
             let entry = match self.find_package(digest)? {
                 // Same tree, different zip bytes: keep the committed one.
                 Some(hit) => hit,
-                None => self.publish(
-                    staging,
-                    digest,
-                    &manifest,
-                    format!("zip:{zip_digest}"),
-                    timings,
-                )?,
+                None => self.publish(staging, digest, &manifest, format!("zip:{zip_digest}"), timings)?,
             };
             write_json_atomic(
                 &alias_path,
@@ -360,10 +351,7 @@ impl Store {
         fs_err::rename(staging.path(), &path)?;
         staging.committed();
         fsync_dir(&self.root.join("pkgs"))?;
-        fs_err::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(package::tree::DIR_MODE),
-        )?;
+        fs_err::set_permissions(&path, std::fs::Permissions::from_mode(package::tree::DIR_MODE))?;
         let meta = PackageMeta {
             kind: "package".into(),
             digest: digest.to_string(),
@@ -433,9 +421,7 @@ impl Store {
 
     /// Removes dead builders' staging dirs and empties the trash (see the module doc).
     pub fn sweep(&self) -> Result<(), StoreError> {
-        if let Some(_sweeping) =
-            LockFile::try_acquire(&self.lock_path("staging"), LockMode::Exclusive)?
-        {
+        if let Some(_sweeping) = LockFile::try_acquire(&self.lock_path("staging"), LockMode::Exclusive)? {
             let staging_dir = self.root.join("staging");
             for entry in fs_err::read_dir(&staging_dir)? {
                 let name = entry?.file_name();
@@ -444,17 +430,14 @@ impl Store {
                     if !is_staging_id(id) {
                         continue;
                     }
-                    if let Some(dead) =
-                        LockFile::try_acquire(&staging_dir.join(name), LockMode::Exclusive)?
-                    {
+                    if let Some(dead) = LockFile::try_acquire(&staging_dir.join(name), LockMode::Exclusive)? {
                         let dir = staging_dir.join(id);
                         if dir.symlink_metadata().is_ok() {
                             self.discard(&dir, &format!("staging-{id}"))?;
                         }
                         dead.remove()?;
                     }
-                } else if is_staging_id(name) && !staging_dir.join(format!("{name}.lock")).exists()
-                {
+                } else if is_staging_id(name) && !staging_dir.join(format!("{name}.lock")).exists() {
                     self.discard(&staging_dir.join(name), &format!("staging-{name}"))?;
                 }
             }
@@ -494,11 +477,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
-            let name = self
-                .path
-                .file_name()
-                .expect("staging dirs have names")
-                .to_owned();
+            let name = self.path.file_name().expect("staging dirs have names").to_owned();
             let target = self.trash.join(name);
             if std::fs::rename(&self.path, &target).is_ok() {
                 let _ = remove_tree(&target);

@@ -48,10 +48,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
                 result = flight.landed.wait(result).unwrap();
             }
             let value = result.clone().expect("landed");
-            return (
-                value.expect("the build this call waited for panicked"),
-                false,
-            );
+            return (value.expect("the build this call waited for panicked"), false);
         }
         // A panicking leader still lands its flight, so waiters never hang.
         let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));

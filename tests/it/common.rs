@@ -13,7 +13,9 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Self {
-        Workspace { dir: tempfile::tempdir().expect("temp dir") }
+        Workspace {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -58,24 +60,49 @@ impl Workspace {
     }
 
     pub fn build_with(&self, spec: &Path, extra: &[&str]) -> Value {
-        let out = self.renv().arg("build").arg("--json").args(extra).arg(spec).output().unwrap();
+        let out = self
+            .renv()
+            .arg("build")
+            .arg("--json")
+            .args(extra)
+            .arg(spec)
+            .output()
+            .unwrap();
         assert_success(&out);
         serde_json::from_slice(&out.stdout).expect("build --json prints one JSON object")
     }
 
     /// `renv build SPEC`, which must fail; returns (exit code, stderr).
     pub fn build_fails(&self, spec: &Path, extra: &[&str]) -> (i32, String) {
-        let out = self.renv().arg("build").arg("--json").args(extra).arg(spec).output().unwrap();
-        assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));
+        let out = self
+            .renv()
+            .arg("build")
+            .arg("--json")
+            .args(extra)
+            .arg(spec)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "expected failure, got: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert!(out.stdout.is_empty(), "a failed build prints nothing on stdout");
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Names left in the store's staging and trash directories.
     pub fn leftovers(&self) -> Vec<String> {
         ["staging", "trash"]
             .iter()
-            .flat_map(|sub| list_dir(&self.store_v1(sub)).into_iter().map(move |n| format!("{sub}/{n}")))
+            .flat_map(|sub| {
+                list_dir(&self.store_v1(sub))
+                    .into_iter()
+                    .map(move |n| format!("{sub}/{n}"))
+            })
             .collect()
     }
 
@@ -87,8 +114,9 @@ impl Workspace {
 pub fn list_dir(dir: &Path) -> Vec<String> {
     match std::fs::read_dir(dir) {
         Ok(entries) => {
-            let mut names: Vec<String> =
-                entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            let mut names: Vec<String> = entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
             names.sort();
             names
         }
@@ -119,7 +147,10 @@ pub fn tree_listing(root: &Path) -> BTreeSet<String> {
                 out.insert(format!("{rel}/"));
                 walk(root, &path, out);
             } else if kind.is_symlink() {
-                out.insert(format!("{rel} -> {}", std::fs::read_link(&path).unwrap().display()));
+                out.insert(format!(
+                    "{rel} -> {}",
+                    std::fs::read_link(&path).unwrap().display()
+                ));
             } else {
                 out.insert(rel);
             }
@@ -162,19 +193,39 @@ pub mod raw_zip {
     }
 
     pub fn file(name: &str, data: &[u8]) -> Entry {
-        Entry { name: name.into(), mode: Some(0o100644), data: data.to_vec(), flags: 0 }
+        Entry {
+            name: name.into(),
+            mode: Some(0o100644),
+            data: data.to_vec(),
+            flags: 0,
+        }
     }
 
     pub fn dir(name: &str) -> Entry {
-        Entry { name: name.into(), mode: Some(0o040755), data: Vec::new(), flags: 0 }
+        Entry {
+            name: name.into(),
+            mode: Some(0o040755),
+            data: Vec::new(),
+            flags: 0,
+        }
     }
 
     pub fn symlink(name: &str, target: &str) -> Entry {
-        Entry { name: name.into(), mode: Some(0o120777), data: target.into(), flags: 0 }
+        Entry {
+            name: name.into(),
+            mode: Some(0o120777),
+            data: target.into(),
+            flags: 0,
+        }
     }
 
     pub fn with_mode(name: &str, mode: u32, data: &[u8]) -> Entry {
-        Entry { name: name.into(), mode: Some(mode), data: data.to_vec(), flags: 0 }
+        Entry {
+            name: name.into(),
+            mode: Some(mode),
+            data: data.to_vec(),
+            flags: 0,
+        }
     }
 
     fn crc32(data: &[u8]) -> u32 {
@@ -182,7 +233,11 @@ pub mod raw_zip {
         for &byte in data {
             crc ^= byte as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

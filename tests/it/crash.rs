@@ -24,7 +24,11 @@ fn kill_mid_copy(ws: &Workspace, spec: &std::path::Path) -> bool {
         let copying = list_dir(&staging)
             .iter()
             .filter(|name| !name.ends_with(".lock"))
-            .any(|name| tree_listing(&staging.join(name)).iter().any(|p| p.ends_with(".dat")));
+            .any(|name| {
+                tree_listing(&staging.join(name))
+                    .iter()
+                    .any(|p| p.ends_with(".dat"))
+            });
         if copying {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -44,7 +48,10 @@ fn sigkill_mid_copy_then_a_clean_build() {
     write_many(&ws.path("proj"), 3000, 16 << 10);
     let spec = ws.spec("env.json", &json!({"working_dir": "proj"}));
 
-    assert!(kill_mid_copy(&ws, &spec), "the build finished before it could be killed");
+    assert!(
+        kill_mid_copy(&ws, &spec),
+        "the build finished before it could be killed"
+    );
     // The killed build left a staging dir behind, and nothing committed.
     assert!(!ws.leftovers().is_empty());
     assert!(ws.committed_packages().is_empty());

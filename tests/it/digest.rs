@@ -10,7 +10,12 @@ use serde_json::{Value, json};
 use crate::common::{Workspace, assert_success, mode_of, set_mode};
 
 fn package(ws: &Workspace, dir: &str, extra: &[&str]) -> Value {
-    let out = ws.renv().args(["package", dir, "--json"]).args(extra).output().unwrap();
+    let out = ws
+        .renv()
+        .args(["package", dir, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
     assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -20,7 +25,12 @@ fn digest(ws: &Workspace, dir: &str) -> String {
 }
 
 fn write_project(ws: &Workspace, root: &str, reversed: bool) {
-    let mut files = vec![("main.py", "print('main')\n"), ("lib/util.py", "X = 1\n"), ("lib/deep/data.txt", "data\n"), ("run.sh", "#!/bin/sh\n")];
+    let mut files = vec![
+        ("main.py", "print('main')\n"),
+        ("lib/util.py", "X = 1\n"),
+        ("lib/deep/data.txt", "data\n"),
+        ("run.sh", "#!/bin/sh\n"),
+    ];
     if reversed {
         files.reverse();
     }
@@ -42,8 +52,12 @@ fn same_content_same_digest_anywhere_anyhow() {
     assert_eq!(digest(&ws, "elsewhere/b"), base);
 
     // mtimes do not matter.
-    let f = std::fs::File::options().write(true).open(ws.path("a/main.py")).unwrap();
-    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1234)).unwrap();
+    let f = std::fs::File::options()
+        .write(true)
+        .open(ws.path("a/main.py"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1234))
+        .unwrap();
     assert_eq!(digest(&ws, "a"), base);
 
     // Nor does the thread count.
@@ -91,8 +105,14 @@ fn inside_symlinks_are_kept_and_entries_are_read_only() {
     let spec = ws.spec("env.json", &json!({"working_dir": "a"}));
     let built = ws.build(&spec);
     let wd = Path::new(built["working_dir"].as_str().unwrap());
-    assert_eq!(std::fs::read_link(wd.join("util_link.py")).unwrap(), Path::new("lib/util.py"));
-    assert_eq!(std::fs::read_to_string(wd.join("lib/main_link.py")).unwrap(), "print('main')\n");
+    assert_eq!(
+        std::fs::read_link(wd.join("util_link.py")).unwrap(),
+        Path::new("lib/util.py")
+    );
+    assert_eq!(
+        std::fs::read_to_string(wd.join("lib/main_link.py")).unwrap(),
+        "print('main')\n"
+    );
     assert_eq!(mode_of(&wd.join("main.py")), 0o444);
     assert_eq!(mode_of(&wd.join("run.sh")), 0o555);
     assert_eq!(mode_of(&wd.join("lib")), 0o555);
@@ -101,7 +121,11 @@ fn inside_symlinks_are_kept_and_entries_are_read_only() {
 
 #[test]
 fn symlinks_leaving_the_tree_are_errors_naming_the_path() {
-    for (name, target) in [("up", "../outside.txt"), ("abs", "/etc/passwd"), ("trick", "c/..")] {
+    for (name, target) in [
+        ("up", "../outside.txt"),
+        ("abs", "/etc/passwd"),
+        ("trick", "c/.."),
+    ] {
         let ws = Workspace::new();
         write_project(&ws, "a", false);
         ws.write("outside.txt", "secret");
@@ -109,7 +133,10 @@ fn symlinks_leaving_the_tree_are_errors_naming_the_path() {
         let spec = ws.spec("env.json", &json!({"working_dir": "a"}));
         let (code, stderr) = ws.build_fails(&spec, &[]);
         assert_eq!(code, 2);
-        assert!(stderr.contains(&format!("a/{name}: symlink to")) && stderr.contains("leaves the working_dir"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("a/{name}: symlink to")) && stderr.contains("leaves the working_dir"),
+            "{stderr}"
+        );
         assert!(ws.committed_packages().is_empty());
         assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
     }

@@ -79,10 +79,27 @@ fn defaults_apply_without_excludes_and_a_negation_brings_one_back() {
     let ws = Workspace::new();
     write_tree(&ws);
     let got = files_in_store(&ws, json!({"working_dir": "proj"}));
-    for gone in [".git/config", ".venv/bin/python", "venv/lib/x.py", "__pycache__/m.pyc", "src/__pycache__/n.pyc", "c.bak", "src/c.bak", "src/t.tmp", "nested/secret/k"] {
+    for gone in [
+        ".git/config",
+        ".venv/bin/python",
+        "venv/lib/x.py",
+        "__pycache__/m.pyc",
+        "src/__pycache__/n.pyc",
+        "c.bak",
+        "src/c.bak",
+        "src/t.tmp",
+        "nested/secret/k",
+    ] {
         assert!(!got.contains(gone), "{gone} should be excluded");
     }
-    for kept in ["b.log", "build/out.txt", "src/build/z.py", "data/sub/y.csv", "top.txt", "src/important.tmp"] {
+    for kept in [
+        "b.log",
+        "build/out.txt",
+        "src/build/z.py",
+        "data/sub/y.csv",
+        "top.txt",
+        "src/important.tmp",
+    ] {
         assert!(got.contains(kept), "{kept} should be kept");
     }
     let with_venv = files_in_store(&ws, json!({"working_dir": "proj", "excludes": ["!venv"]}));
@@ -94,9 +111,24 @@ fn defaults_apply_without_excludes_and_a_negation_brings_one_back() {
 fn renv_package_takes_the_same_excludes() {
     let ws = Workspace::new();
     write_tree(&ws);
-    let spec = ws.spec("env.json", &json!({"working_dir": "proj", "excludes": ["*.log", "data/"]}));
+    let spec = ws.spec(
+        "env.json",
+        &json!({"working_dir": "proj", "excludes": ["*.log", "data/"]}),
+    );
     let built = ws.build(&spec);
-    let out = ws.renv().args(["package", "proj", "--exclude", "*.log", "--exclude", "data/", "--json"]).output().unwrap();
+    let out = ws
+        .renv()
+        .args([
+            "package",
+            "proj",
+            "--exclude",
+            "*.log",
+            "--exclude",
+            "data/",
+            "--json",
+        ])
+        .output()
+        .unwrap();
     crate::common::assert_success(&out);
     let packaged: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(packaged["digest"], built["package"]["digest"]);

@@ -8,28 +8,76 @@ use crate::common::Workspace;
 fn invalid_specs_exit_2_naming_the_field() {
     let ws = Workspace::new();
     let cases: &[(&str, &str)] = &[
-        (r#"{"env_vars": {"FOO": 1}}"#, "env_vars.FOO: expected a string, got 1"),
-        (r#"{"config": {"setup_timeout_seconds": 0}}"#, "config.setup_timeout_seconds: must be an integer > 0 or -1, got 0"),
-        (r#"{"conda": {}}"#, "conda: unknown field; supported fields are: working_dir, excludes, env_vars, pip, uv, config, _ray_commit"),
-        (r#"{"pip": ["a"], "uv": ["a"]}"#, "`pip` and `uv` cannot both be given"),
-        (r#"{"pip": {"packages": "x", "pip_check": "no"}}"#, "pip.pip_check: expected true or false, got \"no\""),
-        (r#"{"uv": {"packages": ["a"], "bogus": 1}}"#, "uv.bogus: unknown key; supported keys are: packages, uv_check, uv_version, uv_pip_install_options"),
-        (r#"{"pip": {"packages": ["a", "b", "--index-url https://x"]}}"#, "pip.packages[2]: options are not allowed in requirements"),
-        (r#"{"pip": ["git+https://example.org/x.git"]}"#, "pip[0]: VCS requirements are not allowed"),
-        (r#"{"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}"#, "env_vars.CUDA_VISIBLE_DEVICES: is managed by renv"),
-        (r#"{"env_vars": {"NVIDIA_VISIBLE_DEVICES": "0"}}"#, "env_vars.NVIDIA_VISIBLE_DEVICES: is managed by renv"),
-        (r#"{"env_vars": {"CUDA_DEVICE_ORDER": "x"}}"#, "env_vars.CUDA_DEVICE_ORDER: is managed by renv"),
-        (r#"{"env_vars": {"BAD-NAME": "x"}}"#, "env_vars.BAD-NAME: invalid variable name"),
-        (r#"{"working_dir": "gs://bucket/x.zip"}"#, "working_dir: remote URIs (gs://) are not supported yet"),
-        (r#"{"working_dir": "pkg://nothex"}"#, "working_dir: expected pkg://<64 lowercase hex digits>"),
-        (r#"{"working_dir": "./does-not-exist"}"#, "does-not-exist: not found"),
+        (
+            r#"{"env_vars": {"FOO": 1}}"#,
+            "env_vars.FOO: expected a string, got 1",
+        ),
+        (
+            r#"{"config": {"setup_timeout_seconds": 0}}"#,
+            "config.setup_timeout_seconds: must be an integer > 0 or -1, got 0",
+        ),
+        (
+            r#"{"conda": {}}"#,
+            "conda: unknown field; supported fields are: working_dir, excludes, env_vars, pip, uv, config, _ray_commit",
+        ),
+        (
+            r#"{"pip": ["a"], "uv": ["a"]}"#,
+            "`pip` and `uv` cannot both be given",
+        ),
+        (
+            r#"{"pip": {"packages": "x", "pip_check": "no"}}"#,
+            "pip.pip_check: expected true or false, got \"no\"",
+        ),
+        (
+            r#"{"uv": {"packages": ["a"], "bogus": 1}}"#,
+            "uv.bogus: unknown key; supported keys are: packages, uv_check, uv_version, uv_pip_install_options",
+        ),
+        (
+            r#"{"pip": {"packages": ["a", "b", "--index-url https://x"]}}"#,
+            "pip.packages[2]: options are not allowed in requirements",
+        ),
+        (
+            r#"{"pip": ["git+https://example.org/x.git"]}"#,
+            "pip[0]: VCS requirements are not allowed",
+        ),
+        (
+            r#"{"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}"#,
+            "env_vars.CUDA_VISIBLE_DEVICES: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"NVIDIA_VISIBLE_DEVICES": "0"}}"#,
+            "env_vars.NVIDIA_VISIBLE_DEVICES: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"CUDA_DEVICE_ORDER": "x"}}"#,
+            "env_vars.CUDA_DEVICE_ORDER: is managed by renv",
+        ),
+        (
+            r#"{"env_vars": {"BAD-NAME": "x"}}"#,
+            "env_vars.BAD-NAME: invalid variable name",
+        ),
+        (
+            r#"{"working_dir": "gs://bucket/x.zip"}"#,
+            "working_dir: remote URIs (gs://) are not supported yet",
+        ),
+        (
+            r#"{"working_dir": "pkg://nothex"}"#,
+            "working_dir: expected pkg://<64 lowercase hex digits>",
+        ),
+        (
+            r#"{"working_dir": "./does-not-exist"}"#,
+            "does-not-exist: not found",
+        ),
         (r#"{"env_vars": "#, "invalid JSON"),
     ];
     for (i, (json, want)) in cases.iter().enumerate() {
         let spec = ws.write(&format!("bad{i}.json"), json);
         let (code, stderr) = ws.build_fails(&spec, &[]);
         assert_eq!(code, 2, "{json}: {stderr}");
-        assert!(stderr.contains(want), "{json}\n  stderr: {stderr}\n  want:   {want}");
+        assert!(
+            stderr.contains(want),
+            "{json}\n  stderr: {stderr}\n  want:   {want}"
+        );
     }
     assert!(ws.committed_packages().is_empty());
 }
@@ -37,7 +85,10 @@ fn invalid_specs_exit_2_naming_the_field() {
 #[test]
 fn packages_are_not_built_yet_and_say_so() {
     let ws = Workspace::new();
-    ws.write("requirements.txt", "# pinned\nrequests==2.26.0\n\nnumpy  # inline comment\n");
+    ws.write(
+        "requirements.txt",
+        "# pinned\nrequests==2.26.0\n\nnumpy  # inline comment\n",
+    );
     for (i, spec) in [
         json!({"pip": ["requests==2.26.0"]}),
         json!({"uv": {"packages": ["requests"]}}),
@@ -49,13 +100,19 @@ fn packages_are_not_built_yet_and_say_so() {
         let path = ws.spec(&format!("pkgs{i}.json"), spec);
         let (code, stderr) = ws.build_fails(&path, &[]);
         assert_eq!(code, 2, "{stderr}");
-        assert!(stderr.contains("building virtualenvs is not supported yet"), "{stderr}");
+        assert!(
+            stderr.contains("building virtualenvs is not supported yet"),
+            "{stderr}"
+        );
     }
     // A requirements file is validated line by line, with the line named.
     ws.write("bad-requirements.txt", "requests\n-e ./local\n");
     let path = ws.spec("bad-req.json", &json!({"pip": "bad-requirements.txt"}));
     let (_, stderr) = ws.build_fails(&path, &[]);
-    assert!(stderr.contains("pip (bad-requirements.txt:2): options are not allowed"), "{stderr}");
+    assert!(
+        stderr.contains("pip (bad-requirements.txt:2): options are not allowed"),
+        "{stderr}"
+    );
     // An empty package list asks for no env: nothing to refuse.
     let path = ws.spec("empty.json", &json!({"pip": [], "env_vars": {"A": "1"}}));
     assert_eq!(ws.build(&path)["env"]["A"], "1");
@@ -64,8 +121,14 @@ fn packages_are_not_built_yet_and_say_so() {
 #[test]
 fn env_vars_only_spec_builds_and_spelling_does_not_change_the_env() {
     let ws = Workspace::new();
-    let a = ws.write("a.json", r#"{"env_vars": {"B": "2", "A": "1"}, "config": {"setup_timeout_seconds": 600}}"#);
-    let b = ws.write("b.json", "{\n  \"env_vars\" : { \"A\":\"1\",\n \"B\" : \"2\" } }\n");
+    let a = ws.write(
+        "a.json",
+        r#"{"env_vars": {"B": "2", "A": "1"}, "config": {"setup_timeout_seconds": 600}}"#,
+    );
+    let b = ws.write(
+        "b.json",
+        "{\n  \"env_vars\" : { \"A\":\"1\",\n \"B\" : \"2\" } }\n",
+    );
     let built_a = ws.build(&a);
     let built_b = ws.build(&b);
     assert_eq!(built_a["env_id"], built_b["env_id"]);
@@ -76,7 +139,12 @@ fn env_vars_only_spec_builds_and_spelling_does_not_change_the_env() {
     assert_ne!(ws.build(&c)["env_id"], built_a["env_id"]);
 
     // The readable form too, and from stdin.
-    let out = ws.renv().args(["build", "-"]).stdin(std::fs::File::open(&a).unwrap()).output().unwrap();
+    let out = ws
+        .renv()
+        .args(["build", "-"])
+        .stdin(std::fs::File::open(&a).unwrap())
+        .output()
+        .unwrap();
     crate::common::assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("env_id") && text.contains("A=1"), "{text}");
@@ -96,6 +164,9 @@ fn working_dir_env_puts_the_package_first_on_pythonpath() {
     assert_eq!(built["cwd"], wd);
     assert_eq!(built["env"]["PYTHONPATH"], format!("{wd}:/opt/extra"));
     assert_eq!(built["env"]["TF_WARNINGS"], "none");
-    assert_eq!(built["package"]["uri"], format!("pkg://{}", built["package"]["digest"].as_str().unwrap()));
+    assert_eq!(
+        built["package"]["uri"],
+        format!("pkg://{}", built["package"]["digest"].as_str().unwrap())
+    );
     assert!(built["timings_ms"]["total"].is_u64());
 }

@@ -20,7 +20,12 @@ fn write_project(ws: &Workspace) {
 }
 
 fn package_zip(ws: &Workspace, out: &str, extra: &[&str]) -> Value {
-    let result = ws.renv().args(["package", "proj", "-o", out, "--json"]).args(extra).output().unwrap();
+    let result = ws
+        .renv()
+        .args(["package", "proj", "-o", out, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
     assert_success(&result);
     serde_json::from_slice(&result.stdout).unwrap()
 }
@@ -33,24 +38,46 @@ fn zips_are_byte_identical_and_readable_by_standard_tools() {
     // Touch every file: timestamps must not leak into the zip.
     for entry in std::fs::read_dir(ws.path("proj/data")).unwrap() {
         for file in std::fs::read_dir(entry.unwrap().path()).unwrap() {
-            let f = std::fs::File::options().write(true).open(file.unwrap().path()).unwrap();
+            let f = std::fs::File::options()
+                .write(true)
+                .open(file.unwrap().path())
+                .unwrap();
             f.set_modified(std::time::SystemTime::now()).unwrap();
         }
     }
     let second = package_zip(&ws, "two.zip", &["--threads", "1"]);
     assert_eq!(first["digest"], second["digest"]);
-    assert_eq!(std::fs::read(ws.path("one.zip")).unwrap(), std::fs::read(ws.path("two.zip")).unwrap());
-    assert_eq!(first["uri"], format!("pkg://{}", first["digest"].as_str().unwrap()));
+    assert_eq!(
+        std::fs::read(ws.path("one.zip")).unwrap(),
+        std::fs::read(ws.path("two.zip")).unwrap()
+    );
+    assert_eq!(
+        first["uri"],
+        format!("pkg://{}", first["digest"].as_str().unwrap())
+    );
     assert_eq!(first["files"], 44);
 
     // Info-ZIP's unzip tests it and restores the tree, exec bit and symlink included.
-    let test = Command::new("unzip").args(["-tq"]).arg(ws.path("one.zip")).output().unwrap();
+    let test = Command::new("unzip")
+        .args(["-tq"])
+        .arg(ws.path("one.zip"))
+        .output()
+        .unwrap();
     assert!(test.status.success(), "{}", String::from_utf8_lossy(&test.stdout));
     let out = ws.path("unzipped");
-    let unzip = Command::new("unzip").arg("-q").arg(ws.path("one.zip")).arg("-d").arg(&out).output().unwrap();
+    let unzip = Command::new("unzip")
+        .arg("-q")
+        .arg(ws.path("one.zip"))
+        .arg("-d")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(unzip.status.success());
     assert_eq!(tree_listing(&out), tree_listing(&ws.path("proj")));
-    assert_eq!(std::fs::metadata(out.join("bin/tool")).unwrap().mode() & 0o111, 0o111);
+    assert_eq!(
+        std::fs::metadata(out.join("bin/tool")).unwrap().mode() & 0o111,
+        0o111
+    );
 
     // Python's zipfile reads it too.
     let py = Command::new("python3")
@@ -83,7 +110,11 @@ fn a_zip_unpacks_to_the_same_digest_as_its_directory_and_is_unpacked_once() {
     let again = ws.build(&ws.spec("uri.json", &json!({"working_dir": uri})));
     assert_eq!(again["package"]["digest"], digest);
     assert_eq!(again["package"]["created"], false);
-    assert!(again["timings_ms"].get("unpack").is_none(), "{}", again["timings_ms"]);
+    assert!(
+        again["timings_ms"].get("unpack").is_none(),
+        "{}",
+        again["timings_ms"]
+    );
     assert_eq!(std::fs::metadata(wd).unwrap().ino(), inode);
 
     // The directory itself maps to the same entry without copying.
@@ -106,7 +137,10 @@ fn unknown_package_digest_is_a_clear_error() {
     let spec = ws.spec("pkg.json", &json!({"working_dir": format!("pkg://{digest}")}));
     let (code, stderr) = ws.build_fails(&spec, &[]);
     assert_eq!(code, 2);
-    assert!(stderr.contains(&format!("pkg://{digest} is not in the store")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pkg://{digest} is not in the store")),
+        "{stderr}"
+    );
 }
 
 #[test]
