@@ -50,7 +50,14 @@ pub fn build_env(
     }
 
     let start = Instant::now();
-    let working_dir = resolve::resolve_working_dir(spec, base_dir, store.options().threads, progress)?;
+    let cache_dir = store.hash_cache_dir();
+    let working_dir = resolve::resolve_working_dir(
+        spec,
+        base_dir,
+        store.options().threads,
+        Some(&cache_dir),
+        progress,
+    )?;
     if let Some(ResolvedWorkingDir::Tree(_)) = working_dir {
         timings.insert("scan".to_string(), start.elapsed().as_millis() as u64);
     }

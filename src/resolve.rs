@@ -73,11 +73,13 @@ pub fn resolve_packages(spec: &PackageSpec, base_dir: &Path) -> Result<Option<Re
     }))
 }
 
-/// Resolves `working_dir`: relative paths are taken from `base_dir`.
+/// Resolves `working_dir`: relative paths are taken from `base_dir`; a directory is
+/// scanned with its stat cache in `hash_cache_dir`.
 pub fn resolve_working_dir(
     spec: &RuntimeEnvSpec,
     base_dir: &Path,
     threads: usize,
+    hash_cache_dir: Option<&Path>,
     progress: &Progress,
 ) -> Result<Option<ResolvedWorkingDir>, Error> {
     let Some(wd) = &spec.working_dir else {
@@ -91,7 +93,8 @@ pub fn resolve_working_dir(
             match fs_err::metadata(&path) {
                 Err(_) => return Err(PackageError::NotFound(path).into()),
                 Ok(meta) if meta.is_dir() => {
-                    ResolvedWorkingDir::Tree(package::scan_dir(&path, &spec.excludes, threads, progress)?)
+                    let tree = package::scan_dir(&path, &spec.excludes, threads, hash_cache_dir, progress)?;
+                    ResolvedWorkingDir::Tree(tree)
                 }
                 Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
                     if !spec.excludes.is_empty() {

@@ -39,7 +39,19 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
     } else {
         Progress::for_stderr()
     };
-    let tree = scan_dir(&args.dir, &args.excludes, args.store.threads(), &progress)?;
+    // Into the store: open it first, for its stat cache. A zip needs no store.
+    let store = match args.output {
+        Some(_) => None,
+        None => Some(args.store.open(None)?),
+    };
+    let cache_dir = store.as_ref().map(|s| s.hash_cache_dir());
+    let tree = scan_dir(
+        &args.dir,
+        &args.excludes,
+        args.store.threads(),
+        cache_dir.as_deref(),
+        &progress,
+    )?;
     let digest = tree.manifest.digest();
     let location = match &args.output {
         Some(out) => {
@@ -64,7 +76,7 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
             json!({"zip": out})
         }
         None => {
-            let store = args.store.open(None)?;
+            let store = store.expect("opened above");
             let entry = store.ensure_package_from_tree(&tree, &progress)?;
             json!({"path": entry.path, "created": entry.created})
         }

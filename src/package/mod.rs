@@ -1,11 +1,13 @@
 //! working_dir packages: walking a directory into a manifest, writing and reading zips.
 //!
 //! - [`scan`]: walk a local directory with Ray's exclude semantics and hash it in parallel.
+//! - [`hash_cache`]: digests of unchanged files are reused, so an unchanged tree is not re-read.
 //! - [`manifest`]: the canonical manifest and the [`PackageDigest`](crate::digest::PackageDigest).
 //! - [`zip_write`]: `renv package` — a byte-reproducible zip of a scanned tree.
 //! - [`zip_read`]: unpack an untrusted zip into a staging directory, entry by entry.
 //! - [`tree`]: materialize a scanned tree by copying, verifying every byte against its manifest.
 
+pub mod hash_cache;
 pub mod manifest;
 pub mod scan;
 pub mod symlink;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use ignore::WalkBuilder;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
+use super::hash_cache::HashCache;
 use super::manifest::{EntryKind, Manifest, ManifestEntry};
 use super::{DEFAULT_EXCLUDES, PackageError, parallel_map, symlink};
 use crate::digest::Digest;
@@ -40,10 +41,14 @@ enum Found {
 }
 
 /// Walks `root` and hashes every file on `threads` threads.
+///
+/// With `cache_dir`, digests of files unchanged since an earlier scan of the same root are
+/// reused (see [`HashCache`]) and the cache is updated.
 pub fn scan_dir(
     root: &Path,
     excludes: &[String],
     threads: usize,
+    cache_dir: Option<&Path>,
     progress: &Progress,
 ) -> Result<ScannedTree, PackageError> {
     let root = match fs_err::canonicalize(root) {
@@ -56,6 +61,10 @@ pub fn scan_dir(
     if !root.is_dir() {
         return Err(PackageError::NotADirectory(root));
     }
+    let cache_path = cache_dir.map(|dir| HashCache::path_for(dir, &root));
+    let cache = cache_path
+        .as_deref()
+        .map_or_else(HashCache::disabled, HashCache::load);
     let matcher = exclude_matcher(&root, excludes)?;
     let found = walk(&root, matcher)?;
 
@@ -71,7 +80,7 @@ pub fn scan_dir(
                 target: target.clone(),
             },
             Found::File => {
-                let (executable, size, content) = hash_file(&root.join(path))?;
+                let (executable, size, content) = hash_file(&root.join(path), path, &cache)?;
                 phase.inc(1);
                 EntryKind::File {
                     executable,
@@ -86,6 +95,10 @@ pub fn scan_dir(
         })
     })?;
     phase.finish();
+    if let Some(path) = cache_path {
+        // Best effort: a cache that cannot be written only costs a re-hash next time.
+        let _ = cache.save(&path);
+    }
     Ok(ScannedTree {
         root,
         manifest: Manifest::new(entries),
@@ -208,9 +221,13 @@ pub(crate) fn is_executable(meta: &std::fs::Metadata) -> bool {
     meta.mode() & 0o111 != 0
 }
 
-/// Hashes one file: (executable, size, digest), reading it in 256 KiB chunks.
-fn hash_file(path: &Path) -> Result<(bool, u64, Digest), PackageError> {
+/// Hashes one file: (executable, size, digest), from the cache when it is unchanged,
+/// else reading it in 256 KiB chunks.
+fn hash_file(path: &Path, rel: &str, cache: &HashCache) -> Result<(bool, u64, Digest), PackageError> {
     let (mut file, meta) = open_regular(path)?;
+    if let Some(digest) = cache.lookup(rel, &meta) {
+        return Ok((is_executable(&meta), meta.len(), digest));
+    }
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut size = 0u64;
@@ -222,7 +239,11 @@ fn hash_file(path: &Path) -> Result<(bool, u64, Digest), PackageError> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((is_executable(&meta), size, hasher.finalize().into()))
+    let digest = hasher.finalize().into();
+    if size == meta.len() {
+        cache.record(rel, &meta, digest);
+    }
+    Ok((is_executable(&meta), size, digest))
 }
 
 /// Attaches the path to an I/O error the way fs-err does.

@@ -156,6 +156,7 @@ pub fn unpack(
                 hasher.update(&buf[..n]);
                 file.write_all(&buf[..n])?;
             }
+            super::tree::start_writeback(&file);
             phase.inc(1);
             let content: Digest = hasher.finalize().into();
             out.push(ManifestEntry {

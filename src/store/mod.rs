@@ -11,6 +11,7 @@
 //!   locks/staging.lock          shared while creating a staging dir, exclusive to sweep
 //!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
 //!   trash/                      entries being deleted
+//!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
 //!   logs/                       build and worker logs
 //! ```
 //!
@@ -24,7 +25,7 @@
 //!    to trash; a marker without its directory is removed.
 //! 4. Build in a fresh `staging/<id>` (same filesystem, so the final step is a rename).
 //!    The staging dir's own lock is held for the whole build, so a sweep never takes it.
-//! 5. `syncfs` the staging data, rename `staging/<id>` → `pkgs/<digest>`, fsync `pkgs/`,
+//! 5. fdatasync the staged files and fsync its directories, rename `staging/<id>` → `pkgs/<digest>`, fsync `pkgs/`,
 //!    make the root read-only, then write the marker (tmp file, fsync, rename, fsync
 //!    `meta/`). The marker is last: a directory without it is garbage, never served.
 //!
@@ -43,7 +44,6 @@ mod single_flight;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,6 +56,7 @@ pub use lock::{LockFile, LockMode};
 pub use single_flight::SingleFlight;
 
 use crate::digest::{Digest, PackageDigest};
+use crate::package::hash_cache::HashCache;
 use crate::package::zip_read::{ArchiveError, UnpackLimits};
 use crate::package::{self, PackageError, ScannedTree};
 use crate::progress::Progress;
@@ -161,7 +162,15 @@ impl Store {
     /// Opens (creating if needed) the store under `dir` and sweeps dead staging and trash.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         let root = dir.join(LAYOUT_DIR);
-        for sub in ["pkgs", "meta", "locks", "staging", "trash", "logs"] {
+        for sub in [
+            "pkgs",
+            "meta",
+            "locks",
+            "staging",
+            "trash",
+            "logs",
+            "cache/hashes",
+        ] {
             fs_err::create_dir_all(root.join(sub)).map_err(|e| StoreError::Unusable {
                 path: dir.to_path_buf(),
                 reason: e.to_string(),
@@ -182,6 +191,11 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// Where stat caches of local sources live.
+    pub fn hash_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("hashes")
     }
 
     pub fn package_path(&self, digest: PackageDigest) -> PathBuf {
@@ -255,7 +269,7 @@ impl Store {
         progress: &Progress,
     ) -> Result<PackageEntry, StoreError> {
         let start = Instant::now();
-        let zip_digest = hash_file(zip_path)?;
+        let zip_digest = self.hash_zip(zip_path)?;
         let hash_ms = ms(start);
         let alias_path = self.root.join("meta").join(format!("zip-{zip_digest}.json"));
         let find_by_alias = || -> Result<Option<PackageEntry>, StoreError> {
@@ -305,6 +319,31 @@ impl Store {
         Ok(entry)
     }
 
+    /// blake3 of a zip's bytes, from the stat cache when the file is unchanged.
+    fn hash_zip(&self, zip_path: &Path) -> std::io::Result<Digest> {
+        let zip_path = fs_err::canonicalize(zip_path)?;
+        let cache_path = HashCache::path_for(&self.hash_cache_dir(), &zip_path);
+        let cache = HashCache::load(&cache_path);
+        let mut file = fs_err::File::open(&zip_path)?;
+        let meta = file.metadata()?;
+        if let Some(digest) = cache.lookup("", &meta) {
+            return Ok(digest);
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let digest = hasher.finalize().into();
+        cache.record("", &meta, digest);
+        let _ = cache.save(&cache_path);
+        Ok(digest)
+    }
+
     fn single_flight(
         &self,
         key: String,
@@ -345,7 +384,7 @@ impl Store {
         }
 
         let start = Instant::now();
-        syncfs(staging.path())?;
+        sync_tree(staging.path(), manifest, self.options.threads)?;
         timings.insert("sync", ms(start));
         let start = Instant::now();
         fs_err::rename(staging.path(), &path)?;
@@ -415,7 +454,11 @@ impl Store {
             .root
             .join("trash")
             .join(format!("{name}-{}-{nanos}", std::process::id()));
-        fs_err::rename(path, &target)?;
+        match fs_err::rename(path, &target) {
+            // Another sweeper got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        }
         remove_tree(&target)
     }
 
@@ -493,20 +536,6 @@ fn ms(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
 
-/// blake3 of a file's bytes.
-fn hash_file(path: &Path) -> std::io::Result<Digest> {
-    let mut file = fs_err::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hasher.finalize().into());
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
     match std::fs::read(path) {
         // A marker that does not parse was never completely written: treat it as absent.
@@ -540,21 +569,6 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     fs_err::File::open(dir)?.sync_all()
 }
 
-/// Flushes every dirty page of the filesystem holding `path`: one syscall instead of one
-/// fsync per file of a tree that was just written.
-fn syncfs(path: &Path) -> std::io::Result<()> {
-    let dir = fs_err::File::open(path)?;
-    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!("{e} (while syncing {})", path.display()),
-        ));
-    }
-    Ok(())
-}
-
 /// Deletes a tree the store owns. Read-only directories are made writable first (walking
 /// with lstat, never following a symlink); `remove_dir_all` itself does not follow links.
 pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
@@ -576,4 +590,21 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
         Ok(_) => std::fs::remove_file(path),
         Err(e) => Err(e),
     }
+}
+
+/// Makes a staged tree durable before it is published: fdatasync every file (writeback
+/// was started as each was written, so this mostly waits for I/O already under way) and
+/// fsync every directory, in parallel. Per-file rather than `syncfs`, so the cost is our
+/// own data, never whatever else is dirty on a busy node's filesystem.
+fn sync_tree(root: &Path, manifest: &package::Manifest, threads: usize) -> std::io::Result<()> {
+    let entries = manifest.entries();
+    package::parallel_map(entries.len(), threads, |i| {
+        let entry = &entries[i];
+        match entry.kind {
+            package::EntryKind::File { .. } => fs_err::File::open(root.join(&entry.path))?.sync_data(),
+            package::EntryKind::Dir => fsync_dir(&root.join(&entry.path)),
+            package::EntryKind::Symlink { .. } => Ok(()),
+        }
+    })?;
+    fsync_dir(root)
 }

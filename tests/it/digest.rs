@@ -179,3 +179,28 @@ fn fifos_and_sockets_are_errors_and_never_block() {
     assert_eq!(code, 2);
     assert!(stderr.contains("a/sock: a socket cannot be packaged"), "{stderr}");
 }
+
+/// The stat cache may skip reading unchanged files, but never hides an edit: not one
+/// that keeps the size and puts the old mtime back, since ctime still moves.
+#[test]
+fn the_hash_cache_never_hides_an_edit() {
+    let ws = Workspace::new();
+    write_project(&ws, "a", false);
+    // Files younger than the racy margin are not cached; let them age.
+    std::thread::sleep(Duration::from_millis(1100));
+    let base = digest(&ws, "a");
+    let caches = crate::common::list_dir(&ws.store_v1("cache/hashes"));
+    assert_eq!(caches.len(), 1, "the scan recorded its digests");
+    assert_eq!(digest(&ws, "a"), base, "a cached rescan agrees");
+
+    let path = ws.path("a/main.py");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    ws.write("a/main.py", "print('MAIN')\n"); // same size
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_ne!(digest(&ws, "a"), base);
+}
