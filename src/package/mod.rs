@@ -55,6 +55,27 @@ impl PackageError {
     }
 }
 
+/// Copies `input` to `output` (`io::sink()` to only hash) through `buf`, returning the
+/// byte count and blake3 digest of what was copied. Read errors name `source`.
+pub(crate) fn copy_hashing(
+    input: &mut impl std::io::Read,
+    output: &mut impl std::io::Write,
+    source: &std::path::Path,
+    buf: &mut [u8],
+) -> std::io::Result<(u64, crate::digest::Digest)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let n = input.read(buf).map_err(|e| scan::fs_err_io(source, e))?;
+        if n == 0 {
+            return Ok((size, hasher.finalize().into()));
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n])?;
+    }
+}
+
 /// Number of threads for hashing and copying: the machine's parallelism, at most 16.
 pub fn worker_threads() -> usize {
     std::thread::available_parallelism()

@@ -8,7 +8,6 @@
 //! walk is reported, never blocked on.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -17,7 +16,7 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use super::hash_cache::HashCache;
 use super::manifest::{EntryKind, Manifest, ManifestEntry};
-use super::{DEFAULT_EXCLUDES, PackageError, parallel_map, symlink};
+use super::{DEFAULT_EXCLUDES, PackageError, copy_hashing, parallel_map, symlink};
 use crate::digest::Digest;
 use crate::progress::Progress;
 
@@ -228,18 +227,8 @@ fn hash_file(path: &Path, rel: &str, cache: &HashCache) -> Result<(bool, u64, Di
     if let Some(digest) = cache.lookup(rel, &meta) {
         return Ok((is_executable(&meta), meta.len(), digest));
     }
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(|e| fs_err_io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    let digest = hasher.finalize().into();
+    let mut buf = vec![0u8; (meta.len() as usize + 1).clamp(4096, 256 << 10)];
+    let (size, digest) = copy_hashing(&mut file, &mut std::io::sink(), path, &mut buf)?;
     if size == meta.len() {
         cache.record(rel, &meta, digest);
     }

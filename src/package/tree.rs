@@ -7,14 +7,12 @@
 //! world-write, and a committed entry is read-only.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::manifest::{EntryKind, ManifestEntry};
-use super::scan::{ScannedTree, fs_err_io, open_regular};
-use super::{PackageError, parallel_map};
-use crate::digest::Digest;
+use super::scan::{ScannedTree, open_regular};
+use super::{PackageError, copy_hashing, parallel_map};
 use crate::progress::Progress;
 
 pub const FILE_MODE: u32 = 0o444;
@@ -52,7 +50,8 @@ pub fn copy_into(
         let source = tree.source_path(entry);
         let (mut input, meta) = open_regular(&source)?;
         let mut output = create_file(dest, &entry.path, executable)?;
-        let copied = copy_hashing(&mut input, &mut output, &source, meta.len())?;
+        let mut buf = vec![0u8; (meta.len() as usize + 1).clamp(4096, 1 << 20)];
+        let (_, copied) = copy_hashing(&mut input, &mut output, &source, &mut buf)?;
         start_writeback(&output);
         if copied != content || super::scan::is_executable(&meta) != executable {
             return Err(PackageError::Changed(source));
@@ -96,26 +95,6 @@ pub fn seal_dirs(root: &Path, entries: &[ManifestEntry]) -> std::io::Result<()> 
         }
     }
     Ok(())
-}
-
-/// Copies `input` to `output`, returning the blake3 of the bytes copied.
-fn copy_hashing(
-    input: &mut File,
-    output: &mut File,
-    source: &Path,
-    size_hint: u64,
-) -> Result<Digest, PackageError> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; (size_hint as usize).clamp(4096, 1 << 20)];
-    loop {
-        let n = input.read(&mut buf).map_err(|e| fs_err_io(source, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        output.write_all(&buf[..n])?;
-    }
-    Ok(hasher.finalize().into())
 }
 
 /// Starts writing a file's pages to disk without waiting, so the fsync before publishing

@@ -5,14 +5,14 @@
 //! `0755` for executables and directories), so the same tree always gives the same bytes.
 //! Unpacking it with [`zip_read`](super::zip_read) gives the same manifest digest back.
 
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime, ZipWriter};
 
-use super::PackageError;
 use super::manifest::EntryKind;
-use super::scan::{ScannedTree, fs_err_io, open_regular};
+use super::scan::{ScannedTree, open_regular};
+use super::{PackageError, copy_hashing};
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -66,16 +66,8 @@ pub fn write_zip<W: Write + Seek>(
                 )
                 .map_err(zip_err)?;
                 // Re-hash while copying: the zip must hold exactly the bytes the digest names.
-                let mut hasher = blake3::Hasher::new();
-                loop {
-                    let n = input.read(&mut buf).map_err(|e| fs_err_io(&source, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    zip.write_all(&buf[..n])?;
-                }
-                if crate::digest::Digest::from(hasher.finalize()) != *content {
+                let (_, copied) = copy_hashing(&mut input, &mut zip, &source, &mut buf)?;
+                if copied != *content {
                     return Err(PackageError::Changed(source));
                 }
                 phase.inc(1);

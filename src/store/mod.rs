@@ -43,7 +43,7 @@ mod lock;
 mod single_flight;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -329,16 +329,8 @@ impl Store {
         if let Some(digest) = cache.lookup("", &meta) {
             return Ok(digest);
         }
-        let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let digest = hasher.finalize().into();
+        let (_, digest) = package::copy_hashing(&mut file, &mut std::io::sink(), &zip_path, &mut buf)?;
         cache.record("", &meta, digest);
         let _ = cache.save(&cache_path);
         Ok(digest)

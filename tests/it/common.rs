@@ -60,28 +60,25 @@ impl Workspace {
     }
 
     pub fn build_with(&self, spec: &Path, extra: &[&str]) -> Value {
-        let out = self
-            .renv()
-            .arg("build")
-            .arg("--json")
-            .args(extra)
-            .arg(spec)
-            .output()
-            .unwrap();
+        let out = self.build_output(spec, extra);
         assert_success(&out);
         serde_json::from_slice(&out.stdout).expect("build --json prints one JSON object")
     }
 
-    /// `renv build SPEC`, which must fail; returns (exit code, stderr).
-    pub fn build_fails(&self, spec: &Path, extra: &[&str]) -> (i32, String) {
-        let out = self
-            .renv()
+    /// `renv build --json [EXTRA…] SPEC`, whatever its outcome.
+    pub fn build_output(&self, spec: &Path, extra: &[&str]) -> Output {
+        self.renv()
             .arg("build")
             .arg("--json")
             .args(extra)
             .arg(spec)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `renv build SPEC`, which must fail; returns (exit code, stderr).
+    pub fn build_fails(&self, spec: &Path, extra: &[&str]) -> (i32, String) {
+        let out = self.build_output(spec, extra);
         assert!(
             !out.status.success(),
             "expected failure, got: {}",
