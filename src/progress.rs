@@ -36,7 +36,7 @@ impl Progress {
                 let mut drew = false;
                 while !state.finished.load(Ordering::Relaxed) {
                     let done = state.done.load(Ordering::Relaxed);
-                    eprint!("\r\x1b[2K{label} {done}/{total} files");
+                    eprint!("\r\x1b[2K{label} {done}/{total}");
                     drew = true;
                     std::thread::sleep(Duration::from_millis(100));
                 }

@@ -257,7 +257,7 @@ impl Store {
             package::tree::copy_into(tree, staging.path(), self.options.threads, progress)?;
             timings.insert("copy", ms(start));
             let source = format!("dir:{}", tree.root.display());
-            self.publish(staging, digest, &tree.manifest, source, timings)
+            self.publish(staging, digest, &tree.manifest, source, timings, progress)
         })
     }
 
@@ -305,7 +305,10 @@ impl Store {
             let entry = match self.find_package(digest)? {
                 // Same tree, different zip bytes: keep the committed one.
                 Some(hit) => hit,
-                None => self.publish(staging, digest, &manifest, format!("zip:{zip_digest}"), timings)?,
+                None => {
+                    let source = format!("zip:{zip_digest}");
+                    self.publish(staging, digest, &manifest, source, timings, progress)?
+                }
             };
             write_json_atomic(
                 &alias_path,
@@ -364,6 +367,7 @@ impl Store {
         manifest: &package::Manifest,
         source: String,
         mut timings: BTreeMap<&'static str, u64>,
+        progress: &Progress,
     ) -> Result<PackageEntry, StoreError> {
         let path = self.package_path(digest);
         let marker = self.package_marker(digest);
@@ -376,7 +380,7 @@ impl Store {
         }
 
         let start = Instant::now();
-        sync_tree(staging.path(), manifest, self.options.threads)?;
+        sync_tree(staging.path(), manifest, self.options.threads, progress)?;
         timings.insert("sync", ms(start));
         let start = Instant::now();
         fs_err::rename(staging.path(), &path)?;
@@ -588,15 +592,23 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
 /// was started as each was written, so this mostly waits for I/O already under way) and
 /// fsync every directory, in parallel. Per-file rather than `syncfs`, so the cost is our
 /// own data, never whatever else is dirty on a busy node's filesystem.
-fn sync_tree(root: &Path, manifest: &package::Manifest, threads: usize) -> std::io::Result<()> {
+fn sync_tree(
+    root: &Path,
+    manifest: &package::Manifest,
+    threads: usize,
+    progress: &Progress,
+) -> std::io::Result<()> {
     let entries = manifest.entries();
+    let phase = progress.phase("syncing", entries.len() as u64);
     package::parallel_map(entries.len(), threads, |i| {
         let entry = &entries[i];
+        phase.inc(1);
         match entry.kind {
             package::EntryKind::File { .. } => fs_err::File::open(root.join(&entry.path))?.sync_data(),
             package::EntryKind::Dir => fsync_dir(&root.join(&entry.path)),
             package::EntryKind::Symlink { .. } => Ok(()),
         }
     })?;
+    phase.finish();
     fsync_dir(root)
 }
