@@ -39,9 +39,10 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
     } else {
         Progress::for_stderr()
     };
-    // Into the store: open it first, for its stat cache. A zip needs no store.
+    // The store holds the stat cache that spares re-hashing an unchanged tree. Writing a
+    // zip does not need the store, so there it is used only if it opens.
     let store = match args.output {
-        Some(_) => None,
+        Some(_) => args.store.open(None).ok(),
         None => Some(args.store.open(None)?),
     };
     let cache_dir = store.as_ref().map(|s| s.hash_cache_dir());
@@ -71,12 +72,11 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                 &progress,
             )?;
             let tmp = writer.into_inner().map_err(|e| e.into_error())?;
-            tmp.as_file().sync_all()?;
             tmp.persist(out).map_err(|e| e.error)?;
             json!({"zip": out})
         }
         None => {
-            let store = store.expect("opened above");
+            let store = store.expect("opened above when there is no -o");
             let entry = store.ensure_package_from_tree(&tree, &progress)?;
             json!({"path": entry.path, "created": entry.created})
         }
