@@ -106,6 +106,11 @@ impl HashCache {
         Some(*digest)
     }
 
+    /// True when two stats of a file show it unchanged (same inode, size, mode, times).
+    pub fn same_state(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+        StatKey::of(a) == StatKey::of(b)
+    }
+
     /// Remembers a freshly computed digest, unless the file changed too recently to trust.
     pub fn record(&self, rel: &str, meta: &std::fs::Metadata, digest: Digest) {
         if self.started_ns == 0 {

@@ -269,7 +269,7 @@ impl Store {
         progress: &Progress,
     ) -> Result<PackageEntry, StoreError> {
         let start = Instant::now();
-        let zip_digest = self.hash_zip(zip_path)?;
+        let (zip_digest, zip_meta) = self.hash_zip(zip_path)?;
         let hash_ms = ms(start);
         let alias_path = self.root.join("meta").join(format!("zip-{zip_digest}.json"));
         let find_by_alias = || -> Result<Option<PackageEntry>, StoreError> {
@@ -300,6 +300,11 @@ impl Store {
                 progress,
             )?;
             timings.insert("unpack", ms(start));
+            // The alias below vouches that these zip bytes give this tree: the file must
+            // not have changed between hashing and unpacking.
+            if !HashCache::same_state(&zip_meta, &fs_err::metadata(zip_path)?) {
+                return Err(PackageError::Changed(zip_path.to_path_buf()).into());
+            }
             let digest = manifest.digest();
             let _pkg_lock = self.lock_exclusive(&format!("pkg-{digest}"))?;
             let entry = match self.find_package(digest)? {
@@ -322,21 +327,22 @@ impl Store {
         Ok(entry)
     }
 
-    /// blake3 of a zip's bytes, from the stat cache when the file is unchanged.
-    fn hash_zip(&self, zip_path: &Path) -> std::io::Result<Digest> {
+    /// blake3 of a zip's bytes, from the stat cache when the file is unchanged, and the
+    /// file's metadata at that moment.
+    fn hash_zip(&self, zip_path: &Path) -> std::io::Result<(Digest, std::fs::Metadata)> {
         let zip_path = fs_err::canonicalize(zip_path)?;
         let cache_path = HashCache::path_for(&self.hash_cache_dir(), &zip_path);
         let cache = HashCache::load(&cache_path);
         let mut file = fs_err::File::open(&zip_path)?;
         let meta = file.metadata()?;
         if let Some(digest) = cache.lookup("", &meta) {
-            return Ok(digest);
+            return Ok((digest, meta));
         }
         let mut buf = vec![0u8; 1 << 20];
         let (_, digest) = package::copy_hashing(&mut file, &mut std::io::sink(), &zip_path, &mut buf)?;
         cache.record("", &meta, digest);
         let _ = cache.save(&cache_path);
-        Ok(digest)
+        Ok((digest, meta))
     }
 
     fn single_flight(
