@@ -8,54 +8,124 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Context {
-    /// The venv's interpreter; `None` until the env has packages (then the worker's own).
+    /// The venv's interpreter; `None` when the env has no packages (the worker's own).
     pub python: Option<PathBuf>,
     /// The unpacked working_dir, if the env has one.
     pub cwd: Option<PathBuf>,
     /// Variables renv adds to or changes in the worker's base environment. Values may hold
-    /// `${VAR}`, expanded against that base environment when the worker starts (as in Ray).
+    /// `${VAR}`, expanded against that base environment when the worker starts (as in
+    /// Ray): `PATH` is `<venv>/bin:${PATH}`.
     pub env: BTreeMap<String, String>,
 }
 
 impl Context {
     pub fn new(
         working_dir: Option<&Path>,
-        python: Option<&Path>,
+        venv: Option<&Path>,
         env_vars: &BTreeMap<String, String>,
     ) -> Context {
         let mut env = env_vars.clone();
         if let Some(wd) = working_dir {
             // The working_dir comes first on PYTHONPATH, then whatever the user asked for.
-            let wd = wd.display().to_string();
-            let value = match env_vars.get("PYTHONPATH") {
-                Some(user) if !user.is_empty() => format!("{wd}:{user}"),
-                _ => wd,
-            };
-            env.insert("PYTHONPATH".into(), value);
+            env.insert(
+                "PYTHONPATH".into(),
+                prepend(&wd.display().to_string(), env_vars.get("PYTHONPATH"), None),
+            );
+        }
+        if let Some(venv) = venv {
+            let bin = venv.join("bin").display().to_string();
+            env.insert(
+                "PATH".into(),
+                prepend(&bin, env_vars.get("PATH"), Some("${PATH}")),
+            );
+            env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
         }
         Context {
-            python: python.map(Path::to_path_buf),
+            python: venv.map(|v| v.join("bin").join("python")),
             cwd: working_dir.map(Path::to_path_buf),
             env,
         }
     }
+
+    /// The worker's full environment: `base` with this context applied, `${VAR}`
+    /// expanded against `base`.
+    pub fn worker_env(&self, base: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut out = base.clone();
+        for (name, value) in &self.env {
+            out.insert(name.clone(), expand(value, base));
+        }
+        out
+    }
+}
+
+fn prepend(first: &str, user: Option<&String>, default: Option<&str>) -> String {
+    match user.map(String::as_str).filter(|v| !v.is_empty()).or(default) {
+        Some(rest) => format!("{first}:{rest}"),
+        None => first.to_string(),
+    }
+}
+
+/// Replaces each `${NAME}` with its value in `base` (empty when unset), as Ray does.
+pub fn expand(value: &str, base: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        out.push_str(&rest[..start]);
+        if valid {
+            out.push_str(base.get(name).map_or("", String::as_str));
+        } else {
+            out.push_str(&rest[start..start + 3 + len]);
+        }
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
     fn working_dir_goes_first_on_pythonpath() {
-        let vars = BTreeMap::from([
-            ("PYTHONPATH".to_string(), "/opt/lib".to_string()),
-            ("A".into(), "b".into()),
-        ]);
+        let vars = map(&[("PYTHONPATH", "/opt/lib"), ("A", "b")]);
         let ctx = Context::new(Some(Path::new("/store/pkgs/x")), None, &vars);
         assert_eq!(ctx.env["PYTHONPATH"], "/store/pkgs/x:/opt/lib");
         assert_eq!(ctx.env["A"], "b");
         assert_eq!(ctx.cwd.as_deref(), Some(Path::new("/store/pkgs/x")));
         let bare = Context::new(None, None, &vars);
         assert_eq!(bare.env, vars);
+    }
+
+    #[test]
+    fn venv_goes_first_on_path_and_expands_against_the_base() {
+        let ctx = Context::new(
+            None,
+            Some(Path::new("/store/envs/k")),
+            &map(&[("X", "${HOME}/x:${NOPE}")]),
+        );
+        assert_eq!(ctx.python.as_deref(), Some(Path::new("/store/envs/k/bin/python")));
+        assert_eq!(ctx.env["PATH"], "/store/envs/k/bin:${PATH}");
+        assert_eq!(ctx.env["VIRTUAL_ENV"], "/store/envs/k");
+        let worker = ctx.worker_env(&map(&[("PATH", "/usr/bin"), ("HOME", "/home/u")]));
+        assert_eq!(worker["PATH"], "/store/envs/k/bin:/usr/bin");
+        assert_eq!(worker["X"], "/home/u/x:");
+        assert_eq!(worker["HOME"], "/home/u");
+        assert_eq!(
+            expand("${bad name} $PLAIN ${", &map(&[])),
+            "${bad name} $PLAIN ${"
+        );
     }
 }

@@ -88,6 +88,10 @@ digest_newtype!(
     /// Names a resolved runtime environment: the digest of its canonical description.
     EnvId
 );
+digest_newtype!(
+    /// Names a virtualenv in the store: the digest of what decides its contents.
+    EnvKey
+);
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,25 @@ pub const RENV_MAX_ZIP_ENTRIES: &str = "RENV_MAX_ZIP_ENTRIES";
 pub const RENV_THREADS: &str = "RENV_THREADS";
 /// Print JSON instead of a readable summary (`--json`).
 pub const RENV_JSON: &str = "RENV_JSON";
+/// The base interpreter for virtualenvs (`--python`). Default: `python3` from `PATH`.
+pub const RENV_PYTHON: &str = "RENV_PYTHON";
+/// The uv binary (`--uv`). Default: `uv` on `PATH` if it is the pinned version, else the
+/// store's bootstrapped copy.
+pub const RENV_UV: &str = "RENV_UV";
+/// `auto` (uv unless a spec sets `pip_version`) or `pip` (`--installer`).
+pub const RENV_INSTALLER: &str = "RENV_INSTALLER";
+/// The package index (`--index-url`).
+pub const RENV_INDEX_URL: &str = "RENV_INDEX_URL";
+/// Extra package indexes, comma-separated (`--extra-index-url`).
+pub const RENV_EXTRA_INDEX_URL: &str = "RENV_EXTRA_INDEX_URL";
+/// Wheel directories or pages, comma-separated (`--find-links`).
+pub const RENV_FIND_LINKS: &str = "RENV_FIND_LINKS";
+/// Use no index, only find-links (`--no-index`).
+pub const RENV_NO_INDEX: &str = "RENV_NO_INDEX";
+/// Install options requests may use, comma-separated (`--allow-install-option`).
+pub const RENV_ALLOW_INSTALL_OPTIONS: &str = "RENV_ALLOW_INSTALL_OPTIONS";
+/// Let venvs see the base interpreter's site-packages (`--system-site-packages`).
+pub const RENV_SYSTEM_SITE_PACKAGES: &str = "RENV_SYSTEM_SITE_PACKAGES";
 
 /// The default store root.
 pub fn default_store_dir() -> std::path::PathBuf {

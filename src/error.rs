@@ -9,10 +9,8 @@ use crate::store::StoreError;
 pub enum Error {
     #[error("invalid runtime_env: {0}")]
     Spec(#[from] SpecError),
-    #[error(
-        "{field}: building virtualenvs is not supported yet; remove `{field}` to build the rest of the env"
-    )]
-    NotBuiltYet { field: &'static str },
+    #[error(transparent)]
+    Venv(#[from] crate::venv::VenvError),
     #[error(transparent)]
     Package(#[from] PackageError),
     #[error("{path}: {source}", path = .path.display())]
@@ -22,6 +20,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Worker(#[from] crate::worker::WorkerError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -34,10 +34,12 @@ impl Error {
     /// True when the user's input (spec, path, archive) is at fault.
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Spec(_) | Error::NotBuiltYet { .. } => true,
+            Error::Spec(_) => true,
+            Error::Venv(e) => e.is_user_error(),
             Error::Package(e) => e.is_user_error(),
             Error::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
             Error::Store(e) => e.is_user_error(),
+            Error::Worker(e) => !matches!(e, crate::worker::WorkerError::Io(_)),
             Error::Io(_) => false,
         }
     }

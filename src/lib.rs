@@ -6,9 +6,11 @@
 //! spec      runtime_env JSON → RuntimeEnvSpec (strict, errors name the field)
 //! resolve   → resolved parts: a scanned tree, a zip path, a package digest, requirements
 //! package   walk + manifest digest, zip writing and safe zip reading
+//! venv      the pip/uv fields: interpreter, installer, env key, sandboxed build
 //! store     content-addressed entries: staging, locks, publish by rename, marker last
 //! context   python, cwd, env for a worker
 //! build     the whole pipeline, as `renv build` runs it
+//! worker    starting a command in a built context
 //! ```
 //!
 //! `cli` is a thin shell over these.
@@ -24,5 +26,7 @@ pub mod progress;
 pub mod resolve;
 pub mod spec;
 pub mod store;
+pub mod venv;
+pub mod worker;
 
 pub use error::Error;

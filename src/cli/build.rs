@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use super::{StoreArgs, print_stdout};
+use super::{StoreArgs, VenvArgs, print_stdout};
 use crate::build::{BuiltEnv, build_env};
 use crate::env_vars;
 use crate::error::Error;
@@ -25,6 +25,8 @@ pub struct BuildArgs {
     json: bool,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    venv: VenvArgs,
 }
 
 pub fn run(args: BuildArgs) -> Result<(), Error> {
@@ -37,7 +39,7 @@ pub fn run(args: BuildArgs) -> Result<(), Error> {
     } else {
         Progress::for_stderr()
     };
-    let built = build_env(&spec, &base_dir, &store, &progress)?;
+    let built = build_env(&spec, &base_dir, &store, &args.venv.policy(), &progress)?;
     print_stdout(&if args.json {
         to_json(&built)
     } else {
@@ -45,7 +47,7 @@ pub fn run(args: BuildArgs) -> Result<(), Error> {
     })
 }
 
-fn read_spec(path: &Path) -> Result<(String, PathBuf), Error> {
+pub(super) fn read_spec(path: &Path) -> Result<(String, PathBuf), Error> {
     if path == Path::new("-") {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text)?;
@@ -70,10 +72,15 @@ fn to_json(built: &BuiltEnv) -> String {
             "created": e.created,
         })
     });
+    let venv = built
+        .venv
+        .as_ref()
+        .map(|e| json!({"key": e.key.to_string(), "path": e.path, "created": e.created}));
     let value = json!({
         "env_id": built.env_id.to_string(),
         "working_dir": built.working_dir_path(),
         "package": package,
+        "venv": venv,
         "python": built.context.python,
         "cwd": built.context.cwd,
         "env": built.context.env,
@@ -100,6 +107,10 @@ fn to_text(built: &BuiltEnv) -> String {
         None => {
             let _ = writeln!(out, "working_dir  (none)");
         }
+    }
+    if let Some(e) = &built.venv {
+        let state = if e.created { "new" } else { "cached" };
+        let _ = writeln!(out, "venv         {} ({state})", e.path.display());
     }
     let python = built
         .context

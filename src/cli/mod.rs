@@ -2,6 +2,7 @@
 
 mod build;
 mod package;
+mod run;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use crate::env_vars;
 use crate::error::Error;
 use crate::package::zip_read::UnpackLimits;
 use crate::store::{Store, StoreOptions};
+use crate::venv::{IndexConfig, InstallerChoice, VenvPolicy};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +33,8 @@ enum Command {
     Build(build::BuildArgs),
     /// Package a directory: put it in the store, or write a reproducible zip with -o.
     Package(package::PackageArgs),
+    /// Build, then run a command in the env, holding it leased until the command exits.
+    Run(run::RunArgs),
 }
 
 /// Options shared by every command that opens the store.
@@ -48,6 +52,68 @@ struct StoreArgs {
     /// Most entries one zip may hold.
     #[arg(long, env = env_vars::RENV_MAX_ZIP_ENTRIES, value_name = "N", default_value_t = UnpackLimits::default().max_entries)]
     max_zip_entries: usize,
+}
+
+/// Node policy for virtualenvs: which interpreter and installer, where packages come from.
+#[derive(Debug, Args)]
+struct VenvArgs {
+    /// Base interpreter for virtualenvs (default: `python3` from PATH, resolved to its real path).
+    #[arg(long, env = env_vars::RENV_PYTHON, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// The uv binary (default: `uv` on PATH if it is the pinned version, else bootstrapped into the store).
+    #[arg(long, env = env_vars::RENV_UV, value_name = "PATH")]
+    uv: Option<PathBuf>,
+    /// `auto`: uv unless a spec sets pip_version; `pip`: python -m venv + pip for every env.
+    #[arg(long, env = env_vars::RENV_INSTALLER, value_enum, default_value_t = InstallerChoice::Auto)]
+    installer: InstallerChoice,
+    /// Package index URL.
+    #[arg(long, env = env_vars::RENV_INDEX_URL, value_name = "URL")]
+    index_url: Option<String>,
+    /// Extra package index URL (repeatable).
+    #[arg(long, env = env_vars::RENV_EXTRA_INDEX_URL, value_name = "URL", value_delimiter = ',')]
+    extra_index_url: Vec<String>,
+    /// A wheel directory or links page (repeatable).
+    #[arg(long, env = env_vars::RENV_FIND_LINKS, value_name = "PATH|URL", value_delimiter = ',')]
+    find_links: Vec<String>,
+    /// Use no index: only --find-links.
+    #[arg(long, env = env_vars::RENV_NO_INDEX)]
+    no_index: bool,
+    /// An install option requests may use in pip_install_options / uv_pip_install_options (repeatable).
+    #[arg(long = "allow-install-option", env = env_vars::RENV_ALLOW_INSTALL_OPTIONS, value_name = "OPTION", value_delimiter = ',')]
+    allowed_install_options: Vec<String>,
+    /// Let venvs see the base interpreter's site-packages (e.g. so Ray workers can import ray).
+    #[arg(long, env = env_vars::RENV_SYSTEM_SITE_PACKAGES)]
+    system_site_packages: bool,
+}
+
+impl VenvArgs {
+    fn policy(&self) -> VenvPolicy {
+        VenvPolicy {
+            python: self.python.clone(),
+            uv: self.uv.clone(),
+            installer: self.installer,
+            index: IndexConfig {
+                index_url: self.index_url.clone(),
+                extra_index_urls: self.extra_index_url.clone(),
+                // Local wheel directories as absolute paths: the installer runs elsewhere.
+                find_links: self
+                    .find_links
+                    .iter()
+                    .map(|link| absolute_unless_url(link))
+                    .collect(),
+                no_index: self.no_index,
+            },
+            allowed_install_options: self.allowed_install_options.clone(),
+            system_site_packages: self.system_site_packages,
+        }
+    }
+}
+
+fn absolute_unless_url(link: &str) -> String {
+    if link.contains("://") {
+        return link.to_string();
+    }
+    std::path::absolute(link).map_or_else(|_| link.to_string(), |p| p.display().to_string())
 }
 
 impl StoreArgs {
@@ -77,6 +143,10 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(args) => build::run(args),
         Command::Package(args) => package::run(args),
+        Command::Run(args) => match run::run(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

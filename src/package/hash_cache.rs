@@ -23,7 +23,8 @@ use crate::digest::Digest;
 pub const RACY_MARGIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct StatKey {
+/// What identifies a file and its last change: compared, never interpreted.
+pub struct StatKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -33,7 +34,7 @@ struct StatKey {
 }
 
 impl StatKey {
-    fn of(meta: &std::fs::Metadata) -> StatKey {
+    pub fn of(meta: &std::fs::Metadata) -> StatKey {
         StatKey {
             dev: meta.dev(),
             ino: meta.ino(),

@@ -39,6 +39,7 @@
 //! can be taken belongs to a dead builder and is removed. Trash is emptied. Removal never
 //! follows a symlink and only touches names this module created.
 
+mod envs;
 mod lock;
 mod single_flight;
 
@@ -52,6 +53,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use envs::{EnvBuildDirs, EnvEntry, Lease};
 pub use lock::{LockFile, LockMode};
 pub use single_flight::SingleFlight;
 
@@ -79,6 +81,8 @@ pub enum StoreError {
     #[error(transparent)]
     Package(#[from] PackageError),
     #[error(transparent)]
+    Venv(#[from] Box<crate::venv::VenvError>),
+    #[error(transparent)]
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -92,6 +96,7 @@ impl StoreError {
         match self {
             StoreError::PackageNotFound(_) => true,
             StoreError::Package(e) => e.is_user_error(),
+            StoreError::Venv(e) => e.is_user_error(),
             StoreError::Archive(e) => matches!(e, ArchiveError::Rejected { .. }),
             StoreError::Shared(e) => e.is_user_error(),
             _ => false,
@@ -156,12 +161,18 @@ pub struct Store {
     root: PathBuf,
     options: StoreOptions,
     flights: SingleFlight<String, Flight>,
+    env_flights: SingleFlight<String, Result<EnvEntry, Arc<StoreError>>>,
 }
 
 impl Store {
     /// Opens (creating if needed) the store under `dir` and sweeps dead staging and trash.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
-        let root = dir.join(LAYOUT_DIR);
+        // Absolute, so paths handed to installers (which run in their own cwd) hold.
+        fs_err::create_dir_all(dir).map_err(|e| StoreError::Unusable {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let root = fs_err::canonicalize(dir)?.join(LAYOUT_DIR);
         for sub in [
             "pkgs",
             "meta",
@@ -170,6 +181,10 @@ impl Store {
             "trash",
             "logs",
             "cache/hashes",
+            "cache/probes",
+            "envs",
+            "tools",
+            "uv-cache",
         ] {
             fs_err::create_dir_all(root.join(sub)).map_err(|e| StoreError::Unusable {
                 path: dir.to_path_buf(),
@@ -180,6 +195,7 @@ impl Store {
             root,
             options,
             flights: SingleFlight::default(),
+            env_flights: SingleFlight::default(),
         };
         store.sweep()?;
         Ok(store)
@@ -191,6 +207,16 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// Where cached answers of `python -c …` / `uv --version` live.
+    pub fn probe_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("probes")
+    }
+
+    /// The installer's own wheel cache: on the store's filesystem, so installs hardlink.
+    pub fn uv_cache_dir(&self) -> PathBuf {
+        self.root.join("uv-cache")
     }
 
     /// Where stat caches of local sources live.

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -38,7 +39,10 @@ impl Workspace {
                 cmd.env_remove(key);
             }
         }
-        cmd.env("RENV_STORE", self.store()).current_dir(self.dir.path());
+        cmd.env("RENV_STORE", self.store())
+            .env("RENV_UV", uv())
+            .env("RENV_PYTHON", python())
+            .current_dir(self.dir.path());
         cmd
     }
 
@@ -289,4 +293,95 @@ pub mod raw_zip {
         out.extend_from_slice(&0u16.to_le_bytes());
         out
     }
+}
+
+/// The pinned uv for tests: `RENV_TEST_UV`, or installed once (per checkout) into
+/// `target/test-tools` with pip, the same way renv bootstraps it.
+pub fn uv() -> &'static Path {
+    static UV: OnceLock<PathBuf> = OnceLock::new();
+    UV.get_or_init(|| {
+        if let Some(uv) = std::env::var_os("RENV_TEST_UV") {
+            return PathBuf::from(uv);
+        }
+        let version = renv::venv::UV_VERSION;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/test-tools")
+            .join(format!("uv-{version}"));
+        let uv = dir.join("bin/uv");
+        if !uv.exists() {
+            let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+            let out = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&tmp)
+                .arg(format!("uv=={version}"))
+                .output()
+                .expect("python3 -m pip");
+            assert!(
+                out.status.success(),
+                "installing uv for the tests: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Another test binary may have won the race; either copy is fine.
+            let _ = std::fs::rename(&tmp, &dir);
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        uv
+    })
+}
+
+/// The real path of `python3` (not a shim): what tests hand renv as `--python`.
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+            .output()
+            .expect("python3");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// Builds tiny pure-Python wheels into `dir`: (distribution, version, module source).
+/// A wheel is a zip with the module, METADATA, WHEEL and RECORD.
+pub fn wheelhouse(dir: &Path, wheels: &[(&str, &str, &str)]) {
+    const MAKE_WHEEL: &str = r#"
+import base64, hashlib, json, sys, zipfile
+out, wheels = sys.argv[1], json.loads(sys.argv[2])
+for dist, version, body in wheels:
+    module = dist.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": body,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: renv-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    with zipfile.ZipFile(f"{out}/{module}-{version}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            data = text.encode()
+            z.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+"#;
+    std::fs::create_dir_all(dir).unwrap();
+    let spec: Vec<_> = wheels
+        .iter()
+        .map(|(d, v, b)| serde_json::json!([d, v, b]))
+        .collect();
+    let out = Command::new("python3")
+        .args(["-c", MAKE_WHEEL])
+        .arg(dir)
+        .arg(serde_json::Value::from(spec).to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -9,4 +9,5 @@ mod digest;
 mod excludes;
 mod hostile_zips;
 mod spec_cli;
+mod venvs;
 mod zips;

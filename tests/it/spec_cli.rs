@@ -83,39 +83,71 @@ fn invalid_specs_exit_2_naming_the_field() {
 }
 
 #[test]
-fn packages_are_not_built_yet_and_say_so() {
+fn hostile_requirements_are_rejected_naming_the_entry() {
     let ws = Workspace::new();
-    ws.write(
-        "requirements.txt",
-        "# pinned\nrequests==2.26.0\n\nnumpy  # inline comment\n",
-    );
-    for (i, spec) in [
-        json!({"pip": ["requests==2.26.0"]}),
-        json!({"uv": {"packages": ["requests"]}}),
-        json!({"pip": "requirements.txt"}),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let path = ws.spec(&format!("pkgs{i}.json"), spec);
-        let (code, stderr) = ws.build_fails(&path, &[]);
-        assert_eq!(code, 2, "{stderr}");
-        assert!(
-            stderr.contains("building virtualenvs is not supported yet"),
-            "{stderr}"
-        );
+    let cases: &[(&str, &str)] = &[
+        (
+            "--index-url https://evil.example/simple",
+            "options are not allowed",
+        ),
+        ("-i https://evil.example/simple", "options are not allowed"),
+        (
+            "--extra-index-url https://evil.example",
+            "options are not allowed",
+        ),
+        ("-r other-requirements.txt", "options are not allowed"),
+        ("-c constraints.txt", "options are not allowed"),
+        ("-e .", "options are not allowed"),
+        ("-f https://evil.example/wheels", "options are not allowed"),
+        ("--find-links /tmp/wheels", "options are not allowed"),
+        ("--trusted-host evil.example", "options are not allowed"),
+        ("./local/pkg", "local paths are not allowed"),
+        ("/abs/pkg", "local paths are not allowed"),
+        ("~/pkg", "local paths are not allowed"),
+        ("pkg/sub", "local paths are not allowed"),
+        (
+            "file:///tmp/x-1.0-py3-none-any.whl",
+            "file:// requirements are not allowed",
+        ),
+        ("x @ file:///tmp/x.whl", "file:// requirements are not allowed"),
+        (
+            "git+https://example.org/x.git",
+            "VCS requirements are not allowed",
+        ),
+        (
+            "x @ git+ssh://git@example.org/x.git",
+            "VCS requirements are not allowed",
+        ),
+        ("requests\n--index-url https://evil.example", "control characters"),
+        ("requests==${VERSION}", "`$` is not allowed"),
+        ("requests; $(touch /tmp/pwned)", "`$` is not allowed"),
+        ("..\\\\evil", "backslashes are not allowed"),
+        ("https://example.org/x.whl", "bare URLs are not allowed"),
+        ("x @ http://example.org/x.whl", "direct URLs must be `https://…`"),
+    ];
+    for (i, (requirement, want)) in cases.iter().enumerate() {
+        for field in ["pip", "uv"] {
+            let spec = json!({field: {"packages": ["ok-package", requirement]}});
+            let path = ws.spec(&format!("req{i}-{field}.json"), &spec);
+            let (code, stderr) = ws.build_fails(&path, &[]);
+            assert_eq!(code, 2, "{requirement}: {stderr}");
+            let prefix = format!("{field}.packages[1]: ");
+            assert!(
+                stderr.contains(&prefix) && stderr.contains(want),
+                "{requirement:?}: {stderr}"
+            );
+        }
     }
-    // A requirements file is validated line by line, with the line named.
-    ws.write("bad-requirements.txt", "requests\n-e ./local\n");
+    // The list form names the index too, and a requirements file names its line.
+    let (_, stderr) = ws.build_fails(&ws.spec("list.json", &json!({"pip": ["a", "b", "-e ."]})), &[]);
+    assert!(stderr.contains("pip[2]: options are not allowed"), "{stderr}");
+    ws.write("bad-requirements.txt", "# comment\nrequests\n\n-e ./local\n");
     let path = ws.spec("bad-req.json", &json!({"pip": "bad-requirements.txt"}));
     let (_, stderr) = ws.build_fails(&path, &[]);
     assert!(
-        stderr.contains("pip (bad-requirements.txt:2): options are not allowed"),
+        stderr.contains("pip (bad-requirements.txt:4): options are not allowed"),
         "{stderr}"
     );
-    // An empty package list asks for no env: nothing to refuse.
-    let path = ws.spec("empty.json", &json!({"pip": [], "env_vars": {"A": "1"}}));
-    assert_eq!(ws.build(&path)["env"]["A"], "1");
 }
 
 #[test]

@@ -1,0 +1,50 @@
+//! `renv run ENV.json [--gpus 0,1] -- CMD…`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{StoreArgs, VenvArgs};
+use crate::build::build_env;
+use crate::error::Error;
+use crate::progress::Progress;
+use crate::spec::RuntimeEnvSpec;
+use crate::worker;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The runtime_env JSON file (`-` for stdin).
+    spec: PathBuf,
+    /// GPU ids for the command: sets CUDA_VISIBLE_DEVICES (sorted) and CUDA_DEVICE_ORDER.
+    /// Without it, CUDA_VISIBLE_DEVICES is left as inherited.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    gpus: Option<Vec<u32>>,
+    /// The command and its arguments (no shell).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    venv: VenvArgs,
+}
+
+/// Builds, leases, runs; returns the command's exit code.
+pub fn run(args: RunArgs) -> Result<u8, Error> {
+    let (text, base_dir) = super::build::read_spec(&args.spec)?;
+    let spec = RuntimeEnvSpec::from_json(&text)?;
+    let timeout = spec.config.setup_timeout_seconds.map(Duration::from_secs);
+    let store = args.store.open(timeout)?;
+    let policy = args.venv.policy();
+    let progress = Progress::for_stderr();
+    // An entry pruned between the build and the lease is built again.
+    let (built, _leases) = loop {
+        let built = build_env(&spec, &base_dir, &store, &policy, &progress)?;
+        if let Some(leases) = built.lease(&store)? {
+            break (built, leases);
+        }
+    };
+    let base_env = std::env::vars().collect();
+    let cmd = worker::command(&built.context, &base_env, &args.command, args.gpus.as_deref())?;
+    Ok(worker::run_foreground(cmd)?)
+}

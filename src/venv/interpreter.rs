@@ -1,0 +1,85 @@
+//! The base interpreter: found, resolved to its real path, and identified.
+//!
+//! `--python` / `RENV_PYTHON` or `python3` from `PATH`. A symlink is resolved to its
+//! target; a script in the way (a pyenv or asdf shim) is asked for `sys.executable`, since
+//! the env must point at the interpreter itself, not at a shim whose answer can change.
+//! The identity — real path, version, implementation — is part of the env key.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::VenvError;
+use super::probe::probe;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interpreter {
+    /// The real path of the interpreter binary.
+    pub path: PathBuf,
+    /// `platform.python_version()`, e.g. `3.11.7`.
+    pub version: String,
+    /// `sys.implementation.name`, e.g. `cpython`.
+    pub implementation: String,
+}
+
+const IDENTIFY: &str = "import json, platform, sys; print(json.dumps({'version': platform.python_version(), 'implementation': sys.implementation.name}))";
+
+/// Finds and identifies the base interpreter. `cache_dir` holds probe results.
+pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interpreter, VenvError> {
+    let requested = requested.unwrap_or(Path::new("python3"));
+    let found = if requested.components().count() > 1 || requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        search_path(requested).ok_or_else(|| VenvError::NoInterpreter(requested.to_path_buf()))?
+    };
+    let mut real = fs_err::canonicalize(&found).map_err(|_| VenvError::NoInterpreter(found.clone()))?;
+    if is_script(&real)? {
+        // A shim: only running it says which interpreter it means (not cached).
+        let exe = probe(
+            None,
+            &real,
+            &["-c", "import os, sys; print(os.path.realpath(sys.executable))"],
+            true,
+        )?;
+        real = fs_err::canonicalize(exe.trim())?;
+    }
+    #[derive(Deserialize)]
+    struct Identity {
+        version: String,
+        implementation: String,
+    }
+    let out = probe(cache_dir, &real, &["-I", "-c", IDENTIFY], false)?;
+    let id: Identity = serde_json::from_str(&out).map_err(|e| VenvError::Probe {
+        binary: real.clone(),
+        reason: format!("unexpected answer {out:?}: {e}"),
+    })?;
+    Ok(Interpreter {
+        path: real,
+        version: id.version,
+        implementation: id.implementation,
+    })
+}
+
+/// The first executable `name` on `PATH`.
+pub fn search_path(name: &Path) -> Option<PathBuf> {
+    search_in(name, &std::env::var_os("PATH")?)
+}
+
+/// The first executable `name` in the `:`-separated `path`.
+pub fn search_in(name: &Path, path: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+fn is_script(path: &Path) -> Result<bool, VenvError> {
+    let mut head = [0u8; 2];
+    let n = fs_err::File::open(path)?.read(&mut head)?;
+    Ok(n == 2 && &head == b"#!")
+}

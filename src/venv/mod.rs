@@ -1,0 +1,392 @@
+//! Virtualenvs for the `pip` / `uv` fields, built by a real installer into the store.
+//!
+//! - [`interpreter`]: the base Python, resolved to its real path and identified.
+//! - [`installer`]: the pinned uv (found or bootstrapped), or pip.
+//! - [`sandbox`]: how installer steps run (allowlisted env, own process group, deadline).
+//! - [`plan`] computes the [`EnvKey`] from everything that decides what the env holds;
+//!   [`build`] makes the venv in a staging directory. The store publishes it.
+//!
+//! A uv build: `uv venv --relocatable`, then `uv pip install --offline` against renv's own
+//! uv cache in the store (same filesystem, so files are hardlinked, not copied), and only
+//! if the cache cannot satisfy it, the same install online. Bytecode is compiled at build
+//! time: the committed env is read-only, so workers could not write `__pycache__`.
+
+pub mod installer;
+pub mod interpreter;
+mod probe;
+pub mod sandbox;
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+
+pub use installer::{Installer, UV_VERSION};
+pub use interpreter::Interpreter;
+use sandbox::Sandbox;
+
+use crate::digest::{Digest, EnvKey};
+use crate::resolve::ResolvedPackages;
+use crate::spec::InstallerField;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VenvError {
+    #[error("no Python interpreter at {0}; set --python / RENV_PYTHON")]
+    NoInterpreter(PathBuf),
+    #[error("{binary}: {reason}", binary = .binary.display())]
+    Probe { binary: PathBuf, reason: String },
+    #[error("cannot start {program}: {source}", program = .program.display())]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{field}: {option:?} is not allowed on this node; allowed install options: {allowed}")]
+    OptionNotAllowed {
+        field: String,
+        option: String,
+        allowed: String,
+    },
+    #[error("{field}: {message}")]
+    Unsupported { field: String, message: String },
+    #[error("{step} timed out after {secs}s (config.setup_timeout_seconds); full log: {log}", log = .log.display())]
+    Timeout { step: String, secs: u64, log: PathBuf },
+    #[error("{step} failed ({status}); full log: {log}\n{tail}", log = .log.display())]
+    Failed {
+        step: String,
+        status: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error(transparent)]
+    Store(#[from] Box<StoreError>),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl From<StoreError> for VenvError {
+    fn from(e: StoreError) -> Self {
+        VenvError::Store(Box::new(e))
+    }
+}
+
+impl VenvError {
+    /// Input the request or the operator got wrong (exit 2), versus an internal failure.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            VenvError::NoInterpreter(_)
+                | VenvError::OptionNotAllowed { .. }
+                | VenvError::Unsupported { .. }
+                | VenvError::Failed { .. }
+        )
+    }
+}
+
+/// Which installer a node uses for specs that do not insist (`--installer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum InstallerChoice {
+    /// uv, unless a spec sets `pip_version`.
+    #[default]
+    Auto,
+    /// `python -m venv` + pip for every env.
+    Pip,
+}
+
+/// Where packages come from: the operator's configuration, never the request's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IndexConfig {
+    pub index_url: Option<String>,
+    pub extra_index_urls: Vec<String>,
+    pub find_links: Vec<String>,
+    pub no_index: bool,
+}
+
+impl IndexConfig {
+    /// The flags pip and `uv pip` both understand.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(url) = &self.index_url {
+            args.extend(["--index-url".to_string(), url.clone()]);
+        }
+        for url in &self.extra_index_urls {
+            args.extend(["--extra-index-url".to_string(), url.clone()]);
+        }
+        for link in &self.find_links {
+            args.extend(["--find-links".to_string(), link.clone()]);
+        }
+        if self.no_index {
+            args.push("--no-index".to_string());
+        }
+        args
+    }
+}
+
+/// Node policy for building envs (CLI / daemon flags).
+#[derive(Debug, Clone, Default)]
+pub struct VenvPolicy {
+    pub python: Option<PathBuf>,
+    pub uv: Option<PathBuf>,
+    pub installer: InstallerChoice,
+    pub index: IndexConfig,
+    /// Install options a request may use (`--allow-install-option`).
+    pub allowed_install_options: Vec<String>,
+    pub system_site_packages: bool,
+}
+
+/// Everything that decides what an env holds, and its key.
+#[derive(Debug, Clone)]
+pub struct VenvPlan {
+    pub key: EnvKey,
+    pub python: Interpreter,
+    pub installer: Installer,
+    pub packages: ResolvedPackages,
+    pub index: IndexConfig,
+    pub system_site_packages: bool,
+    /// The canonical description the key is the digest of (kept in the entry's marker).
+    pub description: serde_json::Value,
+}
+
+/// Checks the request against node policy, finds the interpreter and installer, and
+/// computes the env key. Fast when everything was seen before (probes are cached).
+pub fn plan(
+    packages: &ResolvedPackages,
+    policy: &VenvPolicy,
+    store: &Store,
+    timeout: Option<Duration>,
+) -> Result<VenvPlan, VenvError> {
+    check_install_options(packages, policy)?;
+    let python = interpreter::find(policy.python.as_deref(), Some(&store.probe_cache_dir()))?;
+    let installer = match (packages.field, &packages.installer_version) {
+        (InstallerField::Pip, Some(version)) => Installer::Pip {
+            pip_version: Some(version.clone()),
+        },
+        _ if policy.installer == InstallerChoice::Pip => Installer::Pip { pip_version: None },
+        (InstallerField::Uv, Some(version)) => {
+            let exact = version
+                .strip_prefix("==")
+                .filter(|v| !v.contains([',', ';', '*', ' ']));
+            let Some(exact) = exact else {
+                return Err(VenvError::Unsupported {
+                    field: "uv.uv_version".into(),
+                    message: format!("only an exact version (\"==0.4.0\") is supported, got {version:?}"),
+                });
+            };
+            let bootstrap = policy.index.args();
+            installer::find_uv(None, exact, store, &python, &bootstrap, timeout)?
+        }
+        _ => installer::find_uv(
+            policy.uv.as_deref(),
+            UV_VERSION,
+            store,
+            &python,
+            &policy.index.args(),
+            timeout,
+        )?,
+    };
+    let description = json!({
+        "version": 1,
+        "requirements": packages.requirements.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "install_options": packages.install_options,
+        "check": packages.check,
+        "installer": installer,
+        "python": {"path": python.path, "version": python.version, "implementation": python.implementation},
+        "index": policy.index,
+        "system_site_packages": policy.system_site_packages,
+        "compile_bytecode": true,
+    });
+    let key = EnvKey(Digest::of(description.to_string().as_bytes()));
+    Ok(VenvPlan {
+        key,
+        python,
+        installer,
+        packages: packages.clone(),
+        index: policy.index.clone(),
+        system_site_packages: policy.system_site_packages,
+        description,
+    })
+}
+
+fn check_install_options(packages: &ResolvedPackages, policy: &VenvPolicy) -> Result<(), VenvError> {
+    let key = match packages.field {
+        InstallerField::Pip => "pip.pip_install_options",
+        InstallerField::Uv => "uv.uv_pip_install_options",
+    };
+    for (i, option) in packages.install_options.iter().enumerate() {
+        // `--opt=value` is allowed when `--opt` is.
+        let name = option.split_once('=').map_or(option.as_str(), |(name, _)| name);
+        if !policy
+            .allowed_install_options
+            .iter()
+            .any(|allowed| allowed == option || allowed == name)
+        {
+            let allowed = if policy.allowed_install_options.is_empty() {
+                "none (the operator can allow some with --allow-install-option)".to_string()
+            } else {
+                policy.allowed_install_options.join(", ")
+            };
+            return Err(VenvError::OptionNotAllowed {
+                field: format!("{key}[{i}]"),
+                option: option.clone(),
+                allowed,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds the planned env at `venv` (inside the staging dir `work`), logging to `log`.
+pub fn build(
+    plan: &VenvPlan,
+    venv: &Path,
+    work: &Path,
+    store: &Store,
+    log: PathBuf,
+    timeout: Option<Duration>,
+) -> Result<(), VenvError> {
+    let mut sandbox = Sandbox::new(work, log, timeout)?;
+    match &plan.installer {
+        Installer::Uv { path: uv, .. } => build_with_uv(plan, uv, venv, store, &mut sandbox),
+        Installer::Pip { pip_version } => build_with_pip(plan, pip_version.as_deref(), venv, &mut sandbox),
+    }
+}
+
+fn build_with_uv(
+    plan: &VenvPlan,
+    uv: &Path,
+    venv: &Path,
+    store: &Store,
+    sandbox: &mut Sandbox,
+) -> Result<(), VenvError> {
+    let cache = store.uv_cache_dir();
+    let env: [(&str, &OsStr); 2] = [
+        ("UV_PYTHON_DOWNLOADS", OsStr::new("never")),
+        ("UV_CACHE_DIR", cache.as_os_str()),
+    ];
+    let mut args: Vec<OsString> = ["venv", "--relocatable", "--no-config", "--quiet", "--python"]
+        .map(OsString::from)
+        .to_vec();
+    args.push(plan.python.path.clone().into());
+    if plan.system_site_packages {
+        args.push("--system-site-packages".into());
+    }
+    args.push(venv.into());
+    sandbox.run("uv venv", uv, &as_os(&args), &env)?;
+
+    let python = venv.join("bin").join("python");
+    let mut install: Vec<OsString> = ["pip", "install", "--no-config", "--compile-bytecode", "--python"]
+        .map(OsString::from)
+        .to_vec();
+    install.push(python.clone().into());
+    install.extend(plan.index.args().into_iter().map(OsString::from));
+    install.extend(plan.packages.install_options.iter().map(OsString::from));
+    install.extend(
+        plan.packages
+            .requirements
+            .iter()
+            .map(|r| OsString::from(r.as_str())),
+    );
+    // Offline first: a warm cache needs no index at all. Only a miss goes online.
+    let mut offline = install.clone();
+    offline.insert(2, "--offline".into());
+    if sandbox
+        .run("uv pip install --offline", uv, &as_os(&offline), &env)
+        .is_err()
+    {
+        sandbox.run("uv pip install", uv, &as_os(&install), &env)?;
+    }
+    if plan.packages.check {
+        let check: Vec<OsString> = vec!["pip".into(), "check".into(), "--python".into(), python.into()];
+        sandbox.run("uv pip check", uv, &as_os(&check), &env)?;
+    }
+    Ok(())
+}
+
+fn build_with_pip(
+    plan: &VenvPlan,
+    pip_version: Option<&str>,
+    venv: &Path,
+    sandbox: &mut Sandbox,
+) -> Result<(), VenvError> {
+    // pip runs with `--isolated` (no user config, no PIP_* from outside); these are renv's.
+    let env: [(&str, &OsStr); 3] = [
+        ("PIP_NO_INPUT", OsStr::new("1")),
+        ("PIP_DISABLE_PIP_VERSION_CHECK", OsStr::new("1")),
+        ("PYTHONNOUSERSITE", OsStr::new("1")),
+    ];
+    let mut args: Vec<OsString> = vec!["-I".into(), "-m".into(), "venv".into()];
+    if plan.system_site_packages {
+        args.push("--system-site-packages".into());
+    }
+    args.push(venv.into());
+    sandbox.run("python -m venv", &plan.python.path, &as_os(&args), &env)?;
+
+    let python = venv.join("bin").join("python");
+    let pip = |extra: &[OsString]| -> Vec<OsString> {
+        let mut args: Vec<OsString> = ["-I", "-m", "pip", "install", "--isolated"]
+            .map(OsString::from)
+            .to_vec();
+        args.extend(plan.index.args().into_iter().map(OsString::from));
+        args.extend(extra.iter().cloned());
+        args
+    };
+    if let Some(version) = pip_version {
+        sandbox.run(
+            "pip install (pip_version)",
+            &python,
+            &as_os(&pip(&[format!("pip{version}").into()])),
+            &env,
+        )?;
+    }
+    let mut packages: Vec<OsString> = plan.packages.install_options.iter().map(OsString::from).collect();
+    packages.extend(
+        plan.packages
+            .requirements
+            .iter()
+            .map(|r| OsString::from(r.as_str())),
+    );
+    sandbox.run("pip install", &python, &as_os(&pip(&packages)), &env)?;
+    if plan.packages.check {
+        let check: Vec<OsString> = ["-I", "-m", "pip", "check"].map(OsString::from).to_vec();
+        sandbox.run("pip check", &python, &as_os(&check), &env)?;
+    }
+    Ok(())
+}
+
+/// `python -m venv` writes absolute paths (script shebangs, activate scripts); point those
+/// at where the env will live once published.
+pub fn relocate_scripts(venv: &Path, final_path: &Path) -> std::io::Result<()> {
+    let from = venv.as_os_str().as_encoded_bytes();
+    let to = final_path.as_os_str().as_encoded_bytes();
+    for entry in fs_err::read_dir(venv.join("bin"))? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let bytes = fs_err::read(entry.path())?;
+        if let Some(replaced) = replace_all(&bytes, from, to) {
+            fs_err::write(entry.path(), replaced)?;
+        }
+    }
+    Ok(())
+}
+
+fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    let mut found = false;
+    while let Some(at) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+        found = true;
+    }
+    out.extend_from_slice(rest);
+    found.then_some(out)
+}
+
+fn as_os(args: &[OsString]) -> Vec<&OsStr> {
+    args.iter().map(OsString::as_os_str).collect()
+}

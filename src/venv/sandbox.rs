@@ -1,0 +1,170 @@
+//! Running an installer step as untrusted work: an allowlisted environment (the request's
+//! `env_vars` are for the worker, not the installer, and no `PIP_*`/`UV_*` from outside
+//! leaks in), a private `HOME` and `TMPDIR` so no user config is read, stdin closed, a
+//! neutral cwd, its own process group, all output to the build log, and a deadline at
+//! which the whole group is killed.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::VenvError;
+
+/// Variables passed through from renv's own environment: where to find programs, and the
+/// node's network configuration (proxies, CA bundles). Nothing else.
+const PASSED_THROUGH: [&str; 12] = [
+    "PATH",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "SOURCE_DATE_EPOCH",
+];
+
+/// How many lines of a failed step's output go into the error message.
+pub const TAIL_LINES: usize = 40;
+
+pub struct Sandbox {
+    home: PathBuf,
+    tmp: PathBuf,
+    log: File,
+    log_path: PathBuf,
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+}
+
+impl Sandbox {
+    /// A sandbox whose scratch dirs live in `work` and whose output goes to `log_path`.
+    /// `timeout` bounds every step run in it, together.
+    pub fn new(work: &Path, log_path: PathBuf, timeout: Option<Duration>) -> Result<Sandbox, VenvError> {
+        let home = work.join("home");
+        let tmp = work.join("tmp");
+        fs_err::create_dir_all(&home)?;
+        fs_err::create_dir_all(&tmp)?;
+        let log = fs_err::File::create(&log_path)?.into_parts().0;
+        Ok(Sandbox {
+            home,
+            tmp,
+            log,
+            log_path,
+            deadline: timeout.map(|t| Instant::now() + t),
+            timeout,
+        })
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Runs one step; `step` names it in errors (`uv pip install`).
+    pub fn run(
+        &mut self,
+        step: &str,
+        program: &Path,
+        args: &[&OsStr],
+        env: &[(&str, &OsStr)],
+    ) -> Result<(), VenvError> {
+        use std::io::Write;
+        writeln!(self.log, "$ {} {}", program.display(), shell_words(args))?;
+        let log_start = self.log.stream_position()?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .env("HOME", &self.home)
+            .env("TMPDIR", &self.tmp)
+            .env("LC_ALL", "C.UTF-8")
+            .env("LANG", "C.UTF-8")
+            .current_dir(&self.tmp)
+            .stdin(Stdio::null())
+            .stdout(self.log.try_clone()?)
+            .stderr(self.log.try_clone()?)
+            .process_group(0);
+        for name in PASSED_THROUGH {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let child = cmd.spawn().map_err(|e| VenvError::Spawn {
+            program: program.to_path_buf(),
+            source: e,
+        })?;
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let mut child = child;
+            let _ = tx.send(child.wait());
+        });
+        let remaining = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let status = match remaining {
+            Some(left) => rx.recv_timeout(left).ok(),
+            None => rx.recv().ok(),
+        };
+        let status = match status {
+            Some(status) => status?,
+            None => {
+                // The deadline: the whole group goes, grandchildren included. (The child
+                // is not reaped yet, so its pid still names this group.)
+                kill_group(pid);
+                let _ = waiter.join();
+                return Err(VenvError::Timeout {
+                    step: step.to_string(),
+                    secs: self.timeout.map_or(0, |t| t.as_secs()),
+                    log: self.log_path.clone(),
+                });
+            }
+        };
+        let _ = waiter.join();
+        if status.success() {
+            return Ok(());
+        }
+        Err(VenvError::Failed {
+            step: step.to_string(),
+            status: status
+                .code()
+                .map_or_else(|| format!("{status}"), |c| format!("exit status {c}")),
+            tail: self.tail_since(log_start)?,
+            log: self.log_path.clone(),
+        })
+    }
+
+    /// The last lines this step wrote to the log.
+    fn tail_since(&mut self, start: u64) -> std::io::Result<String> {
+        const WINDOW: u64 = 256 << 10;
+        let mut file = fs_err::File::open(&self.log_path)?;
+        let end = file.metadata()?.len();
+        file.seek(SeekFrom::Start(start.max(end.saturating_sub(WINDOW))))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        Ok(lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n"))
+    }
+}
+
+fn kill_group(pid: i32) {
+    // SAFETY: kill(2) on a process group we created; ESRCH (already gone) is fine.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+}
+
+fn shell_words(args: &[&OsStr]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,546 @@
+//! Virtualenvs built by the real uv (and pip) from wheels the tests make, checked from
+//! inside the env by running its python.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::{Value, json};
+
+use crate::common::{Workspace, assert_success, list_dir, python, uv, wheelhouse};
+
+const TINY_1: (&str, &str, &str) = ("tinypkg", "1.0", "VERSION = '1.0'\n");
+const TINY_2: (&str, &str, &str) = ("tinypkg", "2.0", "VERSION = '2.0'\n");
+const OTHER: (&str, &str, &str) = ("otherpkg", "0.1", "NAME = 'other'\n");
+
+/// A workspace with a local wheelhouse, and the flags that make it the only index.
+fn setup() -> (Workspace, Vec<String>) {
+    let ws = Workspace::new();
+    wheelhouse(&ws.path("wheels"), &[TINY_1, TINY_2, OTHER]);
+    let flags = vec![
+        "--no-index".to_string(),
+        "--find-links".to_string(),
+        ws.path("wheels").display().to_string(),
+    ];
+    (ws, flags)
+}
+
+fn build(ws: &Workspace, flags: &[String], spec: &Value, name: &str) -> Value {
+    let path = ws.spec(name, spec);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    ws.build_with(&path, &extra)
+}
+
+/// Runs `python -c CODE` with the env's interpreter and returns stdout.
+fn in_env(python: &str, code: &str) -> String {
+    let out = std::process::Command::new(python)
+        .args(["-c", code])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn run(ws: &Workspace, flags: &[String], spec: &Path, extra: &[&str], cmd: &[&str]) -> Output {
+    ws.renv()
+        .arg("run")
+        .args(flags)
+        .args(extra)
+        .arg(spec)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
+    let (ws, flags) = setup();
+    let built = build(&ws, &flags, &json!({"pip": ["tinypkg==1.0"]}), "one.json");
+    let python = built["python"].as_str().unwrap();
+    assert!(
+        python.starts_with(ws.store_v1("envs").to_str().unwrap()),
+        "{python}"
+    );
+    assert_eq!(built["venv"]["created"], true);
+    assert_eq!(in_env(python, "import tinypkg; print(tinypkg.VERSION)"), "1.0");
+    assert_eq!(built["env"]["VIRTUAL_ENV"], built["venv"]["path"]);
+    assert_eq!(
+        built["env"]["PATH"],
+        format!("{}/bin:${{PATH}}", built["venv"]["path"].as_str().unwrap())
+    );
+    // Bytecode was compiled at build time: the committed env is read-only.
+    let site = in_env(
+        python,
+        "import tinypkg, os; print(os.path.dirname(tinypkg.__file__))",
+    );
+    assert!(!list_dir(&Path::new(&site).join("__pycache__")).is_empty());
+    assert!(std::fs::write(Path::new(&site).join("new.py"), "x").is_err() || unsafe { libc::geteuid() } == 0);
+
+    let again = build(&ws, &flags, &json!({"pip": ["tinypkg==1.0"]}), "one-again.json");
+    assert_eq!(again["venv"]["created"], false);
+    assert_eq!(again["python"], built["python"]);
+
+    let other = build(&ws, &flags, &json!({"pip": ["tinypkg==2.0"]}), "two.json");
+    assert_ne!(other["venv"]["key"], built["venv"]["key"]);
+    assert_eq!(
+        in_env(
+            other["python"].as_str().unwrap(),
+            "import tinypkg; print(tinypkg.VERSION)"
+        ),
+        "2.0"
+    );
+    assert!(ws.leftovers().is_empty());
+}
+
+#[test]
+fn spellings_share_an_env_and_real_differences_do_not() {
+    let (ws, flags) = setup();
+    let key = |spec: Value, name: &str, extra: &[String]| -> String {
+        let flags: Vec<String> = flags.iter().chain(extra).cloned().collect();
+        build(&ws, &flags, &spec, name)["venv"]["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let base = key(json!({"pip": ["tinypkg==1.0", "otherpkg"]}), "a.json", &[]);
+    assert_eq!(
+        key(
+            json!({"pip": {"packages": ["TinyPkg == 1.0", "otherpkg", "tinypkg==1.0"]}}),
+            "b.json",
+            &[]
+        ),
+        base
+    );
+    assert_eq!(
+        key(json!({"uv": ["tinypkg==1.0", "otherpkg"]}), "c.json", &[]),
+        base
+    );
+    assert_eq!(
+        key(
+            json!({"uv": {"packages": ["tinypkg==1.0", "otherpkg"], "uv_check": false}}),
+            "d.json",
+            &[]
+        ),
+        base
+    );
+
+    assert_ne!(
+        key(json!({"pip": ["otherpkg", "tinypkg==1.0"]}), "order.json", &[]),
+        base
+    );
+    assert_ne!(
+        key(
+            json!({"pip": {"packages": ["tinypkg==1.0", "otherpkg"], "pip_check": true}}),
+            "check.json",
+            &[]
+        ),
+        base
+    );
+    let extra_links = vec![
+        "--find-links".to_string(),
+        ws.path("more-wheels").display().to_string(),
+    ];
+    std::fs::create_dir_all(ws.path("more-wheels")).unwrap();
+    assert_ne!(
+        key(
+            json!({"pip": ["tinypkg==1.0", "otherpkg"]}),
+            "index.json",
+            &extra_links
+        ),
+        base
+    );
+    assert_ne!(
+        key(
+            json!({"pip": ["tinypkg==1.0", "otherpkg"]}),
+            "ssp.json",
+            &["--system-site-packages".into()]
+        ),
+        base
+    );
+
+    // A shim in front of the same interpreter is the same interpreter.
+    let shim = ws.write(
+        "shim/python3",
+        format!("#!/bin/sh\nexec {} \"$@\"\n", python().display()),
+    );
+    crate::common::set_mode(&shim, 0o755);
+    let via_shim = vec!["--python".to_string(), shim.display().to_string()];
+    assert_eq!(
+        key(
+            json!({"pip": ["tinypkg==1.0", "otherpkg"]}),
+            "shim.json",
+            &via_shim
+        ),
+        base
+    );
+
+    // Another interpreter is another env.
+    if let Some(other) = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists() && std::fs::canonicalize(p).ok().as_deref() != Some(python()))
+    {
+        let other = vec!["--python".to_string(), other.display().to_string()];
+        assert_ne!(
+            key(json!({"pip": ["tinypkg==1.0", "otherpkg"]}), "py.json", &other),
+            base
+        );
+    }
+}
+
+#[test]
+fn base_site_packages_are_hidden_unless_the_node_allows_them() {
+    let (ws, flags) = setup();
+    // `pip` is installed in the base interpreter, never in a uv-built env.
+    assert_eq!(
+        in_env(python().to_str().unwrap(), "import pip; print('ok')"),
+        "ok"
+    );
+    let spec = json!({"pip": ["tinypkg==1.0"]});
+    let isolated = build(&ws, &flags, &spec, "iso.json");
+    let probe = "import importlib.util as u; print(u.find_spec('pip') is not None)";
+    assert_eq!(in_env(isolated["python"].as_str().unwrap(), probe), "False");
+    let mut open_flags = flags.clone();
+    open_flags.push("--system-site-packages".into());
+    let shared = build(&ws, &open_flags, &spec, "shared.json");
+    assert_eq!(in_env(shared["python"].as_str().unwrap(), probe), "True");
+}
+
+#[test]
+fn install_options_need_the_operators_permission() {
+    let (ws, flags) = setup();
+    let spec = ws.spec(
+        "opts.json",
+        &json!({"pip": {"packages": ["tinypkg"], "pip_install_options": ["--no-deps"]}}),
+    );
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, stderr) = ws.build_fails(&spec, &extra);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("pip.pip_install_options[0]: \"--no-deps\" is not allowed on this node"),
+        "{stderr}"
+    );
+    let mut allowed = extra.clone();
+    allowed.push("--allow-install-option=--no-deps");
+    let built = ws.build_with(&spec, &allowed);
+    assert_eq!(
+        in_env(
+            built["python"].as_str().unwrap(),
+            "import tinypkg; print(tinypkg.VERSION)"
+        ),
+        "2.0"
+    );
+}
+
+#[test]
+fn a_failed_install_reports_why_keeps_the_log_and_commits_nothing() {
+    let (ws, flags) = setup();
+    let spec = ws.spec("bad.json", &json!({"pip": ["no-such-package==1.0"]}));
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, stderr) = ws.build_fails(&spec, &extra);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("uv pip install failed (exit status"), "{stderr}");
+    assert!(
+        stderr.contains("no-such-package"),
+        "the installer's own words are quoted: {stderr}"
+    );
+    let log = stderr.split("full log: ").nth(1).unwrap().lines().next().unwrap();
+    assert!(std::fs::read_to_string(log).unwrap().contains("no-such-package"));
+    assert!(list_dir(&ws.store_v1("envs")).is_empty());
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    // The request itself is fine once the package exists: nothing was cached as failed.
+    wheelhouse(&ws.path("wheels"), &[("no-such-package", "1.0", "")]);
+    ws.build_with(&spec, &extra);
+}
+
+/// A fake installer that starts a grandchild and hangs: at the deadline the whole
+/// process group dies and no staging is left.
+#[test]
+fn the_deadline_kills_the_installers_whole_process_group() {
+    let (ws, flags) = setup();
+    let pid_file = ws.path("grandchild.pid");
+    let fake = ws.write(
+        "fake-uv",
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'uv 0.0.0-fake'; exit 0; fi\nsleep 300 &\necho $! > {}\nwait\n",
+            pid_file.display()
+        ),
+    );
+    crate::common::set_mode(&fake, 0o755);
+    let spec = ws.spec(
+        "slow.json",
+        &json!({"pip": ["tinypkg"], "config": {"setup_timeout_seconds": 2}}),
+    );
+    let mut extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let fake_arg = fake.display().to_string();
+    extra.extend(["--uv", &fake_arg]);
+    let started = std::time::Instant::now();
+    let (code, stderr) = ws.build_fails(&spec, &extra);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("uv venv timed out after 2s"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Killed means gone or a zombie awaiting its reaper (state `Z`), never still running.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !running(),
+        "the installer's grandchild {pid} survived the deadline"
+    );
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    assert!(list_dir(&ws.store_v1("envs")).is_empty());
+}
+
+/// 20 processes ask for the same new env at once: the installer runs once.
+#[test]
+fn twenty_concurrent_builds_install_once() {
+    let (ws, flags) = setup();
+    let calls = ws.path("uv-calls.log");
+    let counting = ws.write(
+        "counting-uv",
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
+            calls.display(),
+            uv().display()
+        ),
+    );
+    crate::common::set_mode(&counting, 0o755);
+    let spec = ws.spec("env.json", &json!({"pip": ["tinypkg==1.0", "otherpkg"]}));
+    let children: Vec<_> = (0..20)
+        .map(|_| {
+            ws.renv()
+                .args(["build", "--json", "--uv"])
+                .arg(&counting)
+                .args(&flags)
+                .arg(&spec)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pythons: Vec<Value> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert_success(&out);
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()["python"].clone()
+        })
+        .collect();
+    assert!(pythons.iter().all(|p| *p == pythons[0]));
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.lines().filter(|l| l.starts_with("venv")).count(), 1, "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("pip install")).count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(list_dir(&ws.store_v1("envs")).len(), 1);
+}
+
+#[test]
+fn the_pip_installer_builds_the_same_shape() {
+    let (ws, mut flags) = setup();
+    flags.extend(["--installer".to_string(), "pip".to_string()]);
+    let built = build(&ws, &flags, &json!({"pip": ["tinypkg==2.0"]}), "pip.json");
+    let python = built["python"].as_str().unwrap();
+    assert_eq!(in_env(python, "import tinypkg; print(tinypkg.VERSION)"), "2.0");
+    // Scripts were pointed at the published location, not the staging dir.
+    let venv = Path::new(built["venv"]["path"].as_str().unwrap());
+    let pip = std::fs::read_to_string(venv.join("bin/pip")).unwrap();
+    assert!(
+        pip.starts_with(&format!("#!{}", venv.display())),
+        "{}",
+        pip.lines().next().unwrap()
+    );
+    let out = std::process::Command::new(venv.join("bin/pip"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    // The installer is part of the key.
+    let (ws2, uv_flags) = (ws, flags[..3].to_vec());
+    let with_uv = build(&ws2, &uv_flags, &json!({"pip": ["tinypkg==2.0"]}), "uv.json");
+    assert_ne!(with_uv["venv"]["key"], built["venv"]["key"]);
+}
+
+#[test]
+fn renv_run_runs_in_the_env_and_exits_with_the_commands_status() {
+    let (ws, flags) = setup();
+    ws.write("proj/app.py", "import tinypkg\nVALUE = tinypkg.VERSION\n");
+    let spec = ws.spec(
+        "env.json",
+        &json!({"working_dir": "proj", "pip": ["tinypkg==1.0"], "env_vars": {"GREETING": "hi ${USER_NAME}"}}),
+    );
+    let code = "import app, os, sys; print(app.VALUE, os.getcwd(), sys.executable, os.environ['GREETING'], \
+                os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ.get('CUDA_DEVICE_ORDER'))";
+    let out = ws
+        .renv()
+        .env("USER_NAME", "ray")
+        .env("CUDA_VISIBLE_DEVICES", "7")
+        .arg("run")
+        .args(&flags)
+        .arg(&spec)
+        .args(["--", "python", "-c", code])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let line = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[0], "1.0");
+    assert!(
+        fields[1].contains("/store-v1/pkgs/"),
+        "cwd is the working_dir: {line}"
+    );
+    assert!(
+        fields[2].contains("/store-v1/envs/"),
+        "`python` is the venv's: {line}"
+    );
+    assert_eq!(&fields[3..5], ["hi", "ray"]);
+    assert_eq!(
+        &fields[5..],
+        ["7", "None"],
+        "without --gpus CUDA_VISIBLE_DEVICES is inherited"
+    );
+
+    let out = run(&ws, &flags, &spec, &["--gpus", "3,0"], &["python", "-c", code]);
+    assert_success(&out);
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.trim().ends_with("0,3 PCI_BUS_ID"), "{line}");
+
+    let out = run(
+        &ws,
+        &flags,
+        &spec,
+        &[],
+        &["python", "-c", "import sys; sys.exit(3)"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let out = run(
+        &ws,
+        &flags,
+        &spec,
+        &[],
+        &[
+            "python",
+            "-c",
+            "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(128 + 9));
+    let out = run(&ws, &flags, &spec, &[], &["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-command: command not found"));
+}
+
+#[test]
+fn renv_run_forwards_sigterm_and_holds_its_leases() {
+    use std::io::BufRead;
+    let (ws, flags) = setup();
+    ws.write("proj/x.py", "");
+    let spec = ws.spec(
+        "env.json",
+        &json!({"working_dir": "proj", "pip": ["tinypkg==1.0"]}),
+    );
+    let built = build(
+        &ws,
+        &flags,
+        &json!({"working_dir": "proj", "pip": ["tinypkg==1.0"]}),
+        "same.json",
+    );
+    let script = "import signal, sys, time\n\
+                  signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n\
+                  print('ready', flush=True)\n\
+                  time.sleep(60)\n";
+    let mut child = ws
+        .renv()
+        .arg("run")
+        .args(&flags)
+        .arg(&spec)
+        .args(["--", "python", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    // While it runs, both entries are leased: nothing can take them exclusively.
+    let lock = |name: String| {
+        std::fs::File::options()
+            .write(true)
+            .open(ws.store_v1("locks").join(format!("{name}.lock")))
+            .unwrap()
+    };
+    let env_lock = lock(format!("env-{}", built["venv"]["key"].as_str().unwrap()));
+    let pkg_lock = lock(format!("pkg-{}", built["package"]["digest"].as_str().unwrap()));
+    assert!(
+        env_lock.try_lock().is_err(),
+        "the env is leased while the command runs"
+    );
+    assert!(
+        pkg_lock.try_lock().is_err(),
+        "the working_dir is leased while the command runs"
+    );
+
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "SIGTERM reached the command, which chose its exit code"
+    );
+    assert!(env_lock.try_lock().is_ok(), "the lease ends with the command");
+    assert!(pkg_lock.try_lock().is_ok());
+}
+
+/// The one test that needs the registry: a real package from PyPI.
+#[test]
+fn installs_requests_from_the_registry() {
+    let ws = Workspace::new();
+    let built = ws.build(&ws.spec("env.json", &json!({"pip": ["requests==2.26.0"]})));
+    let version = in_env(
+        built["python"].as_str().unwrap(),
+        "import requests; print(requests.__version__)",
+    );
+    assert_eq!(version, "2.26.0");
+}
+
+/// With no uv configured or on PATH, renv bootstraps the pinned one into the store.
+#[test]
+fn uv_is_bootstrapped_into_the_store_when_none_is_given() {
+    let (ws, flags) = setup();
+    // The bootstrap goes through the operator's index config, so keep the registry on:
+    // only the wheelhouse is added (and the offline-first install never leaves it).
+    let flags = &flags[1..];
+    let spec = ws.spec("env.json", &json!({"pip": ["tinypkg==1.0"]}));
+    let out = ws
+        .renv()
+        .env_remove("RENV_UV")
+        .env("PATH", "/usr/bin:/bin")
+        .args(["build", "--json"])
+        .args(flags)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let version = renv::venv::UV_VERSION;
+    let uv = ws.store_v1("tools").join(format!("uv-{version}/bin/uv"));
+    let reported = std::process::Command::new(&uv).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&reported.stdout).contains(version));
+}
