@@ -121,9 +121,15 @@ pub fn build_env(
     };
 
     let env_id = env_id(working_dir.as_ref(), venv.as_ref(), &spec.env_vars);
+    // Bytecode of an env built without it goes to a writable cache beside the entry.
+    let pycache = match (&venv, &plan) {
+        (Some(entry), Some(plan)) if !plan.compile_bytecode => Some(store.pycache_dir(entry.key)?),
+        _ => None,
+    };
     let context = Context::new(
         working_dir.as_ref().map(|e| e.path.as_path()),
         venv.as_ref().map(|e| e.path.as_path()),
+        pycache.as_deref(),
         &spec.env_vars,
     );
     timings.insert("total".to_string(), total.elapsed().as_millis() as u64);

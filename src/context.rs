@@ -19,9 +19,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// `pycache`: where the env's workers keep bytecode (`PYTHONPYCACHEPREFIX`), when the
+    /// env was built without compiling it.
     pub fn new(
         working_dir: Option<&Path>,
         venv: Option<&Path>,
+        pycache: Option<&Path>,
         env_vars: &BTreeMap<String, String>,
     ) -> Context {
         let mut env = env_vars.clone();
@@ -39,6 +42,11 @@ impl Context {
                 prepend(&bin, env_vars.get("PATH"), Some("${PATH}")),
             );
             env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
+        }
+        if let Some(pycache) = pycache
+            && !env_vars.contains_key("PYTHONPYCACHEPREFIX")
+        {
+            env.insert("PYTHONPYCACHEPREFIX".into(), pycache.display().to_string());
         }
         Context {
             python: venv.map(|v| v.join("bin").join("python")),
@@ -101,11 +109,11 @@ mod tests {
     #[test]
     fn working_dir_goes_first_on_pythonpath() {
         let vars = map(&[("PYTHONPATH", "/opt/lib"), ("A", "b")]);
-        let ctx = Context::new(Some(Path::new("/store/pkgs/x")), None, &vars);
+        let ctx = Context::new(Some(Path::new("/store/pkgs/x")), None, None, &vars);
         assert_eq!(ctx.env["PYTHONPATH"], "/store/pkgs/x:/opt/lib");
         assert_eq!(ctx.env["A"], "b");
         assert_eq!(ctx.cwd.as_deref(), Some(Path::new("/store/pkgs/x")));
-        let bare = Context::new(None, None, &vars);
+        let bare = Context::new(None, None, None, &vars);
         assert_eq!(bare.env, vars);
     }
 
@@ -114,8 +122,10 @@ mod tests {
         let ctx = Context::new(
             None,
             Some(Path::new("/store/envs/k")),
+            Some(Path::new("/store/pycache/k")),
             &map(&[("X", "${HOME}/x:${NOPE}")]),
         );
+        assert_eq!(ctx.env["PYTHONPYCACHEPREFIX"], "/store/pycache/k");
         assert_eq!(ctx.python.as_deref(), Some(Path::new("/store/envs/k/bin/python")));
         assert_eq!(ctx.env["PATH"], "/store/envs/k/bin:${PATH}");
         assert_eq!(ctx.env["VIRTUAL_ENV"], "/store/envs/k");

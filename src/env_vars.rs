@@ -28,6 +28,8 @@ pub const RENV_FIND_LINKS: &str = "RENV_FIND_LINKS";
 pub const RENV_NO_INDEX: &str = "RENV_NO_INDEX";
 /// Install options requests may use, comma-separated (`--allow-install-option`).
 pub const RENV_ALLOW_INSTALL_OPTIONS: &str = "RENV_ALLOW_INSTALL_OPTIONS";
+/// Compile all bytecode when an env is built (`--compile-bytecode`).
+pub const RENV_COMPILE_BYTECODE: &str = "RENV_COMPILE_BYTECODE";
 /// Let venvs see the base interpreter's site-packages (`--system-site-packages`).
 pub const RENV_SYSTEM_SITE_PACKAGES: &str = "RENV_SYSTEM_SITE_PACKAGES";
 

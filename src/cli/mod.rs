@@ -84,6 +84,9 @@ struct VenvArgs {
     /// Let venvs see the base interpreter's site-packages (e.g. so Ray workers can import ray).
     #[arg(long, env = env_vars::RENV_SYSTEM_SITE_PACKAGES)]
     system_site_packages: bool,
+    /// Compile all bytecode when an env is built, instead of lazily in a per-env cache.
+    #[arg(long, env = env_vars::RENV_COMPILE_BYTECODE)]
+    compile_bytecode: bool,
 }
 
 impl VenvArgs {
@@ -105,6 +108,7 @@ impl VenvArgs {
             },
             allowed_install_options: self.allowed_install_options.clone(),
             system_site_packages: self.system_site_packages,
+            compile_bytecode: self.compile_bytecode,
         }
     }
 }

@@ -66,6 +66,14 @@ impl Store {
         self.root.join("envs").join(key.to_string())
     }
 
+    /// The env's bytecode cache (`PYTHONPYCACHEPREFIX` for its workers), created on demand:
+    /// outside the entry, which stays read-only.
+    pub fn pycache_dir(&self, key: EnvKey) -> std::io::Result<PathBuf> {
+        let dir = self.root.join("pycache").join(key.to_string());
+        fs_err::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
     fn env_marker(&self, key: EnvKey) -> PathBuf {
         self.root.join("meta").join(format!("env-{key}.json"))
     }

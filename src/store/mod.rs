@@ -12,6 +12,12 @@
 //!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
 //!   trash/                      entries being deleted
 //!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
+//!   cache/probes/               cached `python -c …` / `uv --version` answers
+//!   envs/<key>/                 virtualenvs, directories read-only once committed
+//!   meta/env-<key>.json         the completion marker and description of an env
+//!   pycache/<key>/              bytecode written by an env's workers (PYTHONPYCACHEPREFIX)
+//!   tools/uv-<version>/         the bootstrapped installer
+//!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
 //!   logs/                       build and worker logs
 //! ```
 //!

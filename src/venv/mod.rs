@@ -8,8 +8,13 @@
 //!
 //! A uv build: `uv venv --relocatable`, then `uv pip install --offline` against renv's own
 //! uv cache in the store (same filesystem, so files are hardlinked, not copied), and only
-//! if the cache cannot satisfy it, the same install online. Bytecode is compiled at build
-//! time: the committed env is read-only, so workers could not write `__pycache__`.
+//! if the cache cannot satisfy it, the same install online.
+//!
+//! Bytecode: a committed env is read-only, so workers cannot write `__pycache__` into it.
+//! By default nothing is compiled at build time (for numpy + pandas that would cost 25×
+//! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at a per-env,
+//! writable bytecode cache outside the entry, so the modules they really import are
+//! compiled once per node. `--compile-bytecode` compiles everything at build time instead.
 
 pub mod installer;
 pub mod interpreter;
@@ -134,6 +139,9 @@ pub struct VenvPolicy {
     /// Install options a request may use (`--allow-install-option`).
     pub allowed_install_options: Vec<String>,
     pub system_site_packages: bool,
+    /// Compile all bytecode at build time (`--compile-bytecode`), instead of lazily into
+    /// the per-env bytecode cache.
+    pub compile_bytecode: bool,
 }
 
 /// Everything that decides what an env holds, and its key.
@@ -145,6 +153,7 @@ pub struct VenvPlan {
     pub packages: ResolvedPackages,
     pub index: IndexConfig,
     pub system_site_packages: bool,
+    pub compile_bytecode: bool,
     /// The canonical description the key is the digest of (kept in the entry's marker).
     pub description: serde_json::Value,
 }
@@ -195,7 +204,7 @@ pub fn plan(
         "python": {"path": python.path, "version": python.version, "implementation": python.implementation},
         "index": policy.index,
         "system_site_packages": policy.system_site_packages,
-        "compile_bytecode": true,
+        "compile_bytecode": policy.compile_bytecode,
     });
     let key = EnvKey(Digest::of(description.to_string().as_bytes()));
     Ok(VenvPlan {
@@ -205,6 +214,7 @@ pub fn plan(
         packages: packages.clone(),
         index: policy.index.clone(),
         system_site_packages: policy.system_site_packages,
+        compile_bytecode: policy.compile_bytecode,
         description,
     })
 }
@@ -276,10 +286,13 @@ fn build_with_uv(
     sandbox.run("uv venv", uv, &as_os(&args), &env)?;
 
     let python = venv.join("bin").join("python");
-    let mut install: Vec<OsString> = ["pip", "install", "--no-config", "--compile-bytecode", "--python"]
+    let mut install: Vec<OsString> = ["pip", "install", "--no-config", "--python"]
         .map(OsString::from)
         .to_vec();
     install.push(python.clone().into());
+    if plan.compile_bytecode {
+        install.push("--compile-bytecode".into());
+    }
     install.extend(plan.index.args().into_iter().map(OsString::from));
     install.extend(plan.packages.install_options.iter().map(OsString::from));
     install.extend(
@@ -341,6 +354,9 @@ fn build_with_pip(
         )?;
     }
     let mut packages: Vec<OsString> = plan.packages.install_options.iter().map(OsString::from).collect();
+    if !plan.compile_bytecode {
+        packages.push("--no-compile".into());
+    }
     packages.extend(
         plan.packages
             .requirements

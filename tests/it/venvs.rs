@@ -68,13 +68,33 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         built["env"]["PATH"],
         format!("{}/bin:${{PATH}}", built["venv"]["path"].as_str().unwrap())
     );
-    // Bytecode was compiled at build time: the committed env is read-only.
+    // Workers' bytecode goes to the env's own cache, never into the read-only entry.
+    let pycache = built["env"]["PYTHONPYCACHEPREFIX"].as_str().unwrap();
+    assert!(pycache.starts_with(ws.store_v1("pycache").to_str().unwrap()));
+    let spec = ws.spec("one-run.json", &json!({"pip": ["tinypkg==1.0"]}));
+    let out = ws
+        .renv()
+        .env_remove("PYTHONDONTWRITEBYTECODE")
+        .arg("run")
+        .args(&flags)
+        .arg(&spec)
+        .args(["--", "python", "-c", "import tinypkg"])
+        .output()
+        .unwrap();
+    assert_success(&out);
     let site = in_env(
         python,
         "import tinypkg, os; print(os.path.dirname(tinypkg.__file__))",
     );
-    assert!(!list_dir(&Path::new(&site).join("__pycache__")).is_empty());
-    assert!(std::fs::write(Path::new(&site).join("new.py"), "x").is_err() || unsafe { libc::geteuid() } == 0);
+    assert!(list_dir(&Path::new(&site).join("__pycache__")).is_empty());
+    let compiled = crate::common::tree_listing(Path::new(pycache));
+    assert!(
+        compiled
+            .iter()
+            .any(|p| p.contains("tinypkg") && p.ends_with(".pyc")),
+        "{compiled:?}"
+    );
+    assert_eq!(crate::common::mode_of(Path::new(&site)), 0o555);
 
     let again = build(&ws, &flags, &json!({"pip": ["tinypkg==1.0"]}), "one-again.json");
     assert_eq!(again["venv"]["created"], false);
