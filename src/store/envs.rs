@@ -15,7 +15,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{LockFile, LockMode, Store, StoreError, fsync_dir, ms, read_json, write_json_atomic};
+use super::{
+    LockFile, LockMode, SYNC_THREADS, Store, StoreError, fsync_dir, ms, read_json, write_json_atomic,
+};
 use crate::digest::EnvKey;
 use crate::progress::Progress;
 
@@ -152,7 +154,7 @@ impl Store {
 
         let start = Instant::now();
         let walked = walk_tree(&dirs.venv)?;
-        sync_walked(&walked, self.options.threads, progress)?;
+        sync_walked(&walked, SYNC_THREADS, progress)?;
         timings.insert("sync", ms(start));
 
         let start = Instant::now();

@@ -69,6 +69,10 @@ use crate::package::zip_read::{ArchiveError, UnpackLimits};
 use crate::package::{self, PackageError, ScannedTree};
 use crate::progress::Progress;
 
+/// Threads that fsync a staged tree. fsync waits on the disk, not the CPU, and concurrent
+/// fsyncs share journal commits, so this is more than the core count.
+pub(crate) const SYNC_THREADS: usize = 32;
+
 /// The layout version; bump it (and the directory name) for any on-disk format change.
 pub const LAYOUT_DIR: &str = "store-v1";
 
@@ -418,7 +422,7 @@ impl Store {
         }
 
         let start = Instant::now();
-        sync_tree(staging.path(), manifest, self.options.threads, progress)?;
+        sync_tree(staging.path(), manifest, SYNC_THREADS, progress)?;
         timings.insert("sync", ms(start));
         let start = Instant::now();
         fs_err::rename(staging.path(), &path)?;

@@ -98,6 +98,7 @@ impl Sandbox {
         for (name, value) in env {
             cmd.env(name, value);
         }
+        let started = Instant::now();
         let child = cmd.spawn().map_err(|e| VenvError::Spawn {
             program: program.to_path_buf(),
             source: e,
@@ -128,6 +129,7 @@ impl Sandbox {
             }
         };
         let _ = waiter.join();
+        writeln!(self.log, "# {status} after {} ms", started.elapsed().as_millis())?;
         if status.success() {
             return Ok(());
         }
