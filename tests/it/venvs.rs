@@ -527,6 +527,29 @@ fn renv_run_forwards_sigterm_and_holds_its_leases() {
     );
     assert!(env_lock.try_lock().is_ok(), "the lease ends with the command");
     assert!(pkg_lock.try_lock().is_ok());
+    env_lock.unlock().unwrap();
+    pkg_lock.unlock().unwrap();
+
+    // `kill -INT <renv>` is forwarded too.
+    let script = script.replace(
+        "SIGTERM, lambda *a: sys.exit(42)",
+        "SIGINT, lambda *a: sys.exit(43)",
+    );
+    let mut child = ws
+        .renv()
+        .arg("run")
+        .args(&flags)
+        .arg(&spec)
+        .args(["--", "python", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(43));
 }
 
 /// The one test that needs the registry: a real package from PyPI.
@@ -563,4 +586,109 @@ fn uv_is_bootstrapped_into_the_store_when_none_is_given() {
     let uv = ws.store_v1("tools").join(format!("uv-{version}/bin/uv"));
     let reported = std::process::Command::new(&uv).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&reported.stdout).contains(version));
+}
+
+/// The installer sees neither the caller's PIP_*/UV_* settings nor the request's
+/// env_vars: both would let a request (or a stray shell) steer what gets installed.
+#[test]
+fn the_installer_sees_neither_the_callers_nor_the_requests_environment() {
+    let (ws, flags) = setup();
+    let spec = ws.spec(
+        "env.json",
+        &json!({"pip": ["tinypkg==1.0"], "env_vars": {"UV_CONSTRAINT": "/nonexistent/constraints.txt", "PIP_NO_INDEX": "0"}}),
+    );
+    let out = ws
+        .renv()
+        .env("UV_CACHE_DIR", "/nonexistent/uv-cache")
+        .env("UV_CONSTRAINT", "/nonexistent/constraints.txt")
+        .env("UV_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("VIRTUAL_ENV", "/nonexistent/venv")
+        .args(["build", "--json"])
+        .args(&flags)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        in_env(
+            built["python"].as_str().unwrap(),
+            "import tinypkg; print(tinypkg.VERSION)"
+        ),
+        "1.0"
+    );
+    // The store's own cache was used, not the one in the caller's environment.
+    assert!(!list_dir(&ws.store_v1("uv-cache")).is_empty());
+    // The request's variables are for the worker.
+    assert_eq!(built["env"]["UV_CONSTRAINT"], "/nonexistent/constraints.txt");
+}
+
+#[test]
+fn pip_version_builds_with_pip_at_that_version() {
+    let (ws, flags) = setup();
+    // The interpreter's bundled pip wheel stands in for the index.
+    let bundled = in_env(
+        python().to_str().unwrap(),
+        "import ensurepip, glob, os; print(glob.glob(os.path.join(os.path.dirname(ensurepip.__file__), '_bundled', 'pip-*.whl'))[0])",
+    );
+    let version = bundled
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('-')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    std::fs::copy(
+        &bundled,
+        ws.path("wheels").join(Path::new(&bundled).file_name().unwrap()),
+    )
+    .unwrap();
+    let spec = json!({"pip": {"packages": ["tinypkg==2.0"], "pip_version": format!("=={version}"), "pip_check": true}});
+    let built = build(&ws, &flags, &spec, "pip-version.json");
+    let python = built["python"].as_str().unwrap();
+    assert_eq!(in_env(python, "import pip; print(pip.__version__)"), version);
+    assert_eq!(in_env(python, "import tinypkg; print(tinypkg.VERSION)"), "2.0");
+}
+
+#[test]
+fn a_failing_dependency_check_fails_the_build() {
+    let (ws, flags) = setup();
+    // `needy` requires a package that is not there; --no-deps lets it install anyway.
+    wheelhouse(&ws.path("wheels"), &[("needy", "1.0", "")]);
+    let wheel = ws.path("wheels/needy-1.0-py3-none-any.whl");
+    let patch = "import sys, zipfile\n\
+                 src = sys.argv[1]; data = {}\n\
+                 with zipfile.ZipFile(src) as z:\n    data = {n: z.read(n) for n in z.namelist()}\n\
+                 data['needy-1.0.dist-info/METADATA'] += b'Requires-Dist: absent-dependency\\n'\n\
+                 with zipfile.ZipFile(src, 'w') as z:\n    [z.writestr(n, d) for n, d in data.items()]\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", patch])
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let mut extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    extra.push("--allow-install-option=--no-deps");
+    for (field, check) in [("pip", "pip_check"), ("uv", "uv_check")] {
+        let options = if field == "pip" {
+            "pip_install_options"
+        } else {
+            "uv_pip_install_options"
+        };
+        let spec = ws.spec(
+            &format!("{field}.json"),
+            &json!({field: {"packages": ["needy"], options: ["--no-deps"], check: true}}),
+        );
+        let (code, stderr) = ws.build_fails(&spec, &extra);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains("uv pip check failed"), "{stderr}");
+        assert!(stderr.contains("absent-dependency"), "{stderr}");
+        let unchecked = ws.spec(
+            &format!("{field}-unchecked.json"),
+            &json!({field: {"packages": ["needy"], options: ["--no-deps"]}}),
+        );
+        ws.build_with(&unchecked, &extra);
+    }
 }
