@@ -126,7 +126,12 @@ fn bootstrap_uv(
         target.as_os_str(),
         OsStr::new(&requirement),
     ]);
-    sandbox.run("bootstrapping uv with pip (to use an installed uv instead, set --uv / RENV_UV)", &python.path, &args, &[])?;
+    sandbox.run(
+        "bootstrapping uv with pip (to use an installed uv instead, set --uv / RENV_UV)",
+        &python.path,
+        &args,
+        &[],
+    )?;
     let uv = target.join("bin").join("uv");
     let got = uv_version(&uv, &store.probe_cache_dir())?;
     if got != version {
