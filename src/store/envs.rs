@@ -16,7 +16,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    LockFile, LockMode, SYNC_THREADS, Store, StoreError, fsync_dir, ms, read_json, write_json_atomic,
+    LockFile, LockMode, SYNC_THREADS, Store, StoreError, fsync_dir, ms, read_json, run_flight,
+    write_json_atomic,
 };
 use crate::digest::EnvKey;
 use crate::progress::Progress;
@@ -107,14 +108,8 @@ impl Store {
         if let Some(hit) = self.find_env(key)? {
             return Ok(hit);
         }
-        let name = format!("env-{key}");
-        let (result, _) = self.env_flights.run(name.clone(), || {
+        run_flight(&self.env_flights, format!("env-{key}"), || {
             self.build_env_locked(key, description, progress, build)
-                .map_err(std::sync::Arc::new)
-        });
-        result.map_err(|e| match std::sync::Arc::try_unwrap(e) {
-            Ok(e) => e,
-            Err(shared) => StoreError::Shared(shared),
         })
     }
 

@@ -386,11 +386,7 @@ impl Store {
         key: String,
         work: impl FnOnce() -> Result<PackageEntry, StoreError>,
     ) -> Result<PackageEntry, StoreError> {
-        let (result, _leader) = self.flights.run(key, || work().map_err(Arc::new));
-        result.map_err(|e| match Arc::try_unwrap(e) {
-            Ok(e) => e,
-            Err(shared) => StoreError::Shared(shared),
-        })
+        run_flight(&self.flights, key, work)
     }
 
     fn lock_exclusive(&self, name: &str) -> Result<LockFile, StoreError> {
@@ -568,6 +564,20 @@ impl Drop for Staging {
             let _ = lock.remove();
         }
     }
+}
+
+/// Runs `work` once per key in this process; every caller gets its result, a failure as
+/// the same shared error.
+fn run_flight<V: Clone>(
+    flights: &SingleFlight<String, Result<V, Arc<StoreError>>>,
+    key: String,
+    work: impl FnOnce() -> Result<V, StoreError>,
+) -> Result<V, StoreError> {
+    let (result, _leader) = flights.run(key, || work().map_err(Arc::new));
+    result.map_err(|e| match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(shared) => StoreError::Shared(shared),
+    })
 }
 
 fn ms(start: Instant) -> u64 {

@@ -107,6 +107,12 @@ impl Workspace {
             .collect()
     }
 
+    /// `renv package DIR -o OUT`, which must succeed.
+    pub fn package_zip(&self, dir: &str, out: &str) {
+        let result = self.renv().args(["package", dir, "-o", out]).output().unwrap();
+        assert_success(&result);
+    }
+
     pub fn committed_packages(&self) -> Vec<String> {
         list_dir(&self.store_v1("pkgs"))
     }

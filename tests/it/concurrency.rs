@@ -53,12 +53,7 @@ fn sixteen_builds_of_one_new_tree_make_one_entry() {
 fn sixteen_builds_of_one_new_zip_unpack_it_once() {
     let ws = Workspace::new();
     write_many(&ws.path("proj"), 400, 8192);
-    let out = ws
-        .renv()
-        .args(["package", "proj", "-o", "proj.zip"])
-        .output()
-        .unwrap();
-    crate::common::assert_success(&out);
+    ws.package_zip("proj", "proj.zip");
     let spec = ws.spec("env.json", &json!({"working_dir": "proj.zip"}));
     let results = run_all(&ws, &spec, 16);
     check_one_entry(&ws, &results);

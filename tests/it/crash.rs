@@ -69,12 +69,7 @@ fn sigkill_mid_copy_then_a_clean_build() {
 fn sigkill_mid_unpack_then_a_clean_build() {
     let ws = Workspace::new();
     write_many(&ws.path("proj"), 3000, 16 << 10);
-    let out = ws
-        .renv()
-        .args(["package", "proj", "-o", "proj.zip"])
-        .output()
-        .unwrap();
-    crate::common::assert_success(&out);
+    ws.package_zip("proj", "proj.zip");
     let spec = ws.spec("env.json", &json!({"working_dir": "proj.zip"}));
 
     assert!(
