@@ -28,6 +28,11 @@ pub const RENV_FIND_LINKS: &str = "RENV_FIND_LINKS";
 pub const RENV_NO_INDEX: &str = "RENV_NO_INDEX";
 /// Install options requests may use, comma-separated (`--allow-install-option`).
 pub const RENV_ALLOW_INSTALL_OPTIONS: &str = "RENV_ALLOW_INSTALL_OPTIONS";
+/// The daemon's socket (`--socket`), for `renv daemon` and its clients. Default:
+/// `renv.sock` in the store directory.
+pub const RENV_SOCKET: &str = "RENV_SOCKET";
+/// The daemon's GPU set (`--gpus`): `auto`, `none` or ids.
+pub const RENV_GPUS: &str = "RENV_GPUS";
 /// Compile all bytecode when an env is built (`--compile-bytecode`).
 pub const RENV_COMPILE_BYTECODE: &str = "RENV_COMPILE_BYTECODE";
 /// Let venvs see the base interpreter's site-packages (`--system-site-packages`).

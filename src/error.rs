@@ -23,6 +23,8 @@ pub enum Error {
     #[error(transparent)]
     Worker(#[from] crate::worker::WorkerError),
     #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -40,6 +42,7 @@ impl Error {
             Error::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
             Error::Store(e) => e.is_user_error(),
             Error::Worker(e) => !matches!(e, crate::worker::WorkerError::Io(_)),
+            Error::Client(e) => e.is_user_error(),
             Error::Io(_) => false,
         }
     }

@@ -13,11 +13,14 @@
 //! worker    starting a command in a built context
 //! ```
 //!
-//! `cli` is a thin shell over these.
+//! `daemon` serves all of this over a Unix socket; `client` talks to it; `cli` is a thin
+//! shell over these.
 
 pub mod build;
 pub mod cli;
+pub mod client;
 pub mod context;
+pub mod daemon;
 pub mod digest;
 pub mod env_vars;
 pub mod error;

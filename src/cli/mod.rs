@@ -1,6 +1,8 @@
 //! The `renv` command line: argument definitions here, one file per command.
 
 mod build;
+mod daemon;
+mod jobs;
 mod package;
 mod run;
 
@@ -35,6 +37,18 @@ enum Command {
     Package(package::PackageArgs),
     /// Build, then run a command in the env, holding it leased until the command exits.
     Run(run::RunArgs),
+    /// Serve the API on a Unix socket: envs, packages, workers with GPUs.
+    Daemon(daemon::DaemonArgs),
+    /// Start a job through the daemon (packaging a local working_dir) and follow it.
+    Submit(jobs::SubmitArgs),
+    /// Show a job's state.
+    Status(jobs::IdArgs),
+    /// Print a job's output.
+    Logs(jobs::LogsArgs),
+    /// Stop a job: SIGTERM to its process group, SIGKILL after a grace period.
+    Stop(jobs::IdArgs),
+    /// List the daemon's jobs.
+    Ps(jobs::PsArgs),
 }
 
 /// Options shared by every command that opens the store.
@@ -127,8 +141,13 @@ impl StoreArgs {
             .unwrap_or_else(crate::package::worker_threads)
     }
 
+    /// The store root directory (not yet opened).
+    fn dir(&self) -> PathBuf {
+        self.store.clone().unwrap_or_else(env_vars::default_store_dir)
+    }
+
     fn open(&self, lock_timeout: Option<std::time::Duration>) -> Result<Store, Error> {
-        let dir = self.store.clone().unwrap_or_else(env_vars::default_store_dir);
+        let dir = self.dir();
         let options = StoreOptions {
             lock_timeout,
             threads: self.threads(),
@@ -151,6 +170,15 @@ pub fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),
         },
+        Command::Daemon(args) => daemon::run(args),
+        Command::Submit(args) => match jobs::submit(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Command::Status(args) => jobs::status(args),
+        Command::Logs(args) => jobs::logs(args),
+        Command::Stop(args) => jobs::stop(args),
+        Command::Ps(args) => jobs::ps(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

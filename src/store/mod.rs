@@ -86,6 +86,11 @@ pub enum StoreError {
     LockTimeout { path: PathBuf, waited: Duration },
     #[error("pkg://{0} is not in the store; upload or build it first")]
     PackageNotFound(PackageDigest),
+    #[error("the uploaded zip unpacks to package {actual}, not {expected}; nothing was kept")]
+    DigestMismatch {
+        expected: PackageDigest,
+        actual: PackageDigest,
+    },
     #[error("the store at {path} is unusable: {reason}")]
     Unusable { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -104,7 +109,7 @@ pub enum StoreError {
 impl StoreError {
     pub fn is_user_error(&self) -> bool {
         match self {
-            StoreError::PackageNotFound(_) => true,
+            StoreError::PackageNotFound(_) | StoreError::DigestMismatch { .. } => true,
             StoreError::Package(e) => e.is_user_error(),
             StoreError::Venv(e) => e.is_user_error(),
             StoreError::Archive(e) => matches!(e, ArchiveError::Rejected { .. }),
@@ -363,6 +368,44 @@ impl Store {
         Ok(entry)
     }
 
+    /// Commits an uploaded zip that claims to be package `expected`: unpacked in staging,
+    /// and published only if its manifest digest is exactly that (else nothing is kept).
+    pub fn ensure_uploaded_package(
+        &self,
+        zip_path: &Path,
+        expected: PackageDigest,
+    ) -> Result<PackageEntry, StoreError> {
+        self.single_flight(format!("pkg-{expected}"), || {
+            if let Some(hit) = self.find_package(expected)? {
+                return Ok(hit);
+            }
+            let mut timings = BTreeMap::new();
+            let staging = self.new_staging()?;
+            let start = Instant::now();
+            let progress = Progress::hidden();
+            let manifest = package::zip_read::unpack(
+                zip_path,
+                staging.path(),
+                self.options.unpack_limits,
+                self.options.threads,
+                &progress,
+            )?;
+            timings.insert("unpack", ms(start));
+            let digest = manifest.digest();
+            if digest != expected {
+                return Err(StoreError::DigestMismatch {
+                    expected,
+                    actual: digest,
+                });
+            }
+            let _lock = self.lock_exclusive(&format!("pkg-{digest}"))?;
+            match self.find_package(digest)? {
+                Some(hit) => Ok(hit),
+                None => self.publish(staging, digest, &manifest, "upload".into(), timings, &progress),
+            }
+        })
+    }
+
     /// blake3 of a zip's bytes, from the stat cache when the file is unchanged, and the
     /// file's metadata at that moment.
     fn hash_zip(&self, zip_path: &Path) -> std::io::Result<(Digest, std::fs::Metadata)> {
@@ -448,7 +491,7 @@ impl Store {
     }
 
     /// Creates a staging directory owned (locked) by this process.
-    fn new_staging(&self) -> Result<Staging, StoreError> {
+    pub fn new_staging(&self) -> Result<Staging, StoreError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let _creating = LockFile::acquire(
             &self.lock_path("staging"),
@@ -534,7 +577,7 @@ fn is_staging_id(name: &str) -> bool {
 }
 
 /// A build in progress. Dropped without [`Staging::committed`], it goes to trash.
-struct Staging {
+pub struct Staging {
     path: PathBuf,
     lock: Option<LockFile>,
     trash: PathBuf,
@@ -542,7 +585,7 @@ struct Staging {
 }
 
 impl Staging {
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 

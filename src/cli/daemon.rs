@@ -1,0 +1,73 @@
+//! `renv daemon`: serve the API on a Unix socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{StoreArgs, VenvArgs};
+use crate::daemon::gpus::GpuSpec;
+use crate::daemon::state::ZeroGpus;
+use crate::daemon::{DaemonConfig, serve};
+use crate::env_vars;
+use crate::error::Error;
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The socket to serve on (default: renv.sock in the store directory).
+    #[arg(long, env = env_vars::RENV_SOCKET, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The GPUs workers may be given: `auto` (the node's NVIDIA devices), `none`, or ids.
+    #[arg(long, env = env_vars::RENV_GPUS, default_value = "auto", value_name = "auto|none|IDS")]
+    gpus: GpuSpec,
+    /// A uid allowed to use the daemon besides its own and root (repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// A gid whose members may use the daemon; makes the socket 0660 (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gids: Vec<u32>,
+    /// What a worker given no GPUs sees: CUDA_VISIBLE_DEVICES="" (`hide`) or the daemon's (`inherit`).
+    #[arg(long, value_enum, default_value_t = ZeroGpus::Hide)]
+    zero_gpus: ZeroGpus,
+    /// Most simultaneous connections.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Largest JSON request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_json_bytes: usize,
+    /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    stop_grace_seconds: u64,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    venv: VenvArgs,
+}
+
+pub fn run(args: DaemonArgs) -> Result<(), Error> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RENV_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let store = args.store.open(None)?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.store.dir().join("renv.sock"));
+    let config = DaemonConfig {
+        socket,
+        gpus: args.gpus,
+        allow_uids: args.allow_uids,
+        allow_gids: args.allow_gids,
+        zero_gpus: args.zero_gpus,
+        max_connections: args.max_connections,
+        max_json_bytes: args.max_json_bytes,
+        header_timeout: Duration::from_secs(10),
+        stop_grace: Duration::from_secs(args.stop_grace_seconds),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime
+        .block_on(serve(config, store, args.venv.policy()))
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+}

@@ -1,0 +1,176 @@
+//! `renv daemon`: the per-node agent, serving the HTTP API on a Unix socket.
+//!
+//! - [`socket`]: creating the socket safely.
+//! - [`api`]: routes, request shapes, errors; [`workers`]: the worker endpoints.
+//! - [`state`]: envs, references, workers, GPUs and counters.
+//! - [`gpus`]: the node's GPU set and its allocation.
+//!
+//! The accept loop is our own (hyper over tokio's `UnixListener`) so that every
+//! connection's peer is checked with SO_PEERCRED before a byte is read, connections are
+//! capped, slow clients are dropped, and running out of file descriptors backs off
+//! instead of spinning.
+
+pub mod api;
+pub mod gpus;
+pub mod socket;
+pub mod state;
+pub mod workers;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::store::Store;
+use crate::venv::VenvPolicy;
+use gpus::{GpuPool, GpuSpec};
+use state::{Daemon, ZeroGpus};
+
+/// Node policy and limits for one daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub gpus: GpuSpec,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub zero_gpus: ZeroGpus,
+    pub max_connections: usize,
+    pub max_json_bytes: usize,
+    /// A connection that sends no complete request headers for this long is dropped.
+    pub header_timeout: Duration,
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Who may talk to the daemon: its own uid, root, and the configured uids and gids.
+#[derive(Debug, Clone)]
+struct PeerPolicy {
+    me: u32,
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        uid == self.me
+            || uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || pid.is_some_and(|pid| supplementary_groups(pid).iter().any(|g| self.gids.contains(g)))
+    }
+}
+
+/// The peer's supplementary groups, from /proc (empty if unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting, stops workers and removes the
+/// socket.
+pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Result<(), DaemonError> {
+    let listener = socket::bind(&config.socket, !config.allow_gids.is_empty())?;
+    let listener = UnixListener::from_std(listener)?;
+    api::mark_started();
+    let pool = GpuPool::new(&config.gpus);
+    tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
+    let daemon = Arc::new(Daemon::new(
+        Arc::new(store),
+        policy,
+        pool,
+        config.zero_gpus,
+        config.stop_grace,
+        config.max_json_bytes,
+    ));
+    let app = api::router(Arc::clone(&daemon));
+    let peers = PeerPolicy {
+        me: unsafe { libc::geteuid() },
+        uids: config.allow_uids.clone(),
+        gids: config.allow_gids.clone(),
+    };
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin on a full table.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let allowed = match stream.peer_cred() {
+            Ok(cred) => peers.allows(cred.uid(), cred.gid(), cred.pid()),
+            Err(_) => false,
+        };
+        let permit = Arc::clone(&slots).try_acquire_owned().ok();
+        let app = app.clone();
+        let timeout = config.header_timeout;
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let app = app.clone();
+                    let busy = permit.is_none();
+                    async move {
+                        if !allowed {
+                            return Ok::<_, std::convert::Infallible>(refuse(
+                                axum::http::StatusCode::FORBIDDEN,
+                                "forbidden",
+                                "this user may not use the renv daemon; ask for --allow-uid or --allow-gid",
+                            ));
+                        }
+                        if busy {
+                            return Ok(refuse(
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                "busy",
+                                "too many connections",
+                            ));
+                        }
+                        let request = request.map(axum::body::Body::new);
+                        Ok(app.oneshot(request).await.unwrap_or_else(|never| match never {}))
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+        });
+    }
+    tracing::info!("shutting down: stopping workers");
+    drop(listener);
+    let _ = std::fs::remove_file(&config.socket);
+    workers::stop_all(&daemon).await;
+    Ok(())
+}
+
+fn refuse(status: axum::http::StatusCode, kind: &str, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({"error": {"kind": kind, "field": null, "message": message}});
+    (status, axum::Json(body)).into_response()
+}

@@ -1,0 +1,69 @@
+//! Creating the daemon's socket without ever exposing it.
+//!
+//! Refuse a directory that others can write without the sticky bit, or that belongs to
+//! another user (someone else could swap the socket). An existing path is replaced only
+//! if it is a stale socket of ours (nothing answers on it). The socket is bound under a
+//! umask that makes it 0600 from its first moment; `--allow-gid` then widens it to 0660.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{dir}: refusing a socket directory that others can write (mode {mode:o}, no sticky bit)")]
+    WorldWritable { dir: String, mode: u32 },
+    #[error("{dir}: refusing a socket directory owned by uid {owner}")]
+    ForeignOwner { dir: String, owner: u32 },
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
+    #[error("{0}: another daemon is already serving on this socket")]
+    InUse(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixListener, SocketError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs_err::create_dir_all(dir)?;
+    let meta = fs_err::metadata(dir)?;
+    let me = unsafe { libc::geteuid() };
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(SocketError::WorldWritable {
+            dir: dir.display().to_string(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(SocketError::ForeignOwner {
+            dir: dir.display().to_string(),
+            owner: meta.uid(),
+        });
+    }
+    match fs_err::symlink_metadata(path) {
+        Ok(existing) => {
+            if !existing.file_type().is_socket() || existing.uid() != me {
+                return Err(SocketError::NotASocket(path.display().to_string()));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(SocketError::InUse(path.display().to_string())),
+                Err(_) => fs_err::remove_file(path)?,
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    // SAFETY: umask is process-wide; the daemon binds before it starts any other work.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    unsafe { libc::umask(previous) };
+    let listener = listener?;
+    if group_access {
+        fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
