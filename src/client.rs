@@ -77,7 +77,17 @@ impl Client {
         }
         stream.write_all(head.as_bytes())?;
         if let Some((_, _, reader)) = body {
-            std::io::copy(reader, &mut stream)?;
+            match std::io::copy(reader, &mut stream) {
+                // The daemon answered early (a body over its limit) and closed: read why.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) => {}
+                other => {
+                    other?;
+                }
+            }
         }
         let mut reader = BufReader::new(stream);
         let mut line = String::new();

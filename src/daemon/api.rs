@@ -242,6 +242,7 @@ async fn has_package(State(daemon): AppState, Path(digest): Path<String>) -> Api
 async fn put_package(
     State(daemon): AppState,
     Path(digest): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
     use futures_util::StreamExt;
@@ -253,6 +254,14 @@ async fn put_package(
         ));
     }
     let cap = daemon.store.options().unpack_limits.max_bytes;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > cap) {
+        return Err(ApiError::too_large(format!(
+            "package upload exceeds the limit of {cap} bytes"
+        )));
+    }
     let staging = daemon
         .store
         .new_staging()

@@ -5,6 +5,7 @@ mod common;
 
 mod concurrency;
 mod crash;
+mod daemon;
 mod digest;
 mod excludes;
 mod hostile_zips;

@@ -1,0 +1,718 @@
+//! A real daemon on a socket in a temp dir, driven over HTTP (renv's client and curl).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use renv::client::{Client, ClientError};
+use serde_json::{Value, json};
+
+use crate::common::{Workspace, assert_success, list_dir, uv, wheelhouse};
+
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(ws: &Workspace, extra: &[&str]) -> Daemon {
+        Self::try_start(ws, extra).expect("daemon started")
+    }
+
+    fn try_start(ws: &Workspace, extra: &[&str]) -> Result<Daemon, String> {
+        let socket = ws.path("run/renv.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let mut child = ws
+            .renv()
+            .args(["daemon", "--socket"])
+            .arg(&socket)
+            .args(["--find-links"])
+            .arg(ws.path("wheels"))
+            .args(["--no-index", "--stop-grace-seconds", "2"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                return Err(format!("{status}: {err}"));
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Daemon {
+            child: Some(child),
+            socket,
+        })
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.client().json("GET", path, None).unwrap()
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.client().json("POST", path, Some(body))
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn shutdown(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    /// The daemon still answers `/healthz` and a cached env request.
+    fn assert_healthy(&self, spec: &Value) {
+        assert_eq!(self.get("/healthz")["ok"], true);
+        let env = self.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
+        assert_eq!(env["created"], false);
+        self.client()
+            .json(
+                "DELETE",
+                &format!("/v1/envs/{}", env["env_id"].as_str().unwrap()),
+                None,
+            )
+            .unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn setup() -> Workspace {
+    let ws = Workspace::new();
+    wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
+    ws
+}
+
+fn api_error(result: Result<Value, ClientError>) -> (u16, String, Option<String>, String) {
+    match result {
+        Err(ClientError::Api {
+            status,
+            kind,
+            field,
+            message,
+        }) => (status, kind, field, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[test]
+fn get_or_create_takes_references_and_release_gives_them_back() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &[]);
+    let spec = json!({"pip": ["tinypkg==1.0"], "env_vars": {"A": "1"}});
+    let first = daemon
+        .post("/v1/envs", &json!({"runtime_env": spec, "ref": "job-1"}))
+        .unwrap();
+    assert_eq!(first["created"], true);
+    assert!(first["python"].as_str().unwrap().contains("/store-v1/envs/"));
+    assert_eq!(first["env"]["A"], "1");
+    let id = first["env_id"].as_str().unwrap().to_string();
+    let second = daemon
+        .post(
+            "/v1/envs",
+            &json!({"runtime_env": {"env_vars": {"A": "1"}, "pip": {"packages": ["tinypkg==1.0"]}}}),
+        )
+        .unwrap();
+    assert_eq!(second["env_id"], id, "another spelling, the same env");
+    assert_eq!(second["created"], false);
+    let listed = daemon.get("/v1/envs");
+    assert_eq!(listed["envs"][0]["refs"], 2);
+    assert_eq!(listed["envs"][0]["ref_tags"], json!(["job-1"]));
+
+    let client = daemon.client();
+    assert_eq!(
+        client.json("DELETE", &format!("/v1/envs/{id}"), None).unwrap()["refs"],
+        1
+    );
+    assert_eq!(
+        client.json("DELETE", &format!("/v1/envs/{id}"), None).unwrap()["refs"],
+        0
+    );
+    let (status, kind, _, _) = api_error(client.json("DELETE", &format!("/v1/envs/{id}"), None));
+    assert_eq!((status, kind.as_str()), (409, "conflict"));
+
+    let (status, kind, field, message) =
+        api_error(daemon.post("/v1/envs", &json!({"runtime_env": {"env_vars": {"FOO": 1}}})));
+    assert_eq!(
+        (status, kind.as_str(), field.as_deref()),
+        (400, "bad_spec", Some("env_vars.FOO"))
+    );
+    assert_eq!(message, "expected a string, got 1");
+    let (status, _, field, message) =
+        api_error(daemon.post("/v1/envs", &json!({"runtime_env": {"working_dir": "./"}})));
+    assert_eq!((status, field.as_deref()), (400, Some("working_dir")));
+    assert!(message.contains("never reads a client's directory"), "{message}");
+    let (status, kind, ..) = api_error(daemon.post(
+        "/v1/envs",
+        &json!({"runtime_env": {"working_dir": format!("pkg://{}", "0".repeat(64))}}),
+    ));
+    assert_eq!((status, kind.as_str()), (404, "not_found"));
+}
+
+#[test]
+fn fifty_concurrent_requests_share_one_build_and_one_failure() {
+    let ws = setup();
+    let calls = ws.path("uv-calls.log");
+    let counting = ws.write(
+        "counting-uv",
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
+            calls.display(),
+            uv().display()
+        ),
+    );
+    crate::common::set_mode(&counting, 0o755);
+    let daemon = Daemon::start(&ws, &["--uv", counting.to_str().unwrap()]);
+    let ask = |spec: Value| -> Vec<Result<Value, ClientError>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..50)
+                .map(|_| s.spawn(|| daemon.post("/v1/envs", &json!({"runtime_env": spec}))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let results = ask(json!({"pip": ["tinypkg==1.0"]}));
+    let ids: Vec<&Value> = results.iter().map(|r| &r.as_ref().unwrap()["env_id"]).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]));
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.lines().filter(|l| l.starts_with("venv")).count(), 1, "{log}");
+    assert_eq!(daemon.get("/v1/envs")["envs"][0]["refs"], 50);
+
+    // One failure reaches every waiter, and is not remembered.
+    let results = ask(json!({"pip": ["late-package==1.0"]}));
+    let messages: Vec<String> = results.into_iter().map(|r| api_error(r).3).collect();
+    assert!(
+        messages
+            .iter()
+            .all(|m| m == &messages[0] && m.contains("late-package")),
+        "{}",
+        messages[0]
+    );
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("venv")).count(),
+        2,
+        "one more build for the failure: {log}"
+    );
+    wheelhouse(&ws.path("wheels"), &[("late-package", "1.0", "")]);
+    daemon
+        .post(
+            "/v1/envs",
+            &json!({"runtime_env": {"pip": ["late-package==1.0"]}}),
+        )
+        .unwrap();
+}
+
+#[test]
+fn package_uploads_are_verified_and_capped() {
+    let ws = setup();
+    ws.write("proj/main.py", "print('main')\n");
+    let out = ws
+        .renv()
+        .args(["package", "proj", "-o", "proj.zip", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let digest = serde_json::from_slice::<Value>(&out.stdout).unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let daemon = Daemon::start(&ws, &["--max-unpacked-bytes", "100000"]);
+    let client = daemon.client();
+    let put = |digest: &str, bytes: &[u8]| {
+        let mut body = std::io::Cursor::new(bytes.to_vec());
+        client
+            .send(
+                "PUT",
+                &format!("/v1/packages/{digest}"),
+                Some(("application/zip", bytes.len() as u64, &mut body)),
+            )
+            .unwrap()
+            .into_json()
+    };
+    assert_eq!(
+        client
+            .send("HEAD", &format!("/v1/packages/{digest}"), None)
+            .unwrap()
+            .status,
+        404
+    );
+    let zip = std::fs::read(ws.path("proj.zip")).unwrap();
+    let wrong = "ab".repeat(32);
+    let (status, _, field, message) = api_error(put(&wrong, &zip));
+    assert_eq!((status, field.as_deref()), (400, Some("digest")));
+    assert!(message.contains(&digest), "{message}");
+    assert!(
+        ws.committed_packages().is_empty(),
+        "a mismatched upload keeps nothing"
+    );
+    let (status, kind, ..) = api_error(put(&digest, &vec![0u8; 200_000]));
+    assert_eq!((status, kind.as_str()), (413, "too_large"));
+    assert_eq!(put(&digest, &zip).unwrap()["created"], true);
+    assert_eq!(
+        client
+            .send("HEAD", &format!("/v1/packages/{digest}"), None)
+            .unwrap()
+            .status,
+        200
+    );
+    let env = daemon
+        .post(
+            "/v1/envs",
+            &json!({"runtime_env": {"working_dir": format!("pkg://{digest}")}}),
+        )
+        .unwrap();
+    assert!(env["cwd"].as_str().unwrap().ends_with(&digest));
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+}
+
+#[test]
+fn the_socket_is_private_and_other_users_are_refused() {
+    let ws = setup();
+    let mut daemon = Daemon::start(&ws, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&daemon.socket), 0o600);
+    // Open the file permissions up by hand: SO_PEERCRED must still turn `nobody` away.
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = daemon.socket.clone();
+    let as_nobody = |method: &str, path: &str, body: &str| -> String {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-s",
+                "--unix-socket",
+            ])
+            .arg(&socket)
+            .args(["-X", method, "-d", body, &format!("http://renv{path}")])
+            .output()
+            .expect("setpriv");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = as_nobody("POST", "/v1/envs", r#"{"runtime_env": {"env_vars": {"A": "1"}}}"#);
+    assert!(answer.contains("\"forbidden\""), "{answer}");
+    assert!(
+        daemon.get("/v1/envs")["envs"].as_array().unwrap().is_empty(),
+        "nothing changed"
+    );
+    daemon.shutdown();
+    assert!(!daemon.socket.exists(), "the socket goes with the daemon");
+
+    let daemon = Daemon::start(&ws, &["--allow-uid", "65534", "--allow-gid", "65534"]);
+    assert_eq!(mode(&daemon.socket), 0o660);
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(as_nobody("GET", "/healthz", "").contains("\"ok\":true"));
+}
+
+#[test]
+fn unsafe_socket_locations_are_refused() {
+    let ws = setup();
+    std::fs::create_dir_all(ws.path("run")).unwrap();
+    std::fs::set_permissions(ws.path("run"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = Daemon::try_start(&ws, &[]).err().expect("refused");
+    assert!(err.contains("others can write"), "{err}");
+    std::fs::set_permissions(ws.path("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(ws.path("run/renv.sock"), "not a socket").unwrap();
+    let err = Daemon::try_start(&ws, &[]).err().expect("refused");
+    assert!(err.contains("not a socket"), "{err}");
+    std::fs::remove_file(ws.path("run/renv.sock")).unwrap();
+    let first = Daemon::start(&ws, &[]);
+    let second = ws
+        .renv()
+        .args(["daemon", "--gpus", "none", "--socket"])
+        .arg(&first.socket)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
+    first.assert_healthy(&json!({"env_vars": {"A": "1"}}));
+}
+
+fn wait_for_end(daemon: &Daemon, id: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = daemon.get(&format!("/v1/workers/{id}"));
+        if info["state"] != "running" {
+            return info;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "worker {id} never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_worker(daemon: &Daemon, body: Value) -> Result<Value, ClientError> {
+    daemon.post("/v1/workers", &body)
+}
+
+#[test]
+fn workers_report_exits_signals_stops_and_logs() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    let env = json!({"env_vars": {"GREETING": "hello"}});
+    let w = start_worker(&daemon, json!({"runtime_env": env, "argv": ["sh", "-c", "echo $GREETING; echo oops >&2; exit 3"], "name": "three"})).unwrap();
+    let id = w["worker_id"].as_str().unwrap();
+    let info = wait_for_end(&daemon, id);
+    assert_eq!(
+        (info["state"].as_str(), info["exit_code"].as_i64()),
+        (Some("failed"), Some(3))
+    );
+    assert_eq!(info["name"], "three");
+    let mut out = String::new();
+    daemon
+        .client()
+        .send("GET", &format!("/v1/workers/{id}/logs?stream=stdout"), None)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "hello\n");
+    out.clear();
+    daemon
+        .client()
+        .send("GET", &format!("/v1/workers/{id}/logs?stream=stderr"), None)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "oops\n");
+
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", "kill -9 $$"]}),
+    )
+    .unwrap();
+    let info = wait_for_end(&daemon, w["worker_id"].as_str().unwrap());
+    assert_eq!(
+        (info["state"].as_str(), info["signal"].as_i64()),
+        (Some("failed"), Some(9))
+    );
+
+    let ok = start_worker(&daemon, json!({"runtime_env": env, "argv": ["true"]})).unwrap();
+    assert_eq!(
+        wait_for_end(&daemon, ok["worker_id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+
+    // Stop: SIGTERM to the whole group (a grandchild too), and follow streams to the end.
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", "sleep 60 & echo started; wait"]}),
+    )
+    .unwrap();
+    let id = w["worker_id"].as_str().unwrap().to_string();
+    let follower = {
+        let client = daemon.client();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            client
+                .send("GET", &format!("/v1/workers/{id}/logs?follow=true"), None)
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            out
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = daemon
+        .client()
+        .json("DELETE", &format!("/v1/workers/{id}"), None)
+        .unwrap();
+    assert_eq!(stopped["worker_id"], id.as_str());
+    let info = wait_for_end(&daemon, &id);
+    assert_eq!(
+        (info["state"].as_str(), info["signal"].as_i64()),
+        (Some("stopped"), Some(15))
+    );
+    assert_eq!(follower.join().unwrap(), "started\n");
+    let (status, ..) = api_error(daemon.client().json("DELETE", &format!("/v1/workers/{id}"), None));
+    assert_eq!(status, 409);
+    let (status, ..) = api_error(daemon.client().json("GET", "/v1/workers/nope", None));
+    assert_eq!(status, 404);
+    assert_eq!(daemon.get("/v1/workers")["workers"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn gpus_are_allocated_exclusively_and_freed() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "0,1,2,3"]);
+    let env = json!({"env_vars": {"X": "1"}});
+    let cuda = r#"echo "[$CUDA_VISIBLE_DEVICES] $CUDA_DEVICE_ORDER"; sleep 1"#;
+    let a = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", cuda], "num_gpus": 2}),
+    )
+    .unwrap();
+    let b = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", cuda], "num_gpus": 2}),
+    )
+    .unwrap();
+    let (ga, gb): (Vec<u64>, Vec<u64>) = (
+        serde_json::from_value(a["gpus"].clone()).unwrap(),
+        serde_json::from_value(b["gpus"].clone()).unwrap(),
+    );
+    assert_eq!(ga.len() + gb.len(), 4);
+    assert!(
+        ga.iter().all(|g| !gb.contains(g)),
+        "disjoint while both run: {ga:?} {gb:?}"
+    );
+    let (status, kind, field, message) = api_error(start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["true"], "num_gpus": 1}),
+    ));
+    assert_eq!(
+        (status, kind.as_str(), field.as_deref()),
+        (503, "busy", Some("num_gpus"))
+    );
+    assert!(message.contains("0 of 4 GPUs are free"), "{message}");
+    let (status, _, field, _) = api_error(start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["true"], "gpus": [9]}),
+    ));
+    assert_eq!((status, field.as_deref()), (400, Some("gpus")));
+
+    for w in [&a, &b] {
+        let id = w["worker_id"].as_str().unwrap();
+        wait_for_end(&daemon, id);
+        let mut out = String::new();
+        daemon
+            .client()
+            .send("GET", &format!("/v1/workers/{id}/logs"), None)
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let ids: Vec<String> = w["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(
+            out.trim(),
+            format!("[{}] PCI_BUS_ID", ids.join(",")),
+            "what the worker saw"
+        );
+    }
+    let c = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", cuda], "num_gpus": 4}),
+    )
+    .unwrap();
+    assert_eq!(c["gpus"], json!([0, 1, 2, 3]), "freed after exit");
+    let none = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sh", "-c", "echo \"[${CUDA_VISIBLE_DEVICES-unset}]\""]}),
+    )
+    .unwrap();
+    let id = none["worker_id"].as_str().unwrap();
+    wait_for_end(&daemon, id);
+    let mut out = String::new();
+    daemon
+        .client()
+        .send("GET", &format!("/v1/workers/{id}/logs"), None)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(
+        out, "[]\n",
+        "no GPUs: an empty CUDA_VISIBLE_DEVICES, not the daemon's"
+    );
+}
+
+#[test]
+fn hostile_clients_do_not_take_the_daemon_down() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--max-json-bytes", "10000"]);
+    let spec = json!({"pip": ["tinypkg==1.0"]});
+    daemon.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
+
+    // Malformed HTTP.
+    let mut raw = UnixStream::connect(&daemon.socket).unwrap();
+    raw.write_all(b"\x00\x01GARBAGE / NOT-HTTP\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    daemon.assert_healthy(&spec);
+
+    // Malformed JSON, unknown fields, oversized bodies.
+    let client = daemon.client();
+    let raw_post = |body: &[u8]| {
+        let mut cursor = std::io::Cursor::new(body.to_vec());
+        client
+            .send(
+                "POST",
+                "/v1/envs",
+                Some(("application/json", body.len() as u64, &mut cursor)),
+            )
+            .unwrap()
+            .into_json()
+    };
+    let (status, kind, ..) = api_error(raw_post(b"{not json"));
+    assert_eq!((status, kind.as_str()), (400, "bad_json"));
+    let (status, kind, ..) = api_error(raw_post(br#"{"runtime_env": {}, "surprise": 1}"#));
+    assert_eq!((status, kind.as_str()), (400, "bad_json"));
+    let big = format!(
+        r#"{{"runtime_env": {{"env_vars": {{"A": "{}"}}}}}}"#,
+        "x".repeat(20_000)
+    );
+    let (status, kind, ..) = api_error(raw_post(big.as_bytes()));
+    assert_eq!((status, kind.as_str()), (413, "too_large"));
+    daemon.assert_healthy(&spec);
+
+    // Many idle connections, and one that sends half a request and stalls.
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
+    stalled
+        .write_all(b"POST /v1/envs HTTP/1.1\r\nContent-Le")
+        .unwrap();
+    daemon.assert_healthy(&spec);
+    drop(idle);
+    daemon.assert_healthy(&spec);
+}
+
+#[test]
+fn submit_runs_a_job_with_a_working_dir_and_a_package() {
+    let ws = setup();
+    ws.write("proj/script.py", "import os, sys, tinypkg\nprint('tinypkg', tinypkg.VERSION, 'gpus', repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['TF_WARNINGS'])\nprint('to stderr', file=sys.stderr)\nsys.exit(int(os.environ.get('CODE', '0')))\n");
+    ws.write("proj/debug.log", "excluded");
+    let daemon = Daemon::start(&ws, &["--gpus", "0,1"]);
+    let submit = |code: &str, extra: &[&str]| {
+        ws.renv()
+            .env("RENV_SOCKET", &daemon.socket)
+            .args(["submit", "--working-dir", "proj", "--runtime-env-json"])
+            .arg(format!(r#"{{"pip": ["tinypkg==1.0"], "excludes": ["*.log"], "env_vars": {{"TF_WARNINGS": "none", "CODE": "{code}"}}}}"#))
+            .args(extra)
+            .args(["--", "python", "script.py"])
+            .output()
+            .unwrap()
+    };
+    let out = submit("0", &["--gpus", "0", "--name", "first"]);
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tinypkg 1.0 gpus '0' none\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("to stderr") && stderr.contains("succeeded (exit code 0)"),
+        "{stderr}"
+    );
+    let pkgs = ws.committed_packages();
+    assert_eq!(pkgs.len(), 1);
+    assert!(!list_dir(&ws.store_v1("pkgs").join(&pkgs[0])).contains(&"debug.log".to_string()));
+
+    let out = submit("5", &["--num-gpus", "2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "the job's exit status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tinypkg 1.0 gpus '0,1' none\n"
+    );
+
+    let out = submit("0", &["--no-wait"]);
+    assert_success(&out);
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let info = wait_for_end(&daemon, &id);
+    assert_eq!(info["state"], "succeeded");
+    let ps = ws
+        .renv()
+        .env("RENV_SOCKET", &daemon.socket)
+        .arg("ps")
+        .output()
+        .unwrap();
+    assert_success(&ps);
+    assert!(String::from_utf8_lossy(&ps.stdout).contains("first"));
+    let logs = ws
+        .renv()
+        .env("RENV_SOCKET", &daemon.socket)
+        .args(["logs", &id])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout),
+        "tinypkg 1.0 gpus '' none\n"
+    );
+
+    // The daemon's errors, as it phrased them.
+    let out = ws
+        .renv()
+        .env("RENV_SOCKET", &daemon.socket)
+        .args([
+            "submit",
+            "--runtime-env-json",
+            r#"{"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}"#,
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("env_vars.CUDA_VISIBLE_DEVICES: is managed by renv")
+    );
+}
+
+#[test]
+fn workers_lease_their_env_and_shutdown_stops_them() {
+    let ws = setup();
+    let mut daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": {"pip": ["tinypkg==1.0"]}, "argv": ["sleep", "60"]}),
+    )
+    .unwrap();
+    let pid = w["pid"].as_i64().unwrap() as i32;
+    let envs = daemon.get("/v1/envs");
+    assert_eq!(envs["envs"][0]["workers"], 1);
+    assert_eq!(envs["envs"][0]["refs"], 0);
+    let key = list_dir(&ws.store_v1("envs")).pop().unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(ws.store_v1("locks").join(format!("env-{key}.lock")))
+        .unwrap();
+    assert!(lock.try_lock().is_err(), "a running worker leases its env");
+
+    let status = daemon.shutdown();
+    assert!(status.success(), "{status}");
+    assert!(!daemon.socket.exists());
+    // SAFETY: probing a pid with signal 0.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    assert!(!alive, "the worker was stopped with the daemon");
+    assert!(lock.try_lock().is_ok(), "and its lease went with it");
+}
