@@ -181,10 +181,8 @@ struct CreateEnv {
 async fn create_env(State(daemon): AppState, body: Bytes) -> ApiResult<Json<Value>> {
     daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = parse_json(&daemon, &body)?;
-    let built = daemon.get_or_create(&request.runtime_env).await?;
+    let (built, created) = daemon.get_or_create(&request.runtime_env).await?;
     daemon.hold(built.env_id, request.tag, false)?;
-    let created = built.working_dir.as_ref().is_some_and(|e| e.created)
-        || built.venv.as_ref().is_some_and(|e| e.created);
     Ok(Json(env_json(&built, created)))
 }
 

@@ -90,9 +90,14 @@ pub struct Daemon {
     pub gpus: Mutex<GpuPool>,
     pub envs: Mutex<HashMap<EnvId, EnvRecord>>,
     pub workers: Mutex<BTreeMap<String, WorkerInfo>>,
+    /// Flips to true when a worker's exit has been recorded (for `?wait=true` and log
+    /// followers, so they learn of it at once instead of polling).
+    pub exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pub metrics: Metrics,
     pub max_json_bytes: usize,
     builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
+    /// Canonical spec → the env it built, for the in-memory fast path.
+    resolved: Mutex<HashMap<String, EnvId>>,
     next_worker: AtomicU64,
 }
 
@@ -120,16 +125,28 @@ impl Daemon {
             gpus: Mutex::new(gpus),
             envs: Mutex::new(HashMap::new()),
             workers: Mutex::new(BTreeMap::new()),
+            exits: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             max_json_bytes,
             builds: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
         }
     }
 
     /// Builds (or finds) the env for a request's `runtime_env`, sharing one build between
     /// concurrent identical requests.
-    pub async fn get_or_create(self: &Arc<Self>, runtime_env: &serde_json::Value) -> BuildResult {
+    /// Returns the env and whether this request's build created any of its entries.
+    pub async fn get_or_create(
+        self: &Arc<Self>,
+        runtime_env: &serde_json::Value,
+    ) -> Result<(Arc<BuiltEnv>, bool), ApiError> {
+        // The request exactly as sent (serde_json sorts keys): a repeat skips validation.
+        let raw_key = format!("raw:{runtime_env}");
+        if let Some(built) = self.cached(&raw_key) {
+            self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((built, false));
+        }
         let spec =
             RuntimeEnvSpec::from_value(runtime_env).map_err(|e| ApiError::from(crate::Error::from(e)))?;
         if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
@@ -143,6 +160,10 @@ impl Daemon {
             ));
         }
         let key = spec.canonical_json().to_string();
+        if let Some(built) = self.cached(&key) {
+            self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((built, false));
+        }
         let mut rx = {
             let mut builds = self.builds.lock().unwrap();
             match builds.get(&key) {
@@ -151,8 +172,9 @@ impl Daemon {
                     let (tx, rx) = watch::channel(None);
                     builds.insert(key.clone(), rx.clone());
                     let daemon = Arc::clone(self);
+                    let keys = [key.clone(), raw_key];
                     tokio::spawn(async move {
-                        let result = daemon.build(spec).await;
+                        let result = daemon.build(spec, keys).await;
                         daemon.builds.lock().unwrap().remove(&key);
                         let _ = tx.send(Some(result));
                     });
@@ -164,10 +186,30 @@ impl Daemon {
             .wait_for(Option::is_some)
             .await
             .map_err(|_| ApiError::internal("build task vanished"))?;
-        result.clone().expect("waited for Some")
+        let built = result.clone().expect("waited for Some")?;
+        let created = built.working_dir.as_ref().is_some_and(|e| e.created)
+            || built.venv.as_ref().is_some_and(|e| e.created);
+        Ok((built, created))
     }
 
-    async fn build(self: &Arc<Self>, spec: RuntimeEnvSpec) -> BuildResult {
+    /// A spec built before whose entries are still leased cannot have lost them (prune
+    /// skips leased entries), so it is served from memory; only the interpreter link is
+    /// checked, so a removed base Python still means a rebuild.
+    fn cached(&self, key: &str) -> Option<Arc<BuiltEnv>> {
+        let env_id = *self.resolved.lock().unwrap().get(key)?;
+        let mut envs = self.envs.lock().unwrap();
+        let record = envs.get_mut(&env_id)?;
+        record.leases.as_ref()?;
+        if let Some(venv) = &record.built.venv
+            && !venv.python().exists()
+        {
+            return None;
+        }
+        record.last_used = now();
+        Some(Arc::clone(&record.built))
+    }
+
+    async fn build(self: &Arc<Self>, spec: RuntimeEnvSpec, keys: [String; 2]) -> BuildResult {
         let daemon = Arc::clone(self);
         let start = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -211,6 +253,11 @@ impl Daemon {
                 record.built = Arc::clone(&built);
                 if record.leases.is_none() {
                     record.leases = Some(leases);
+                }
+                drop(envs);
+                let mut resolved = self.resolved.lock().unwrap();
+                for key in keys {
+                    resolved.insert(key, built.env_id);
                 }
                 Ok(built)
             }

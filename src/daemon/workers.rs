@@ -38,7 +38,7 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
         ));
     }
     let built = match (&request.runtime_env, &request.env_id) {
-        (Some(spec), None) => daemon.get_or_create(spec).await?,
+        (Some(spec), None) => daemon.get_or_create(spec).await?.0,
         (None, Some(id)) => {
             let id: EnvId = id
                 .parse()
@@ -125,6 +125,8 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
     };
     let response = serde_json::to_value(&info).expect("serializable");
     daemon.workers.lock().unwrap().insert(worker_id.clone(), info);
+    let (exited, exit_rx) = tokio::sync::watch::channel(false);
+    daemon.exits.lock().unwrap().insert(worker_id.clone(), exit_rx);
     daemon.metrics.workers_started.fetch_add(1, Ordering::Relaxed);
 
     let reaper = Arc::clone(&daemon);
@@ -153,6 +155,7 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
         }
         reaper.gpus.lock().unwrap().release(&gpus);
         let _ = reaper.release(env_id, true);
+        let _ = exited.send(true);
     });
     Ok(Json(response))
 }
@@ -172,8 +175,29 @@ fn find(daemon: &Daemon, id: &str) -> Result<WorkerInfo, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no worker {id:?}")))
 }
 
-pub async fn inspect(State(daemon): AppState, Path(id): Path<String>) -> Result<Json<WorkerInfo>, ApiError> {
+#[derive(Deserialize)]
+pub struct InspectQuery {
+    /// Answer only once the worker has exited.
+    wait: Option<bool>,
+}
+
+pub async fn inspect(
+    State(daemon): AppState,
+    Path(id): Path<String>,
+    Query(query): Query<InspectQuery>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    if query.wait.unwrap_or(false) {
+        wait_exit(&daemon, &id).await;
+    }
     find(&daemon, &id).map(Json)
+}
+
+/// Returns once the worker's exit is recorded (at once for unknown or ended workers).
+async fn wait_exit(daemon: &Daemon, id: &str) {
+    let rx = daemon.exits.lock().unwrap().get(id).cloned();
+    if let Some(mut rx) = rx {
+        let _ = rx.wait_for(|exited| *exited).await;
+    }
 }
 
 /// SIGTERM to the worker's process group, SIGKILL after the grace period.
@@ -275,7 +299,11 @@ pub async fn logs(
                                 (file, daemon, id, true),
                             ));
                         }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // New output or the exit, whichever comes first.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                            _ = wait_exit(&daemon, &id) => {}
+                        }
                     }
                     Ok(0) => return None,
                     Ok(n) => {

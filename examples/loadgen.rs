@@ -1,0 +1,114 @@
+//! Load generator for `scripts/bench-daemon`: drives a renv daemon over its socket with
+//! renv's own client, from N threads, and prints one JSON line of results.
+//!
+//! ```text
+//! loadgen rate SOCKET METHOD PATH BODY CLIENTS SECONDS
+//! loadgen workers SOCKET ENV_ID ITERATIONS
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use renv::client::Client;
+use serde_json::{Value, json};
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[at].as_secs_f64() * 1000.0
+}
+
+fn rate(socket: &Path, method: &str, path: &str, body: &str, clients: usize, seconds: f64) -> Value {
+    let body: Option<Value> = (!body.is_empty()).then(|| serde_json::from_str(body).expect("JSON body"));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut latencies: Vec<Duration> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let body = body.clone();
+                s.spawn(move || {
+                    let client = Client::new(socket);
+                    let mut mine = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        client.json(method, path, body.as_ref()).expect("request");
+                        mine.push(t.elapsed());
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort();
+    json!({
+        "requests": latencies.len(),
+        "rate": latencies.len() as f64 / elapsed,
+        "p50_ms": percentile(&latencies, 0.50),
+        "p99_ms": percentile(&latencies, 0.99),
+    })
+}
+
+fn workers(socket: &Path, env_id: &str, iterations: usize) -> Value {
+    let client = Client::new(socket);
+    let mut api = Vec::with_capacity(iterations);
+    let mut direct = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        let w = client
+            .json(
+                "POST",
+                "/v1/workers",
+                Some(&json!({"env_id": env_id, "argv": ["/bin/true"]})),
+            )
+            .unwrap();
+        let id = w["worker_id"].as_str().unwrap();
+        let done = client
+            .json("GET", &format!("/v1/workers/{id}?wait=true"), None)
+            .unwrap();
+        assert_eq!(done["state"], "succeeded");
+        api.push(t.elapsed());
+
+        let t = Instant::now();
+        assert!(
+            std::process::Command::new("/bin/true")
+                .status()
+                .unwrap()
+                .success()
+        );
+        direct.push(t.elapsed());
+    }
+    api.sort();
+    direct.sort();
+    json!({
+        "api_p50_ms": percentile(&api, 0.5),
+        "api_p99_ms": percentile(&api, 0.99),
+        "direct_p50_ms": percentile(&direct, 0.5),
+        "direct_p99_ms": percentile(&direct, 0.99),
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("rate") => rate(
+            Path::new(&args[2]),
+            &args[3],
+            &args[4],
+            &args[5],
+            args[6].parse().unwrap(),
+            args[7].parse().unwrap(),
+        ),
+        Some("workers") => workers(Path::new(&args[2]), &args[3], args[4].parse().unwrap()),
+        _ => {
+            eprintln!(
+                "usage: loadgen rate SOCKET METHOD PATH BODY CLIENTS SECONDS | loadgen workers SOCKET ENV_ID N"
+            );
+            std::process::exit(2);
+        }
+    };
+    println!("{result}");
+}
