@@ -716,3 +716,75 @@ fn workers_lease_their_env_and_shutdown_stops_them() {
     assert!(!alive, "the worker was stopped with the daemon");
     assert!(lock.try_lock().is_ok(), "and its lease went with it");
 }
+
+/// An upload with no length (chunked) is capped on the bytes actually received.
+#[test]
+fn a_chunked_upload_is_capped_on_bytes_received() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--max-unpacked-bytes", "100000"]);
+    let digest = "cd".repeat(32);
+    let mut raw = UnixStream::connect(&daemon.socket).unwrap();
+    write!(raw, "PUT /v1/packages/{digest} HTTP/1.1\r\nHost: renv\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    let chunk = vec![b'z'; 10_000];
+    for _ in 0..30 {
+        if write!(raw, "{:x}\r\n", chunk.len())
+            .and_then(|()| raw.write_all(&chunk))
+            .and_then(|()| raw.write_all(b"\r\n"))
+            .is_err()
+        {
+            break; // the daemon answered and closed early
+        }
+    }
+    let _ = raw.write_all(b"0\r\n\r\n");
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    daemon.assert_healthy(&json!({"env_vars": {"A": "1"}}));
+}
+
+/// Out of file descriptors, the accept loop backs off and recovers.
+#[test]
+fn running_out_of_file_descriptors_is_survived() {
+    let ws = setup();
+    let socket = ws.path("run/renv.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=64:64", "--"])
+        .arg(env!("CARGO_BIN_EXE_renv"))
+        .args(["daemon", "--gpus", "none", "--socket"])
+        .arg(&socket)
+        .env("RENV_STORE", ws.store())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while UnixStream::connect(&socket).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let daemon = Daemon {
+        child: None,
+        socket: socket.clone(),
+    };
+    let flood: Vec<UnixStream> = (0..150)
+        .filter_map(|_| UnixStream::connect(&socket).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(flood);
+    let start = Instant::now();
+    loop {
+        if let Ok(v) = daemon.client().json("GET", "/healthz", None) {
+            assert_eq!(v["ok"], true);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the daemon did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.assert_healthy(&json!({"env_vars": {"A": "1"}}));
+    let _ = child.kill();
+    let _ = child.wait();
+}
