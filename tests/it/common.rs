@@ -342,6 +342,20 @@ pub fn uv() -> &'static Path {
     })
 }
 
+/// A wrapper around the test uv that logs each call's first two arguments, to count
+/// installer runs. Returns (wrapper, log).
+pub fn counting_uv(ws: &Workspace) -> (PathBuf, PathBuf) {
+    let calls = ws.path("uv-calls.log");
+    let script = format!(
+        "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
+        calls.display(),
+        uv().display()
+    );
+    let wrapper = ws.write("counting-uv", script);
+    set_mode(&wrapper, 0o755);
+    (wrapper, calls)
+}
+
 /// The real path of `python3` (not a shim): what tests hand renv as `--python`.
 pub fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();

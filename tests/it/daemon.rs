@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use renv::client::{Client, ClientError};
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success, list_dir, uv, wheelhouse};
+use crate::common::{Workspace, assert_success, list_dir, wheelhouse};
 
 struct Daemon {
     child: Option<Child>,
@@ -172,16 +172,7 @@ fn get_or_create_takes_references_and_release_gives_them_back() {
 #[test]
 fn fifty_concurrent_requests_share_one_build_and_one_failure() {
     let ws = setup();
-    let calls = ws.path("uv-calls.log");
-    let counting = ws.write(
-        "counting-uv",
-        format!(
-            "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
-            calls.display(),
-            uv().display()
-        ),
-    );
-    crate::common::set_mode(&counting, 0o755);
+    let (counting, calls) = crate::common::counting_uv(&ws);
     let daemon = Daemon::start(&ws, &["--uv", counting.to_str().unwrap()]);
     let ask = |spec: Value| -> Vec<Result<Value, ClientError>> {
         std::thread::scope(|s| {
@@ -356,6 +347,19 @@ fn unsafe_socket_locations_are_refused() {
     first.assert_healthy(&json!({"env_vars": {"A": "1"}}));
 }
 
+/// The whole of a worker's stdout or stderr so far.
+fn logs(daemon: &Daemon, id: &str, stream: &str) -> String {
+    let mut out = String::new();
+    let path = format!("/v1/workers/{id}/logs?stream={stream}");
+    daemon
+        .client()
+        .send("GET", &path, None)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
 fn wait_for_end(daemon: &Daemon, id: &str) -> Value {
     let start = Instant::now();
     loop {
@@ -388,22 +392,16 @@ fn workers_report_exits_signals_stops_and_logs() {
         (Some("failed"), Some(3))
     );
     assert_eq!(info["name"], "three");
-    let mut out = String::new();
-    daemon
-        .client()
-        .send("GET", &format!("/v1/workers/{id}/logs?stream=stdout"), None)
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out, "hello\n");
-    out.clear();
-    daemon
-        .client()
-        .send("GET", &format!("/v1/workers/{id}/logs?stream=stderr"), None)
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out, "oops\n");
+    assert_eq!(
+        logs(&daemon, id, "stdout"),
+        "hello
+"
+    );
+    assert_eq!(
+        logs(&daemon, id, "stderr"),
+        "oops
+"
+    );
 
     let w = start_worker(
         &daemon,
@@ -504,13 +502,7 @@ fn gpus_are_allocated_exclusively_and_freed() {
     for w in [&a, &b] {
         let id = w["worker_id"].as_str().unwrap();
         wait_for_end(&daemon, id);
-        let mut out = String::new();
-        daemon
-            .client()
-            .send("GET", &format!("/v1/workers/{id}/logs"), None)
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        let out = logs(&daemon, id, "stdout");
         let ids: Vec<String> = w["gpus"]
             .as_array()
             .unwrap()
@@ -536,13 +528,7 @@ fn gpus_are_allocated_exclusively_and_freed() {
     .unwrap();
     let id = none["worker_id"].as_str().unwrap();
     wait_for_end(&daemon, id);
-    let mut out = String::new();
-    daemon
-        .client()
-        .send("GET", &format!("/v1/workers/{id}/logs"), None)
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = logs(&daemon, id, "stdout");
     assert_eq!(
         out, "[]\n",
         "no GPUs: an empty CUDA_VISIBLE_DEVICES, not the daemon's"

@@ -6,7 +6,7 @@ use std::process::Output;
 
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success, list_dir, python, uv, wheelhouse};
+use crate::common::{Workspace, assert_success, list_dir, python, wheelhouse};
 
 const TINY_1: (&str, &str, &str) = ("tinypkg", "1.0", "VERSION = '1.0'\n");
 const TINY_2: (&str, &str, &str) = ("tinypkg", "2.0", "VERSION = '2.0'\n");
@@ -328,16 +328,7 @@ fn the_deadline_kills_the_installers_whole_process_group() {
 #[test]
 fn twenty_concurrent_builds_install_once() {
     let (ws, flags) = setup();
-    let calls = ws.path("uv-calls.log");
-    let counting = ws.write(
-        "counting-uv",
-        format!(
-            "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
-            calls.display(),
-            uv().display()
-        ),
-    );
-    crate::common::set_mode(&counting, 0o755);
+    let (counting, calls) = crate::common::counting_uv(&ws);
     let spec = ws.spec("env.json", &json!({"pip": ["tinypkg==1.0", "otherpkg"]}));
     let children: Vec<_> = (0..20)
         .map(|_| {
