@@ -53,7 +53,8 @@ fn rate(socket: &Path, method: &str, path: &str, body: &str, clients: usize, sec
 }
 
 fn workers(socket: &Path, env_id: &str, iterations: usize) -> Value {
-    let client = Client::new(socket);
+    // One keep-alive connection, as a scheduler's agent would hold.
+    let mut client = Client::new(socket).session().expect("connect");
     let mut api = Vec::with_capacity(iterations);
     let mut direct = Vec::with_capacity(iterations);
     for _ in 0..iterations {

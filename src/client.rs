@@ -64,64 +64,21 @@ impl Client {
         path: &str,
         body: Option<(&str, u64, &mut dyn Read)>,
     ) -> Result<Response, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+        let stream = self.connect()?;
+        exchange(BufReader::new(stream), method, path, body, true)
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
             socket: self.socket.clone(),
             source,
-        })?;
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: renv\r\nConnection: close\r\n");
-        match &body {
-            Some((content_type, len, _)) => head.push_str(&format!(
-                "Content-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
-            )),
-            None => head.push_str("Content-Length: 0\r\n\r\n"),
-        }
-        stream.write_all(head.as_bytes())?;
-        if let Some((_, _, reader)) = body {
-            match std::io::copy(reader, &mut stream) {
-                // The daemon answered early (a body over its limit) and closed: read why.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                    ) => {}
-                other => {
-                    other?;
-                }
-            }
-        }
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
-        let (mut chunked, mut remaining) = (false, None);
-        loop {
-            line.clear();
-            reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                let value = value.trim();
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => remaining = value.parse().ok(),
-                    "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-                    _ => {}
-                }
-            }
-        }
-        let done = method == "HEAD";
-        Ok(Response {
-            status,
-            reader,
-            chunked,
-            remaining,
-            chunk_left: 0,
-            done,
+        })
+    }
+
+    /// A keep-alive connection for several requests in a row.
+    pub fn session(&self) -> Result<Session, ClientError> {
+        Ok(Session {
+            reader: Some(BufReader::new(self.connect()?)),
         })
     }
 
@@ -138,22 +95,118 @@ impl Client {
     }
 }
 
+/// Several requests over one connection (HTTP/1.1 keep-alive).
+pub struct Session {
+    reader: Option<BufReader<UnixStream>>,
+}
+
+impl Session {
+    pub fn json(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+        let reader = self
+            .reader
+            .take()
+            .ok_or_else(|| ClientError::Protocol("session closed".into()))?;
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let mut cursor = bytes.as_deref().map(std::io::Cursor::new);
+        let body = match (&bytes, cursor.as_mut()) {
+            (Some(b), Some(c)) => Some(("application/json", b.len() as u64, c as &mut dyn Read)),
+            _ => None,
+        };
+        let mut response = exchange(reader, method, path, body, false)?;
+        let mut bytes = Vec::new();
+        response.read_to_end(&mut bytes)?;
+        let status = response.status;
+        self.reader = Some(response.reader);
+        Response::to_json(status, &bytes)
+    }
+}
+
+/// Writes one request on `reader`'s stream and reads the response head.
+fn exchange(
+    mut reader: BufReader<UnixStream>,
+    method: &str,
+    path: &str,
+    body: Option<(&str, u64, &mut dyn Read)>,
+    close: bool,
+) -> Result<Response, ClientError> {
+    let stream = reader.get_mut();
+    let connection = if close { "close" } else { "keep-alive" };
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: renv\r\nConnection: {connection}\r\n");
+    match &body {
+        Some((content_type, len, _)) => head.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
+        )),
+        None => head.push_str("Content-Length: 0\r\n\r\n"),
+    }
+    stream.write_all(head.as_bytes())?;
+    if let Some((_, _, body)) = body {
+        match std::io::copy(body, stream) {
+            // The daemon answered early (a body over its limit) and closed: read why.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+    let (mut chunked, mut remaining) = (false, None);
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => remaining = value.parse().ok(),
+                "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+                _ => {}
+            }
+        }
+    }
+    let done = method == "HEAD";
+    Ok(Response {
+        status,
+        reader,
+        chunked,
+        remaining,
+        chunk_left: 0,
+        done,
+    })
+}
+
 impl Response {
     pub fn into_json(mut self) -> Result<Value, ClientError> {
         let mut bytes = Vec::new();
         self.read_to_end(&mut bytes)?;
+        Response::to_json(self.status, &bytes)
+    }
+
+    fn to_json(status: u16, bytes: &[u8]) -> Result<Value, ClientError> {
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&bytes))))?
+            serde_json::from_slice(bytes)
+                .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(bytes))))?
         };
-        if (200..300).contains(&self.status) {
+        if (200..300).contains(&status) {
             return Ok(value);
         }
         let error = &value["error"];
         Err(ClientError::Api {
-            status: self.status,
+            status,
             kind: error["kind"].as_str().unwrap_or("unknown").to_string(),
             field: error["field"].as_str().map(str::to_string),
             message: error["message"]
@@ -179,6 +232,9 @@ impl Read for Response {
                 let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
                     .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
                 if size == 0 {
+                    // The blank line that ends the (empty) trailer section.
+                    line.clear();
+                    self.reader.read_line(&mut line)?;
                     self.done = true;
                     return Ok(0);
                 }
