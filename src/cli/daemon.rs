@@ -35,6 +35,9 @@ pub struct DaemonArgs {
     /// Largest JSON request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_json_bytes: usize,
+    /// Seconds a connection may take to send a request's headers before it is dropped.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_seconds: u64,
     /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_grace_seconds: u64,
@@ -63,7 +66,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         zero_gpus: args.zero_gpus,
         max_connections: args.max_connections,
         max_json_bytes: args.max_json_bytes,
-        header_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(args.header_timeout_seconds),
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -240,6 +240,12 @@ impl Daemon {
                 } else {
                     m.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
+                tracing::info!(
+                    env_id = %built.env_id,
+                    created,
+                    ms = start.elapsed().as_millis() as u64,
+                    "env ready"
+                );
                 let built = Arc::new(built);
                 let mut envs = self.envs.lock().unwrap();
                 let record = envs.entry(built.env_id).or_insert_with(|| EnvRecord {
@@ -263,6 +269,7 @@ impl Daemon {
             }
             Err(e) => {
                 m.build_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "env build failed");
                 Err(ApiError::from(e))
             }
         }

@@ -128,6 +128,7 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
     let (exited, exit_rx) = tokio::sync::watch::channel(false);
     daemon.exits.lock().unwrap().insert(worker_id.clone(), exit_rx);
     daemon.metrics.workers_started.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(worker_id = %worker_id, pid, gpus = ?gpus, env_id = %built.env_id, "worker started");
 
     let reaper = Arc::clone(&daemon);
     let env_id = built.env_id;
@@ -152,6 +153,9 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
                     Err(_) => w.state = WorkerState::Failed,
                 }
             }
+        }
+        if let Some(w) = reaper.workers.lock().unwrap().get(&worker_id) {
+            tracing::info!(worker_id = %worker_id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "worker ended");
         }
         reaper.gpus.lock().unwrap().release(&gpus);
         let _ = reaper.release(env_id, true);

@@ -139,6 +139,15 @@ fn get_or_create_takes_references_and_release_gives_them_back() {
     assert_eq!(listed["envs"][0]["refs"], 2);
     assert_eq!(listed["envs"][0]["ref_tags"], json!(["job-1"]));
 
+    // Keep-alive: several requests on one connection.
+    let mut session = daemon.client().session().unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            session.json("GET", "/v1/envs", None).unwrap()["envs"][0]["refs"],
+            2
+        );
+        assert_eq!(session.json("GET", "/healthz", None).unwrap()["ok"], true);
+    }
     let client = daemon.client();
     assert_eq!(
         client.json("DELETE", &format!("/v1/envs/{id}"), None).unwrap()["refs"],
@@ -538,7 +547,10 @@ fn gpus_are_allocated_exclusively_and_freed() {
 #[test]
 fn hostile_clients_do_not_take_the_daemon_down() {
     let ws = setup();
-    let daemon = Daemon::start(&ws, &["--max-json-bytes", "10000"]);
+    let daemon = Daemon::start(
+        &ws,
+        &["--max-json-bytes", "10000", "--header-timeout-seconds", "2"],
+    );
     let spec = json!({"pip": ["tinypkg==1.0"]});
     daemon.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
 
@@ -574,7 +586,8 @@ fn hostile_clients_do_not_take_the_daemon_down() {
     assert_eq!((status, kind.as_str()), (413, "too_large"));
     daemon.assert_healthy(&spec);
 
-    // Many idle connections, and one that sends half a request and stalls.
+    // Many idle connections, and one that sends half a request and stalls: served around,
+    // and the stalled one is dropped after the header timeout.
     let idle: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(&daemon.socket).unwrap())
         .collect();
@@ -585,6 +598,14 @@ fn hostile_clients_do_not_take_the_daemon_down() {
     daemon.assert_healthy(&spec);
     drop(idle);
     daemon.assert_healthy(&spec);
+    stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stalled client was dropped"
+    );
 }
 
 #[test]
