@@ -795,3 +795,35 @@ fn running_out_of_file_descriptors_is_survived() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A client that gives up mid-build cancels only its own wait: the build goes on and the
+/// next request for the same env joins it rather than starting another.
+#[test]
+fn a_disconnecting_waiter_does_not_cancel_the_build() {
+    let ws = setup();
+    let calls = ws.path("uv-calls.log");
+    let slow = format!(
+        "#!/bin/sh\necho \"$1\" >> {}\n[ \"$1\" = venv ] && sleep 1\nexec {} \"$@\"\n",
+        calls.display(),
+        crate::common::uv().display()
+    );
+    let slow_uv = ws.write("slow-uv", slow);
+    crate::common::set_mode(&slow_uv, 0o755);
+    let daemon = Daemon::start(&ws, &["--uv", slow_uv.to_str().unwrap()]);
+    let body = json!({"runtime_env": {"pip": ["tinypkg==1.0"]}}).to_string();
+    let mut quitter = UnixStream::connect(&daemon.socket).unwrap();
+    write!(
+        quitter,
+        "POST /v1/envs HTTP/1.1\r\nHost: renv\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(quitter);
+    let env = daemon
+        .post("/v1/envs", &json!({"runtime_env": {"pip": ["tinypkg==1.0"]}}))
+        .unwrap();
+    assert!(env["python"].as_str().unwrap().contains("/envs/"));
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.lines().filter(|l| *l == "venv").count(), 1, "{log}");
+}
