@@ -69,7 +69,9 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime
         .block_on(serve(config, store, args.venv.policy()))
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))

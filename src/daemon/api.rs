@@ -173,17 +173,24 @@ pub fn env_json(built: &BuiltEnv, created: bool) -> Value {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateEnv {
-    runtime_env: Value,
+    /// Kept as sent: its exact text is the key of the in-memory fast path.
+    runtime_env: Box<serde_json::value::RawValue>,
     #[serde(rename = "ref")]
     tag: Option<String>,
 }
 
-async fn create_env(State(daemon): AppState, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_env(State(daemon): AppState, body: Bytes) -> ApiResult<Response> {
     daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = parse_json(&daemon, &body)?;
     let (built, created) = daemon.get_or_create(&request.runtime_env).await?;
-    daemon.hold(built.env_id, request.tag, false)?;
-    Ok(Json(env_json(&built, created)))
+    let cached = daemon.hold(built.env_id, request.tag, false)?;
+    // The common answer (an existing env) is serialized once per env, not per request.
+    let body = if created {
+        Bytes::from(env_json(&built, true).to_string())
+    } else {
+        cached
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn release_env(State(daemon): AppState, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod gpus;
+pub mod logs;
 pub mod socket;
 pub mod state;
 pub mod workers;
@@ -99,6 +100,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         config.stop_grace,
         config.max_json_bytes,
     ));
+    daemon.logs.refill_if_low();
     let app = api::router(Arc::clone(&daemon));
     let peers = PeerPolicy {
         me: unsafe { libc::geteuid() },

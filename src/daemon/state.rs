@@ -37,6 +37,8 @@ pub struct EnvRecord {
     pub refs: u64,
     pub ref_tags: Vec<String>,
     pub workers: u64,
+    /// The `POST /v1/envs` answer for an existing env, serialized once.
+    pub response: axum::body::Bytes,
     pub last_used: f64,
     /// Held while `refs + workers > 0`.
     leases: Option<Vec<Lease>>,
@@ -95,6 +97,7 @@ pub struct Daemon {
     pub exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pub metrics: Metrics,
     pub max_json_bytes: usize,
+    pub logs: Arc<super::logs::LogPool>,
     builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
@@ -116,7 +119,10 @@ impl Daemon {
         stop_grace: std::time::Duration,
         max_json_bytes: usize,
     ) -> Daemon {
+        let logs = super::logs::LogPool::new(store.root().join("logs").join("workers"))
+            .expect("the store's log directory is writable");
         Daemon {
+            logs: Arc::new(logs),
             store,
             policy,
             zero_gpus,
@@ -139,16 +145,18 @@ impl Daemon {
     /// Returns the env and whether this request's build created any of its entries.
     pub async fn get_or_create(
         self: &Arc<Self>,
-        runtime_env: &serde_json::Value,
+        runtime_env: &serde_json::value::RawValue,
     ) -> Result<(Arc<BuiltEnv>, bool), ApiError> {
-        // The request exactly as sent (serde_json sorts keys): a repeat skips validation.
-        let raw_key = format!("raw:{runtime_env}");
+        // The request's exact text: a repeat skips parsing and validation altogether.
+        let raw_key = format!("raw:{}", runtime_env.get());
         if let Some(built) = self.cached(&raw_key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));
         }
+        let runtime_env: serde_json::Value = serde_json::from_str(runtime_env.get())
+            .map_err(|e| ApiError::bad_request("runtime_env", format!("invalid JSON: {e}")))?;
         let spec =
-            RuntimeEnvSpec::from_value(runtime_env).map_err(|e| ApiError::from(crate::Error::from(e)))?;
+            RuntimeEnvSpec::from_value(&runtime_env).map_err(|e| ApiError::from(crate::Error::from(e)))?;
         if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
             return Err(ApiError::bad_request(
                 "working_dir",
@@ -248,15 +256,18 @@ impl Daemon {
                 );
                 let built = Arc::new(built);
                 let mut envs = self.envs.lock().unwrap();
+                let response = axum::body::Bytes::from(super::api::env_json(&built, false).to_string());
                 let record = envs.entry(built.env_id).or_insert_with(|| EnvRecord {
                     built: Arc::clone(&built),
                     refs: 0,
                     ref_tags: Vec::new(),
                     workers: 0,
+                    response: response.clone(),
                     last_used: now(),
                     leases: None,
                 });
                 record.built = Arc::clone(&built);
+                record.response = response;
                 if record.leases.is_none() {
                     record.leases = Some(leases);
                 }
@@ -275,8 +286,14 @@ impl Daemon {
         }
     }
 
-    /// Adds a reference (`workers: false`) or a running worker (`true`) to an env.
-    pub fn hold(&self, env_id: EnvId, tag: Option<String>, worker: bool) -> Result<(), ApiError> {
+    /// Adds a reference (`workers: false`) or a running worker (`true`) to an env, and
+    /// returns the env's cached answer.
+    pub fn hold(
+        &self,
+        env_id: EnvId,
+        tag: Option<String>,
+        worker: bool,
+    ) -> Result<axum::body::Bytes, ApiError> {
         let mut envs = self.envs.lock().unwrap();
         let record = envs
             .get_mut(&env_id)
@@ -291,7 +308,7 @@ impl Daemon {
         if record.leases.is_none() {
             record.leases = record.built.lease(&self.store).ok().flatten();
         }
-        Ok(())
+        Ok(record.response.clone())
     }
 
     /// Drops a reference or a worker; the leases go with the last of them.

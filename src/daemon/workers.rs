@@ -21,7 +21,7 @@ type AppState = State<Arc<Daemon>>;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartWorker {
-    runtime_env: Option<Value>,
+    runtime_env: Option<Box<serde_json::value::RawValue>>,
     env_id: Option<String>,
     argv: Vec<String>,
     gpus: Option<Vec<u32>>,
@@ -74,11 +74,10 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
     let give_back = |daemon: &Daemon| daemon.gpus.lock().unwrap().release(&gpus);
 
     let worker_id = daemon.new_worker_id();
-    let logs = daemon.store.root().join("logs").join("workers");
+    let logs = daemon.logs.dir();
     let stdout_log = logs.join(format!("{worker_id}.stdout"));
     let stderr_log = logs.join(format!("{worker_id}.stderr"));
     let spawn = || -> Result<tokio::process::Child, ApiError> {
-        fs_err::create_dir_all(&logs).map_err(|e| ApiError::internal(e.to_string()))?;
         let gpu_env = if gpus.is_empty() && daemon.zero_gpus == ZeroGpus::Inherit {
             None
         } else {
@@ -86,11 +85,15 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
         };
         let mut cmd = crate::worker::command(&built.context, &daemon.base_env, &request.argv, gpu_env)
             .map_err(|e| ApiError::bad_request("argv", e.to_string()))?;
-        let out = fs_err::File::create(&stdout_log).map_err(|e| ApiError::internal(e.to_string()))?;
-        let err = fs_err::File::create(&stderr_log).map_err(|e| ApiError::internal(e.to_string()))?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(out.into_parts().0)
-            .stderr(err.into_parts().0);
+        let log = |name: String| {
+            daemon
+                .logs
+                .create(&name)
+                .map_err(|e| ApiError::internal(format!("worker log: {e}")))
+        };
+        let out = log(format!("{worker_id}.stdout"))?;
+        let err = log(format!("{worker_id}.stderr"))?;
+        cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         tokio::process::Command::from(cmd)
             .kill_on_drop(false)
@@ -107,6 +110,7 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
             return Err(e);
         }
     };
+    daemon.logs.refill_if_low();
     let pid = child.id().unwrap_or(0);
     let info = WorkerInfo {
         worker_id: worker_id.clone(),
