@@ -75,7 +75,7 @@ fn to_json(built: &BuiltEnv) -> String {
     let venv = built
         .venv
         .as_ref()
-        .map(|e| json!({"key": e.key.to_string(), "path": e.path, "created": e.created}));
+        .map(|e| json!({"key": e.key.to_string(), "path": e.path, "bytes": e.bytes, "created": e.created}));
     let value = json!({
         "env_id": built.env_id.to_string(),
         "working_dir": built.working_dir_path(),

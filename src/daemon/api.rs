@@ -207,7 +207,8 @@ async fn list_envs(State(daemon): AppState) -> Json<Value> {
     let mut list: Vec<Value> = envs
         .values()
         .map(|r| {
-            let bytes = r.built.working_dir.as_ref().map_or(0, |e| e.bytes);
+            let working_dir_bytes = r.built.working_dir.as_ref().map_or(0, |e| e.bytes);
+            let venv_bytes = r.built.venv.as_ref().map_or(0, |e| e.bytes);
             json!({
                 "env_id": r.built.env_id.to_string(),
                 "refs": r.refs,
@@ -215,7 +216,9 @@ async fn list_envs(State(daemon): AppState) -> Json<Value> {
                 "workers": r.workers,
                 "working_dir": r.built.working_dir_path(),
                 "python": r.built.context.python,
-                "working_dir_bytes": bytes,
+                "bytes": working_dir_bytes + venv_bytes,
+                "working_dir_bytes": working_dir_bytes,
+                "venv_bytes": venv_bytes,
                 "last_used": r.last_used,
             })
         })

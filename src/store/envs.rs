@@ -27,6 +27,8 @@ use crate::progress::Progress;
 pub struct EnvEntry {
     pub key: EnvKey,
     pub path: PathBuf,
+    /// Bytes of its files, as recorded when it was built.
+    pub bytes: u64,
     pub created: bool,
     pub timings_ms: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -54,6 +56,9 @@ struct EnvMeta {
     kind: String,
     key: String,
     created_unix: u64,
+    /// Bytes of the env's files (hardlinks into the uv cache counted in full).
+    #[serde(default)]
+    bytes: u64,
     /// What the key is the digest of: requirements, installer, interpreter, index, options.
     description: serde_json::Value,
 }
@@ -84,13 +89,14 @@ impl Store {
     /// The committed env for `key`. Also the cheap per-hit check: an env whose interpreter
     /// link no longer resolves (base Python removed) is not served.
     pub fn find_env(&self, key: EnvKey) -> Result<Option<EnvEntry>, StoreError> {
-        if read_json::<EnvMeta>(&self.env_marker(key))?.is_none() {
+        let Some(meta) = read_json::<EnvMeta>(&self.env_marker(key))? else {
             return Ok(None);
-        }
+        };
         let path = self.env_path(key);
         let entry = EnvEntry {
             key,
             path,
+            bytes: meta.bytes,
             created: false,
             timings_ms: Default::default(),
         };
@@ -174,6 +180,7 @@ impl Store {
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            bytes: walked.bytes,
             description: description.clone(),
         };
         write_json_atomic(&marker, &meta)?;
@@ -182,6 +189,7 @@ impl Store {
         Ok(EnvEntry {
             key,
             path: final_path,
+            bytes: walked.bytes,
             created: true,
             timings_ms: timings,
         })
@@ -199,6 +207,7 @@ struct Walked {
     /// Directories below the root (not the root), parents first.
     dirs: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    bytes: u64,
 }
 
 /// Lists a freshly built tree without following symlinks.
@@ -206,6 +215,7 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     let mut walked = Walked {
         dirs: Vec::new(),
         files: Vec::new(),
+        bytes: 0,
     };
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -216,6 +226,7 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
                 walked.dirs.push(entry.path());
                 pending.push(entry.path());
             } else if kind.is_file() {
+                walked.bytes += entry.metadata()?.len();
                 walked.files.push(entry.path());
             }
         }

@@ -138,6 +138,11 @@ fn get_or_create_takes_references_and_release_gives_them_back() {
     let listed = daemon.get("/v1/envs");
     assert_eq!(listed["envs"][0]["refs"], 2);
     assert_eq!(listed["envs"][0]["ref_tags"], json!(["job-1"]));
+    assert!(
+        listed["envs"][0]["venv_bytes"].as_u64().unwrap() > 1000,
+        "{listed}"
+    );
+    assert!(listed["envs"][0]["last_used"].as_f64().unwrap() > 0.0);
 
     // Keep-alive: several requests on one connection.
     let mut session = daemon.client().session().unwrap();
