@@ -29,6 +29,7 @@ pub mod progress;
 pub mod resolve;
 pub mod spec;
 pub mod store;
+pub mod units;
 pub mod venv;
 pub mod worker;
 

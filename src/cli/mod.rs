@@ -2,6 +2,7 @@
 
 mod build;
 mod daemon;
+mod gc;
 mod jobs;
 mod package;
 mod run;
@@ -49,6 +50,10 @@ enum Command {
     Stop(jobs::IdArgs),
     /// List the daemon's jobs.
     Ps(jobs::PsArgs),
+    /// List the store's entries: size, age, last use, who holds them, what they hold.
+    Ls(gc::LsArgs),
+    /// Evict least-recently-used entries (cron-safe: leased entries are never touched).
+    Prune(gc::PruneArgs),
 }
 
 /// Options shared by every command that opens the store.
@@ -179,6 +184,8 @@ pub fn main() -> ExitCode {
         Command::Logs(args) => jobs::logs(args),
         Command::Stop(args) => jobs::stop(args),
         Command::Ps(args) => jobs::ps(args),
+        Command::Ls(args) => gc::ls(args),
+        Command::Prune(args) => gc::prune(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

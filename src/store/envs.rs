@@ -100,7 +100,11 @@ impl Store {
             created: false,
             timings_ms: Default::default(),
         };
-        Ok(entry.python().exists().then_some(entry))
+        if !entry.python().exists() {
+            return Ok(None);
+        }
+        self.touch(&self.env_marker(key));
+        Ok(Some(entry))
     }
 
     /// Ensures the env `key` is committed, running `build` in staging if it is new.

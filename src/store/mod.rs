@@ -46,6 +46,7 @@
 //! follows a symlink and only touches names this module created.
 
 mod envs;
+pub mod gc;
 mod lock;
 mod single_flight;
 
@@ -91,6 +92,8 @@ pub enum StoreError {
         expected: PackageDigest,
         actual: PackageDigest,
     },
+    #[error("{0}")]
+    Busy(String),
     #[error("the store at {path} is unusable: {reason}")]
     Unusable { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -261,6 +264,7 @@ impl Store {
         if !path.is_dir() {
             return Ok(None);
         }
+        self.touch(&self.package_marker(digest));
         Ok(Some(PackageEntry {
             digest,
             path,
@@ -531,6 +535,13 @@ impl Store {
             .root
             .join("trash")
             .join(format!("{name}-{}-{nanos}", std::process::id()));
+        // Moving a directory to another parent rewrites its `..`: a sealed (0555) entry must
+        // be made writable first. lstat: a symlink is never followed.
+        if let Ok(meta) = path.symlink_metadata()
+            && meta.is_dir()
+        {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+        }
         match fs_err::rename(path, &target) {
             // Another sweeper got there first.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -9,6 +9,7 @@ mod daemon;
 mod digest;
 mod excludes;
 mod hostile_zips;
+mod prune;
 mod spec_cli;
 mod venvs;
 mod zips;

@@ -1,0 +1,272 @@
+//! Listing and pruning the store: `renv ls` and `renv prune`, safe to run from cron while
+//! builds, runs and the daemon are active.
+//!
+//! Last use is the mtime of an entry's marker, refreshed on hits at most once a minute (no
+//! write storm on hot paths). A timestamp in the future — a clock that jumped back — is
+//! read as "unknown", which never protects an entry: only leases do.
+//!
+//! Removal of one entry, under its exclusive lock taken *non-blocking* (a held lease or a
+//! build in progress means "in use": skip it):
+//! marker first (from then on nobody serves it), then rename into trash, then delete.
+//! A crash between the steps leaves a marker-less directory, which is garbage by the
+//! store's rules and goes at the next prune or publish. Only names of the store's own
+//! format are touched, and nothing is followed through a symlink.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{LockFile, LockMode, Store, StoreError, read_json};
+
+/// One committed entry, as `renv ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryInfo {
+    pub kind: &'static str,
+    pub id: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub created_unix: u64,
+    pub last_used_unix: u64,
+    /// Processes holding a lease (or building it) right now.
+    pub holders: Vec<u32>,
+    /// What it was built from: the working_dir source, or the requirement list.
+    pub source: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PrunePolicy {
+    pub max_size: Option<u64>,
+    pub older_than: Option<Duration>,
+    pub min_age: Duration,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    #[serde(flatten)]
+    pub entry: EntryInfo,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub removed: Vec<Decision>,
+    pub kept: Vec<Decision>,
+    pub bytes_before: u64,
+    pub bytes_freed: u64,
+    pub orphans_removed: usize,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Processes holding a `flock` on `path`, from /proc/locks.
+fn lock_holders(path: &Path) -> Vec<u32> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let inode = meta.ino();
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = locks
+        .lines()
+        .filter(|line| line.contains("FLOCK"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // "1: FLOCK ADVISORY READ 1234 08:01:5678 0 EOF" (a "->" marks a waiter)
+            let at = fields.iter().position(|f| *f == "FLOCK")?;
+            if fields.get(at.saturating_sub(1)) == Some(&"->") {
+                return None;
+            }
+            let pid: u32 = fields.get(at + 3)?.parse().ok()?;
+            let ino: u64 = fields.get(at + 4)?.rsplit(':').next()?.parse().ok()?;
+            (ino == inode).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+impl Store {
+    /// Records a use of the entry whose marker is `marker` (at most once a minute).
+    pub(crate) fn touch(&self, marker: &Path) {
+        let now = SystemTime::now();
+        let fresh = std::fs::metadata(marker)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t <= now && now.duration_since(t).unwrap_or_default() < Duration::from_secs(60));
+        if !fresh && let Ok(file) = std::fs::File::options().write(true).open(marker) {
+            let _ = file.set_modified(now);
+        }
+    }
+
+    /// Every committed entry.
+    pub fn list_entries(&self) -> Result<Vec<EntryInfo>, StoreError> {
+        let now = unix(SystemTime::now());
+        let mut out = Vec::new();
+        for (kind, dir, prefix) in [("package", "pkgs", "pkg"), ("env", "envs", "env")] {
+            for entry in fs_err::read_dir(self.root.join(dir))? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if !is_digest(&name) {
+                    continue;
+                }
+                let marker = self.root.join("meta").join(format!("{prefix}-{name}.json"));
+                let Some(meta) = read_json::<Value>(&marker)? else {
+                    continue;
+                };
+                let mtime = std::fs::metadata(&marker)
+                    .and_then(|m| m.modified())
+                    .map(unix)
+                    .unwrap_or(0);
+                let created = meta["created_unix"].as_u64().unwrap_or(0);
+                // A future stamp (the clock went back) says nothing: fall back to creation.
+                let last_used = if mtime > now { created.min(now) } else { mtime };
+                let source = match kind {
+                    "package" => meta["source"].clone(),
+                    _ => meta["description"]["requirements"].clone(),
+                };
+                out.push(EntryInfo {
+                    kind,
+                    path: self.root.join(dir).join(&name),
+                    holders: lock_holders(&self.lock_path(&format!("{prefix}-{name}"))),
+                    id: name,
+                    bytes: meta["bytes"].as_u64().unwrap_or(0),
+                    created_unix: created,
+                    last_used_unix: last_used,
+                    source,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.last_used_unix, &a.id).cmp(&(b.last_used_unix, &b.id)));
+        Ok(out)
+    }
+
+    /// Evicts least-recently-used entries under `policy`. Returns what was removed and
+    /// what was kept, and why.
+    pub fn prune(&self, policy: &PrunePolicy) -> Result<PruneReport, StoreError> {
+        let Some(_pruning) = LockFile::try_acquire(&self.lock_path("prune"), LockMode::Exclusive)? else {
+            return Err(StoreError::Busy(
+                "another renv prune is already running on this store".into(),
+            ));
+        };
+        let now = unix(SystemTime::now());
+        let entries = self.list_entries()?;
+        let mut report = PruneReport {
+            dry_run: policy.dry_run,
+            ..PruneReport::default()
+        };
+        report.bytes_before = entries.iter().map(|e| e.bytes).sum();
+        let mut total = report.bytes_before;
+        for entry in entries {
+            let over_size = policy.max_size.is_some_and(|max| total > max);
+            let too_old = policy
+                .older_than
+                .is_some_and(|d| now.saturating_sub(entry.last_used_unix) > d.as_secs());
+            if !over_size && !too_old {
+                report.kept.push(Decision {
+                    entry,
+                    reason: "within policy".into(),
+                });
+                continue;
+            }
+            if now.saturating_sub(entry.created_unix) < policy.min_age.as_secs() {
+                report.kept.push(Decision {
+                    entry,
+                    reason: "younger than --min-age".into(),
+                });
+                continue;
+            }
+            let prefix = if entry.kind == "package" { "pkg" } else { "env" };
+            let lock_name = format!("{prefix}-{}", entry.id);
+            let Some(_lock) = LockFile::try_acquire(&self.lock_path(&lock_name), LockMode::Exclusive)? else {
+                let reason = format!("in use (pids {:?})", lock_holders(&self.lock_path(&lock_name)));
+                report.kept.push(Decision { entry, reason });
+                continue;
+            };
+            let reason = if too_old {
+                "unused for longer than --older-than"
+            } else {
+                "store over --max-size (LRU)"
+            };
+            if !policy.dry_run {
+                let marker = self.root.join("meta").join(format!("{lock_name}.json"));
+                fs_err::remove_file(&marker)?;
+                super::fsync_dir(&self.root.join("meta"))?;
+                self.discard(&entry.path, &lock_name)?;
+                if entry.kind == "env" {
+                    let pycache = self.root.join("pycache").join(&entry.id);
+                    if pycache.exists() {
+                        self.discard(&pycache, &format!("pycache-{}", entry.id))?;
+                    }
+                }
+            }
+            total = total.saturating_sub(entry.bytes);
+            report.bytes_freed += entry.bytes;
+            report.removed.push(Decision {
+                entry,
+                reason: reason.into(),
+            });
+        }
+        if !policy.dry_run {
+            report.orphans_removed = self.remove_orphans()?;
+        }
+        Ok(report)
+    }
+
+    /// Marker-less entry directories (crashed publishes or prunes) and zip aliases whose
+    /// package is gone.
+    fn remove_orphans(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (dir, prefix) in [("pkgs", "pkg"), ("envs", "env")] {
+            for entry in fs_err::read_dir(self.root.join(dir))? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if !is_digest(&name)
+                    || self
+                        .root
+                        .join("meta")
+                        .join(format!("{prefix}-{name}.json"))
+                        .exists()
+                {
+                    continue;
+                }
+                // Under its lock: a publish renames the directory, then writes the marker.
+                let lock_name = format!("{prefix}-{name}");
+                if let Some(_lock) = LockFile::try_acquire(&self.lock_path(&lock_name), LockMode::Exclusive)?
+                    && !self.root.join("meta").join(format!("{lock_name}.json")).exists()
+                {
+                    self.discard(&self.root.join(dir).join(&name), &lock_name)?;
+                    removed += 1;
+                }
+            }
+        }
+        let packages: HashSet<String> = fs_err::read_dir(self.root.join("pkgs"))?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        for entry in fs_err::read_dir(self.root.join("meta"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("zip-")
+                && let Some(alias) = read_json::<BTreeMap<String, String>>(&entry.path())?
+                && alias.get("package").is_some_and(|p| !packages.contains(p))
+            {
+                fs_err::remove_file(entry.path())?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn is_digest(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
