@@ -131,3 +131,41 @@ pub fn prune(args: PruneArgs) -> Result<(), Error> {
     );
     print_stdout(&out)
 }
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Remove damaged entries that are not in use, so the next request rebuilds them.
+    #[arg(long)]
+    repair: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Exit status 1 when a problem remains (unrepaired), so cron and scripts notice.
+pub fn verify(args: VerifyArgs) -> Result<u8, Error> {
+    let store = args.store.open(None)?;
+    let report = store.verify(args.repair)?;
+    if args.json {
+        print_stdout(&format!(
+            "{}\n",
+            serde_json::to_value(&report).expect("serializable")
+        ))?;
+    } else {
+        let mut out = String::new();
+        for p in &report.problems {
+            let state = if p.repaired { "removed" } else { "kept" };
+            let _ = writeln!(out, "{} {}: {} [{state}]", p.kind, p.id, p.problem);
+        }
+        let _ = writeln!(
+            out,
+            "{} entries checked, {} problems",
+            report.checked,
+            report.problems.len()
+        );
+        print_stdout(&out)?;
+    }
+    Ok(u8::from(report.problems.iter().any(|p| !p.repaired)))
+}

@@ -54,6 +54,8 @@ enum Command {
     Ls(gc::LsArgs),
     /// Evict least-recently-used entries (cron-safe: leased entries are never touched).
     Prune(gc::PruneArgs),
+    /// Re-check every entry against its digest / build record; --repair removes damage.
+    Verify(gc::VerifyArgs),
 }
 
 /// Options shared by every command that opens the store.
@@ -186,6 +188,10 @@ pub fn main() -> ExitCode {
         Command::Ps(args) => jobs::ps(args),
         Command::Ls(args) => gc::ls(args),
         Command::Prune(args) => gc::prune(args),
+        Command::Verify(args) => match gc::verify(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

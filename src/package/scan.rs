@@ -50,6 +50,22 @@ pub fn scan_dir(
     cache_dir: Option<&Path>,
     progress: &Progress,
 ) -> Result<ScannedTree, PackageError> {
+    scan(root, Some(excludes), threads, cache_dir, progress)
+}
+
+/// Every entry under `root`, no excludes and no `.gitignore`: how `renv verify` re-reads
+/// a committed package to check it against its name.
+pub fn scan_exact(root: &Path, threads: usize) -> Result<ScannedTree, PackageError> {
+    scan(root, None, threads, None, &Progress::hidden())
+}
+
+fn scan(
+    root: &Path,
+    excludes: Option<&[String]>,
+    threads: usize,
+    cache_dir: Option<&Path>,
+    progress: &Progress,
+) -> Result<ScannedTree, PackageError> {
     let root = match fs_err::canonicalize(root) {
         Ok(root) => root,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -64,7 +80,9 @@ pub fn scan_dir(
     let cache = cache_path
         .as_deref()
         .map_or_else(HashCache::disabled, HashCache::load);
-    let matcher = exclude_matcher(&root, excludes)?;
+    let matcher = excludes
+        .map(|excludes| exclude_matcher(&root, excludes))
+        .transpose()?;
     let found = walk(&root, matcher)?;
 
     let phase = progress.phase(
@@ -124,16 +142,21 @@ fn exclude_matcher(root: &Path, excludes: &[String]) -> Result<Gitignore, Packag
     })
 }
 
-fn walk(root: &Path, matcher: Gitignore) -> Result<Vec<(String, Found)>, PackageError> {
+/// With no matcher, every entry (and `.gitignore` files are just files).
+fn walk(root: &Path, matcher: Option<Gitignore>) -> Result<Vec<(String, Found)>, PackageError> {
+    let gitignore = matcher.is_some();
     let walker = WalkBuilder::new(root)
         .standard_filters(false)
-        .git_ignore(true)
+        .git_ignore(gitignore)
         .require_git(false)
         .parents(false)
         .follow_links(false)
         .filter_entry(move |entry| {
             let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
-            entry.depth() == 0 || !matcher.matched(entry.path(), is_dir).is_ignore()
+            entry.depth() == 0
+                || matcher
+                    .as_ref()
+                    .is_none_or(|m| !m.matched(entry.path(), is_dir).is_ignore())
         })
         .build();
 

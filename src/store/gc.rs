@@ -270,3 +270,75 @@ fn is_digest(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub kind: &'static str,
+    pub id: String,
+    pub problem: String,
+    /// Removed (`--repair`), so the next request rebuilds it.
+    pub repaired: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub checked: usize,
+    pub problems: Vec<Finding>,
+}
+
+impl Store {
+    /// Re-checks every committed entry: a package against its digest (re-read in full, no
+    /// excludes), an env for its marker, `pyvenv.cfg` and the interpreter it was built
+    /// with. With `repair`, a damaged entry that is not in use is removed.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        for entry in self.list_entries()? {
+            report.checked += 1;
+            let problem = match entry.kind {
+                "package" => match crate::package::scan::scan_exact(&entry.path, self.options.threads) {
+                    Ok(tree) if tree.manifest.digest().to_string() == entry.id => None,
+                    Ok(tree) => Some(format!(
+                        "contents hash to {}, not to its name",
+                        tree.manifest.digest()
+                    )),
+                    Err(e) => Some(format!("cannot be read back: {e}")),
+                },
+                _ => self.env_problem(&entry),
+            };
+            let Some(problem) = problem else { continue };
+            let prefix = if entry.kind == "package" { "pkg" } else { "env" };
+            let name = format!("{prefix}-{}", entry.id);
+            let mut repaired = false;
+            if repair && let Some(_lock) = LockFile::try_acquire(&self.lock_path(&name), LockMode::Exclusive)?
+            {
+                fs_err::remove_file(self.root.join("meta").join(format!("{name}.json")))?;
+                self.discard(&entry.path, &name)?;
+                repaired = true;
+            }
+            report.problems.push(Finding {
+                kind: entry.kind,
+                id: entry.id,
+                problem,
+                repaired,
+            });
+        }
+        Ok(report)
+    }
+
+    fn env_problem(&self, entry: &EntryInfo) -> Option<String> {
+        let marker = self.root.join("meta").join(format!("env-{}.json", entry.id));
+        let built_with = read_json::<Value>(&marker).ok().flatten()?["description"]["python"]["path"].clone();
+        if !entry.path.join("pyvenv.cfg").is_file() {
+            return Some("pyvenv.cfg is missing".into());
+        }
+        let python = entry.path.join("bin").join("python");
+        match (std::fs::canonicalize(&python), built_with.as_str()) {
+            (Err(_), _) => Some("its interpreter is gone (bin/python does not resolve)".into()),
+            (Ok(real), Some(expected)) if real != Path::new(expected) => Some(format!(
+                "bin/python resolves to {}, built with {expected}",
+                real.display()
+            )),
+            _ => None,
+        }
+    }
+}

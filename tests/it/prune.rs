@@ -157,3 +157,105 @@ fn a_second_prune_says_one_is_already_running() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("another renv prune is already running"));
     assert_eq!(ws.committed_packages().len(), 3);
 }
+
+#[test]
+fn verify_finds_tampering_and_repair_removes_it() {
+    let ws = Workspace::new();
+    let d = three_packages(&ws);
+    let verify = |extra: &[&str]| {
+        let out = ws.renv().args(["verify", "--json"]).args(extra).output().unwrap();
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        )
+    };
+    let (code, report) = verify(&[]);
+    assert_eq!((code, report["checked"].as_u64()), (Some(0), Some(3)));
+    // Tamper with one entry's file (the store made it read-only; root can still write).
+    let file = ws.store_v1("pkgs").join(&d[1]).join("data");
+    std::fs::write(&file, "tampered").unwrap();
+    let (code, report) = verify(&[]);
+    assert_eq!(code, Some(1));
+    assert_eq!(report["problems"][0]["id"], d[1].as_str());
+    assert!(
+        report["problems"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("not to its name")
+    );
+    assert_eq!(
+        ws.committed_packages().len(),
+        3,
+        "without --repair nothing is removed"
+    );
+    let (code, report) = verify(&["--repair"]);
+    assert_eq!(
+        (code, report["problems"][0]["repaired"].as_bool()),
+        (Some(0), Some(true))
+    );
+    assert_eq!(ws.committed_packages().len(), 2);
+    // The next request rebuilds it from the source.
+    assert_eq!(ws.build(&ws.path("p1.json"))["package"]["created"], true);
+}
+
+/// Builds and prunes SIGKILLed at random points, over and over: after each, every
+/// committed entry still matches its digest, and a build then succeeds and leaves nothing.
+#[test]
+fn crash_loop_keeps_the_store_consistent() {
+    let ws = Workspace::new();
+    for t in 0..3 {
+        crate::common::write_many(&ws.path(&format!("t{t}")), 150 + 50 * t, 4096);
+        ws.spec(&format!("t{t}.json"), &json!({"working_dir": format!("t{t}")}));
+    }
+    ws.package_zip("t0", "t0.zip");
+    ws.spec("zip.json", &json!({"working_dir": "t0.zip"}));
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..50 {
+        let spec = ["t0.json", "t1.json", "t2.json", "zip.json"][(next() % 4) as usize];
+        let mut victims = vec![
+            ws.renv()
+                .args(["build", "--json"])
+                .arg(ws.path(spec))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ];
+        if i % 3 == 0 {
+            let mut prune = ws.renv();
+            prune
+                .args(["prune", "--max-size", "0", "--min-age", "0s"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            victims.push(prune.spawn().unwrap());
+        }
+        std::thread::sleep(Duration::from_micros(next() % 60_000));
+        for mut v in victims {
+            let _ = v.kill();
+            v.wait().unwrap();
+        }
+        let out = ws.renv().args(["verify", "--json"]).output().unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            report["problems"].as_array().unwrap().is_empty(),
+            "iteration {i}: {report}"
+        );
+        for pkg in ws.committed_packages() {
+            assert!(
+                ws.store_v1("meta").join(format!("pkg-{pkg}.json")).exists()
+                    || !ws.store_v1("pkgs").join(&pkg).exists()
+            );
+        }
+    }
+    for spec in ["t0.json", "t1.json", "t2.json", "zip.json"] {
+        let built = ws.build(&ws.path(spec));
+        assert!(std::path::Path::new(built["working_dir"].as_str().unwrap()).is_dir());
+    }
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+}
