@@ -35,6 +35,13 @@ pub struct DaemonArgs {
     /// Largest JSON request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_json_bytes: usize,
+    /// Keep the store under this size (10G, 500MiB): prune least-recently-used entries
+    /// not in use down to 90% of it, after builds and once a minute.
+    #[arg(long, value_parser = crate::units::parse_size, value_name = "SIZE")]
+    max_store_size: Option<u64>,
+    /// The daemon's collector never removes entries younger than this.
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "10m", value_name = "DURATION")]
+    gc_min_age: Duration,
     /// Seconds a connection may take to send a request's headers before it is dropped.
     #[arg(long, default_value_t = 10)]
     header_timeout_seconds: u64,
@@ -68,6 +75,8 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         max_json_bytes: args.max_json_bytes,
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
+        max_store_size: args.max_store_size,
+        gc_min_age: args.gc_min_age,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -44,6 +44,10 @@ pub struct DaemonConfig {
     /// A connection that sends no complete request headers for this long is dropped.
     pub header_timeout: Duration,
     pub stop_grace: Duration,
+    /// Keep the store under this size (`--max-store-size`): above it, prune down to 90%.
+    pub max_store_size: Option<u64>,
+    /// Entries younger than this are never collected (a CLI build holds no lease).
+    pub gc_min_age: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +105,9 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         config.max_json_bytes,
     ));
     daemon.logs.refill_if_low();
+    if let Some(max) = config.max_store_size {
+        tokio::spawn(collect_garbage(Arc::clone(&daemon), max, config.gc_min_age));
+    }
     let app = api::router(Arc::clone(&daemon));
     let peers = PeerPolicy {
         me: unsafe { libc::geteuid() },
@@ -169,6 +176,43 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     let _ = std::fs::remove_file(&config.socket);
     workers::stop_all(&daemon).await;
     Ok(())
+}
+
+/// The daemon's own collector (kubelet-style watermarks): after every build that created
+/// entries and once a minute, if the store is over `max`, prune it down to 90% of `max`.
+/// Entries the daemon references or runs workers in are leased, so prune skips them.
+async fn collect_garbage(daemon: Arc<Daemon>, max: u64, min_age: Duration) {
+    loop {
+        tokio::select! {
+            _ = daemon.gc_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let store = Arc::clone(&daemon.store);
+        let result = tokio::task::spawn_blocking(move || {
+            let total: u64 = store.list_entries()?.iter().map(|e| e.bytes).sum();
+            if total <= max {
+                return Ok(None);
+            }
+            let low = max / 10 * 9;
+            let policy = crate::store::gc::PrunePolicy {
+                max_size: Some(low),
+                min_age,
+                ..Default::default()
+            };
+            store.prune(&policy).map(Some)
+        })
+        .await;
+        match result {
+            Ok(Ok(Some(report))) => tracing::info!(
+                removed = report.removed.len(),
+                bytes_freed = report.bytes_freed,
+                "store over --max-store-size: pruned"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
+            Err(e) => tracing::warn!(error = %e, "garbage collection panicked"),
+        }
+    }
 }
 
 fn refuse(status: axum::http::StatusCode, kind: &str, message: &str) -> axum::response::Response {

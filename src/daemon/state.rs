@@ -98,6 +98,8 @@ pub struct Daemon {
     pub metrics: Metrics,
     pub max_json_bytes: usize,
     pub logs: Arc<super::logs::LogPool>,
+    /// Wakes the garbage collector (after builds that created entries).
+    pub gc_wakeup: tokio::sync::Notify,
     builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
@@ -123,6 +125,7 @@ impl Daemon {
             .expect("the store's log directory is writable");
         Daemon {
             logs: Arc::new(logs),
+            gc_wakeup: tokio::sync::Notify::new(),
             store,
             policy,
             zero_gpus,
@@ -242,6 +245,7 @@ impl Daemon {
                 let created = built.working_dir.as_ref().is_some_and(|e| e.created)
                     || built.venv.as_ref().is_some_and(|e| e.created);
                 if created {
+                    self.gc_wakeup.notify_one();
                     m.builds.fetch_add(1, Ordering::Relaxed);
                     m.build_ms
                         .fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -832,3 +832,39 @@ fn a_disconnecting_waiter_does_not_cancel_the_build() {
     let log = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(log.lines().filter(|l| *l == "venv").count(), 1, "{log}");
 }
+
+/// With --max-store-size the daemon prunes released entries itself, never referenced ones.
+#[test]
+fn the_daemon_keeps_the_store_under_its_budget() {
+    let ws = setup();
+    for name in ["a", "b"] {
+        ws.write(&format!("{name}/data"), name.repeat(5000));
+        ws.package_zip(name, &format!("{name}.zip"));
+    }
+    let daemon = Daemon::start(&ws, &["--max-store-size", "1000", "--gc-min-age", "0s"]);
+    let env = |name: &str| json!({"runtime_env": {"working_dir": format!("file://{}", ws.path(&format!("{name}.zip")).display())}});
+    let a = daemon.post("/v1/envs", &env("a")).unwrap();
+    daemon
+        .client()
+        .json(
+            "DELETE",
+            &format!("/v1/envs/{}", a["env_id"].as_str().unwrap()),
+            None,
+        )
+        .unwrap();
+    let b = daemon.post("/v1/envs", &env("b")).unwrap();
+    let a_dir = std::path::PathBuf::from(a["working_dir"].as_str().unwrap());
+    let b_dir = std::path::PathBuf::from(b["working_dir"].as_str().unwrap());
+    let start = Instant::now();
+    while a_dir.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the released entry was never collected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b_dir.exists(), "the referenced entry is kept");
+    // And the released one comes back on request.
+    let again = daemon.post("/v1/envs", &env("a")).unwrap();
+    assert!(std::path::Path::new(again["working_dir"].as_str().unwrap()).exists());
+}
