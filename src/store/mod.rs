@@ -299,10 +299,12 @@ impl Store {
             let mut timings = BTreeMap::new();
             let staging = self.new_staging()?;
             let start = Instant::now();
-            package::tree::copy_into(tree, staging.path(), self.options.threads, progress)?;
+            package::tree::copy_into(tree, staging.path(), self.options.threads, progress)
+                .map_err(during("copying", &tree.root.display().to_string()))?;
             timings.insert("copy", ms(start));
             let source = format!("dir:{}", tree.root.display());
             self.publish(staging, digest, &tree.manifest, source, timings, progress)
+                .map_err(during("publishing", &format!("pkg://{digest}")))
         })
     }
 
@@ -343,7 +345,8 @@ impl Store {
                 self.options.unpack_limits,
                 self.options.threads,
                 progress,
-            )?;
+            )
+            .map_err(during("unpacking", &zip_path.display().to_string()))?;
             timings.insert("unpack", ms(start));
             // The alias below vouches that these zip bytes give this tree: the file must
             // not have changed between hashing and unpacking.
@@ -357,7 +360,8 @@ impl Store {
                 Some(hit) => hit,
                 None => {
                     let source = format!("zip:{zip_digest}");
-                    self.publish(staging, digest, &manifest, source, timings, progress)?
+                    self.publish(staging, digest, &manifest, source, timings, progress)
+                        .map_err(during("publishing", &format!("pkg://{digest}")))?
                 }
             };
             write_json_atomic(
@@ -393,7 +397,8 @@ impl Store {
                 self.options.unpack_limits,
                 self.options.threads,
                 &progress,
-            )?;
+            )
+            .map_err(during("unpacking", &zip_path.display().to_string()))?;
             timings.insert("unpack", ms(start));
             let digest = manifest.digest();
             if digest != expected {
@@ -616,6 +621,25 @@ impl Drop for Staging {
         }
         if let Some(lock) = self.lock.take() {
             let _ = lock.remove();
+        }
+    }
+}
+
+/// Names the step and entry in an I/O failure (disk full, permissions), so the error says
+/// what renv was doing; the input's own errors (a bad archive, a changed file) pass through.
+fn during<E: Into<StoreError>>(step: &'static str, entry: &str) -> impl FnOnce(E) -> StoreError {
+    let entry = entry.to_string();
+    move |e| {
+        let e = e.into();
+        let io = match &e {
+            StoreError::Io(io) => Some(io),
+            StoreError::Package(PackageError::Io(io)) => Some(io),
+            StoreError::Archive(ArchiveError::Io(io)) => Some(io),
+            _ => None,
+        };
+        match io {
+            Some(io) => StoreError::Io(std::io::Error::new(io.kind(), format!("{step} {entry}: {io}"))),
+            None => e,
         }
     }
 }

@@ -259,3 +259,64 @@ fn crash_loop_keeps_the_store_consistent() {
     }
     assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
 }
+
+/// A real full disk: a 2 MiB tmpfs store. Needs root and mount(2); skipped otherwise.
+#[test]
+fn a_full_disk_fails_the_build_cleanly_and_keeps_everything_else() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let ws = Workspace::new();
+    let mountpoint = ws.path("small");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mountpoint)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping the disk-full test: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(mountpoint.clone());
+    let store = mountpoint.join("store");
+    let store_arg = store.to_str().unwrap();
+    ws.write("tiny/x", "tiny");
+    for i in 0..40 {
+        ws.write(&format!("big/f{i}"), vec![i as u8; 100_000]);
+    }
+    let tiny = ws.build_with(
+        &ws.spec("tiny.json", &json!({"working_dir": "tiny"})),
+        &["--store", store_arg],
+    );
+    let (code, stderr) = ws.build_fails(
+        &ws.spec("big.json", &json!({"working_dir": "big"})),
+        &["--store", store_arg],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("copying") && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    ws.package_zip("big", "big.zip");
+    let (_, stderr) = ws.build_fails(
+        &ws.spec("bigzip.json", &json!({"working_dir": "big.zip"})),
+        &["--store", store_arg],
+    );
+    assert!(
+        stderr.contains("unpacking") && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    let v1 = store.join("store-v1");
+    assert!(crate::common::list_dir(&v1.join("staging")).is_empty());
+    assert!(crate::common::list_dir(&v1.join("trash")).is_empty());
+    let verify = ws.renv().args(["verify", "--store", store_arg]).output().unwrap();
+    assert_success(&verify);
+    assert!(std::path::Path::new(tiny["working_dir"].as_str().unwrap()).is_dir());
+}
