@@ -197,8 +197,9 @@ impl Store {
             };
             if !policy.dry_run {
                 let marker = self.root.join("meta").join(format!("{lock_name}.json"));
+                // No fsync between the steps: if the marker's removal is lost in a crash, a
+                // marker without its directory reads as absent, the same as no marker.
                 fs_err::remove_file(&marker)?;
-                super::fsync_dir(&self.root.join("meta"))?;
                 self.discard(&entry.path, &lock_name)?;
                 if entry.kind == "env" {
                     let pycache = self.root.join("pycache").join(&entry.id);
