@@ -339,7 +339,72 @@ impl Store {
                 "bin/python resolves to {}, built with {expected}",
                 real.display()
             )),
-            _ => None,
+            _ => check_records(&entry.path),
         }
     }
+}
+
+/// Checks every installed file of an env against its wheel's RECORD (size and sha256).
+/// Returns the first mismatch.
+fn check_records(env: &Path) -> Option<String> {
+    use sha2::Digest as _;
+    let lib = env.join("lib");
+    let site_packages = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())?;
+    for dist in std::fs::read_dir(&site_packages).ok()?.filter_map(Result::ok) {
+        let record = dist.path().join("RECORD");
+        let Ok(text) = std::fs::read_to_string(&record) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut fields = line.rsplitn(3, ',');
+            let (size, hash, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let Some(expected) = hash.strip_prefix("sha256=") else {
+                continue;
+            };
+            let file = site_packages.join(path);
+            // Only files inside the env are ours to check.
+            let Ok(real) = std::fs::canonicalize(&file) else {
+                return Some(format!("{path} (listed in {}) is missing", record.display()));
+            };
+            if !real.starts_with(env) && !real.starts_with(std::fs::canonicalize(env).ok()?) {
+                continue;
+            }
+            let bytes = match std::fs::read(&real) {
+                Ok(bytes) => bytes,
+                Err(e) => return Some(format!("{path}: {e}")),
+            };
+            if size.parse::<usize>().is_ok_and(|s| s != bytes.len()) {
+                return Some(format!(
+                    "{path} is {} bytes, its wheel's RECORD says {size}",
+                    bytes.len()
+                ));
+            }
+            let digest = sha2::Sha256::digest(&bytes);
+            let actual = base64_url(&digest);
+            if actual != expected {
+                return Some(format!("{path} does not match the sha256 in its wheel's RECORD"));
+            }
+        }
+    }
+    None
+}
+
+/// Unpadded URL-safe base64, as wheel RECORD files write hashes.
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }

@@ -320,3 +320,62 @@ fn a_full_disk_fails_the_build_cleanly_and_keeps_everything_else() {
     assert_success(&verify);
     assert!(std::path::Path::new(tiny["working_dir"].as_str().unwrap()).is_dir());
 }
+
+#[test]
+fn verify_finds_a_truncated_file_in_an_env() {
+    let ws = Workspace::new();
+    crate::common::wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
+    let flags = ["--no-index", "--find-links", ws.path("wheels").to_str().unwrap()].map(String::from);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let built = ws.build_with(&ws.spec("env.json", &json!({"pip": ["tinypkg==1.0"]})), &extra);
+    let verify = || ws.renv().args(["verify", "--json"]).output().unwrap();
+    assert_success(&verify());
+    let init = std::process::Command::new(built["python"].as_str().unwrap())
+        .args(["-c", "import tinypkg; print(tinypkg.__file__)"])
+        .output()
+        .unwrap();
+    let init = String::from_utf8(init.stdout).unwrap().trim().to_string();
+    std::fs::write(&init, "VERS").unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["problems"][0]["kind"], "env");
+    assert!(
+        report["problems"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("tinypkg/__init__.py"),
+        "{report}"
+    );
+}
+
+/// Symlinks planted in an entry, and an entry swapped for a symlink, lead prune nowhere
+/// outside the store.
+#[test]
+fn prune_never_follows_a_symlink_out_of_the_store() {
+    let ws = Workspace::new();
+    let d = three_packages(&ws);
+    ws.write("outside/sentinel", "keep me");
+    ws.write("outside/dir/inner", "keep me too");
+    // A symlink inside a committed entry (root can write into the sealed tree).
+    let planted = ws.store_v1("pkgs").join(&d[0]).join("escape");
+    crate::common::set_mode(&ws.store_v1("pkgs").join(&d[0]), 0o755);
+    std::os::unix::fs::symlink(ws.path("outside"), &planted).unwrap();
+    // And an entry replaced by a symlink to an outside directory.
+    let swapped = ws.store_v1("pkgs").join(&d[1]);
+    crate::common::set_mode(&swapped, 0o755);
+    std::fs::remove_dir_all(&swapped).unwrap();
+    std::os::unix::fs::symlink(ws.path("outside/dir"), &swapped).unwrap();
+
+    prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    assert!(ws.committed_packages().is_empty());
+    assert_eq!(
+        std::fs::read_to_string(ws.path("outside/sentinel")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.path("outside/dir/inner")).unwrap(),
+        "keep me too"
+    );
+    assert!(ws.leftovers().is_empty());
+}
