@@ -60,6 +60,8 @@ pub struct PruneReport {
     pub bytes_before: u64,
     pub bytes_freed: u64,
     pub orphans_removed: usize,
+    /// What happened to the installer's wheel cache.
+    pub uv_cache: String,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -217,8 +219,50 @@ impl Store {
         }
         if !policy.dry_run {
             report.orphans_removed = self.remove_orphans()?;
+            report.uv_cache = self.prune_uv_cache();
         }
         Ok(report)
+    }
+
+    /// `uv cache prune` on the store's uv cache, but only while no build is using it
+    /// (builds hold `locks/uv-cache.lock` shared), so a concurrent install never loses a
+    /// file it is about to link.
+    fn prune_uv_cache(&self) -> String {
+        let cache = self.uv_cache_dir();
+        if !cache.join("CACHEDIR.TAG").exists() {
+            return "empty".into();
+        }
+        let pinned = self
+            .root
+            .join("tools")
+            .join(format!("uv-{}", crate::venv::UV_VERSION))
+            .join("bin/uv");
+        let uv = std::env::var_os(crate::env_vars::RENV_UV)
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .or_else(|| pinned.exists().then_some(pinned))
+            .or_else(|| crate::venv::interpreter::search_path(Path::new("uv")));
+        let Some(uv) = uv else {
+            return "skipped: no uv found (set RENV_UV)".into();
+        };
+        let Ok(Some(_exclusive)) = LockFile::try_acquire(&self.lock_path("uv-cache"), LockMode::Exclusive)
+        else {
+            return "skipped: a build is using it".into();
+        };
+        let status = std::process::Command::new(&uv)
+            .args(["cache", "prune", "--quiet", "--no-config", "--cache-dir"])
+            .arg(&cache)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => "pruned".into(),
+            Ok(s) => format!("uv cache prune failed ({s})"),
+            Err(e) => format!("cannot run {}: {e}", uv.display()),
+        }
     }
 
     /// Marker-less entry directories (crashed publishes or prunes) and zip aliases whose

@@ -271,6 +271,12 @@ fn build_with_uv(
     sandbox: &mut Sandbox,
 ) -> Result<(), VenvError> {
     let cache = store.uv_cache_dir();
+    // Builds share the cache; `renv prune` cleans it only when no build holds this.
+    let _cache_in_use = crate::store::LockFile::acquire(
+        &store.root().join("locks").join("uv-cache.lock"),
+        crate::store::LockMode::Shared,
+        store.options().lock_timeout,
+    )?;
     let env: [(&str, &OsStr); 2] = [
         ("UV_PYTHON_DOWNLOADS", OsStr::new("never")),
         ("UV_CACHE_DIR", cache.as_os_str()),

@@ -379,3 +379,19 @@ fn prune_never_follows_a_symlink_out_of_the_store() {
     );
     assert!(ws.leftovers().is_empty());
 }
+
+/// The installer's cache is pruned only while no build uses it.
+#[test]
+fn the_uv_cache_is_pruned_only_when_no_build_uses_it() {
+    let ws = Workspace::new();
+    crate::common::wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
+    let flags = ["--no-index", "--find-links", ws.path("wheels").to_str().unwrap()].map(String::from);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    ws.build_with(&ws.spec("env.json", &json!({"pip": ["tinypkg==1.0"]})), &extra);
+    assert_eq!(prune(&ws, &[])["uv_cache"], "pruned");
+    let building = std::fs::File::create(ws.store_v1("locks").join("uv-cache.lock")).unwrap();
+    building.lock_shared().unwrap();
+    assert_eq!(prune(&ws, &[])["uv_cache"], "skipped: a build is using it");
+    // The env itself is untouched by either.
+    assert_eq!(crate::common::list_dir(&ws.store_v1("envs")).len(), 1);
+}
