@@ -405,3 +405,31 @@ for dist, version, body in wheels:
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A small tmpfs mounted for a test (root only), unmounted on drop. `None` (with a note on
+/// stderr) where mounting is not allowed, so the test can skip.
+pub struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    pub fn new(path: &Path, size: &str) -> Option<TmpfsMount> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!(
+                "skipping: cannot mount a tmpfs at {} (needs root)",
+                path.display()
+            );
+        }
+        mounted.then(|| TmpfsMount(path.to_path_buf()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -868,3 +868,34 @@ fn the_daemon_keeps_the_store_under_its_budget() {
     let again = daemon.post("/v1/envs", &env("a")).unwrap();
     assert!(std::path::Path::new(again["working_dir"].as_str().unwrap()).exists());
 }
+
+/// The store's disk fills up mid-request: that request fails naming the step, nothing is
+/// left in staging, and the daemon goes on serving.
+#[test]
+fn a_full_disk_fails_one_request_and_the_daemon_keeps_serving() {
+    let ws = setup();
+    let Some(_mount) = crate::common::TmpfsMount::new(&ws.path("small"), "2m") else {
+        return;
+    };
+    for i in 0..40 {
+        ws.write(&format!("big/f{i}"), vec![i as u8; 100_000]);
+    }
+    ws.write("tiny/x", "tiny");
+    ws.package_zip("big", "big.zip");
+    ws.package_zip("tiny", "tiny.zip");
+    let store = ws.path("small/store");
+    let daemon = Daemon::start(&ws, &["--store", store.to_str().unwrap()]);
+    let zip_env =
+        |name: &str| json!({"runtime_env": {"working_dir": format!("file://{}", ws.path(name).display())}});
+    let (status, _, _, message) = api_error(daemon.post("/v1/envs", &zip_env("big.zip")));
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains("unpacking") && message.contains("No space left on device"),
+        "{message}"
+    );
+    let tiny = daemon.post("/v1/envs", &zip_env("tiny.zip")).unwrap();
+    assert!(std::path::Path::new(tiny["working_dir"].as_str().unwrap()).is_dir());
+    assert_eq!(daemon.get("/healthz")["ok"], true);
+    assert!(list_dir(&store.join("store-v1/staging")).is_empty());
+    assert!(list_dir(&store.join("store-v1/trash")).is_empty());
+}

@@ -209,6 +209,11 @@ fn crash_loop_keeps_the_store_consistent() {
     }
     ws.package_zip("t0", "t0.zip");
     ws.spec("zip.json", &json!({"working_dir": "t0.zip"}));
+    // And a virtualenv, so installs are killed too.
+    crate::common::wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
+    ws.spec("env.json", &json!({"working_dir": "t1", "pip": ["tinypkg==1.0"]}));
+    let wheels = ws.path("wheels").display().to_string();
+    let index = ["--no-index", "--find-links", wheels.as_str()];
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         seed ^= seed << 13;
@@ -217,10 +222,11 @@ fn crash_loop_keeps_the_store_consistent() {
         seed
     };
     for i in 0..50 {
-        let spec = ["t0.json", "t1.json", "t2.json", "zip.json"][(next() % 4) as usize];
+        let spec = ["t0.json", "t1.json", "t2.json", "zip.json", "env.json"][(next() % 5) as usize];
         let mut victims = vec![
             ws.renv()
                 .args(["build", "--json"])
+                .args(index)
                 .arg(ws.path(spec))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -253,8 +259,8 @@ fn crash_loop_keeps_the_store_consistent() {
             );
         }
     }
-    for spec in ["t0.json", "t1.json", "t2.json", "zip.json"] {
-        let built = ws.build(&ws.path(spec));
+    for spec in ["t0.json", "t1.json", "t2.json", "zip.json", "env.json"] {
+        let built = ws.build_with(&ws.path(spec), &index);
         assert!(std::path::Path::new(built["working_dir"].as_str().unwrap()).is_dir());
     }
     assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
@@ -263,28 +269,11 @@ fn crash_loop_keeps_the_store_consistent() {
 /// A real full disk: a 2 MiB tmpfs store. Needs root and mount(2); skipped otherwise.
 #[test]
 fn a_full_disk_fails_the_build_cleanly_and_keeps_everything_else() {
-    struct Mount(std::path::PathBuf);
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let ws = Workspace::new();
     let mountpoint = ws.path("small");
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mountpoint)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipping the disk-full test: cannot mount a tmpfs here (needs root)");
+    let Some(_mount) = crate::common::TmpfsMount::new(&mountpoint, "2m") else {
         return;
-    }
-    let _mount = Mount(mountpoint.clone());
+    };
     let store = mountpoint.join("store");
     let store_arg = store.to_str().unwrap();
     ws.write("tiny/x", "tiny");
