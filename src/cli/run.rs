@@ -38,12 +38,17 @@ pub fn run(args: RunArgs) -> Result<u8, Error> {
     let policy = args.venv.policy();
     let progress = Progress::for_stderr();
     // An entry pruned between the build and the lease is built again.
-    let (built, _leases) = loop {
+    let (built, leases) = loop {
         let built = build_env(&spec, &base_dir, &store, &policy, &progress)?;
         if let Some(leases) = built.lease(&store)? {
             break (built, leases);
         }
     };
+    // The command inherits the leases too: they hold while it runs even if renv is killed.
+    let _inherited = leases
+        .iter()
+        .map(|lease| lease.inheritable())
+        .collect::<Result<Vec<_>, _>>()?;
     let base_env = std::env::vars().collect();
     let cmd = worker::command(&built.context, &base_env, &args.command, args.gpus.as_deref())?;
     Ok(worker::run_foreground(cmd)?)

@@ -100,9 +100,22 @@ pub async fn start(State(daemon): AppState, body: Bytes) -> Result<Json<Value>, 
             .spawn()
             .map_err(|e| ApiError::bad_request("argv", format!("cannot start {:?}: {e}", request.argv[0])))
     };
-    // The env stays leased from before the spawn until the worker's exit is recorded.
+    // The env stays leased from before the spawn until the worker's exit is recorded, and
+    // the worker itself inherits a lease, so its env stays protected even if this daemon
+    // dies and restarts while it runs.
     daemon.hold(built.env_id, None, true)?;
-    let mut child = match spawn() {
+    let own_leases = built
+        .lease(&daemon.store)
+        .map_err(ApiError::from)?
+        .unwrap_or_default();
+    let inherited = own_leases
+        .iter()
+        .map(|lease| lease.inheritable())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::internal(format!("lease: {e}")));
+    let spawned = inherited.and_then(|_inherited| spawn());
+    drop(own_leases);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             give_back(&daemon);

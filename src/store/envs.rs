@@ -66,7 +66,24 @@ struct EnvMeta {
 /// A held lease; released on drop (or by the kernel if the holder dies).
 #[derive(Debug)]
 pub struct Lease {
-    _lock: LockFile,
+    lock: LockFile,
+}
+
+impl Lease {
+    /// A duplicate of the lease's descriptor that a child process will inherit (dup(2)
+    /// clears close-on-exec). `flock` belongs to the open file description, so the child
+    /// holds the lease too — it outlives this process, e.g. a daemon restart. Close the
+    /// duplicate in this process once the child has started.
+    pub fn inheritable(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: dup of a descriptor we own; the result is checked and then owned.
+        let fd = unsafe { libc::dup(self.lock.file().as_raw_fd()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
 }
 
 impl Store {
@@ -203,7 +220,7 @@ impl Store {
     /// being built or deleted, then holds it shared until dropped.
     pub fn lease(&self, name: &str) -> Result<Lease, StoreError> {
         let lock = LockFile::acquire(&self.lock_path(name), LockMode::Shared, self.options.lock_timeout)?;
-        Ok(Lease { _lock: lock })
+        Ok(Lease { lock })
     }
 }
 

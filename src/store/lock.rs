@@ -84,7 +84,6 @@ impl LockFile {
         fs_err::remove_file(&self.path)
     }
 
-    #[doc(hidden)]
     pub fn file(&self) -> &File {
         &self.file
     }

@@ -899,3 +899,44 @@ fn a_full_disk_fails_one_request_and_the_daemon_keeps_serving() {
     assert!(list_dir(&store.join("store-v1/staging")).is_empty());
     assert!(list_dir(&store.join("store-v1/trash")).is_empty());
 }
+
+/// A worker inherits its env's lease: if the daemon dies, a prune still cannot take the
+/// entries out from under the running worker.
+#[test]
+fn a_workers_lease_outlives_the_daemon() {
+    let ws = setup();
+    ws.write("proj/x", "x");
+    ws.package_zip("proj", "proj.zip");
+    let mut daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    let env = json!({"working_dir": format!("file://{}", ws.path("proj.zip").display())});
+    let w = start_worker(&daemon, json!({"runtime_env": env, "argv": ["sleep", "30"]})).unwrap();
+    let pid = w["pid"].as_i64().unwrap() as i32;
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap(); // SIGKILL: no clean shutdown, no stopping of workers
+    child.wait().unwrap();
+
+    let prune = || {
+        let out = ws
+            .renv()
+            .args(["prune", "--json", "--max-size", "0", "--min-age", "0s"])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = prune();
+    assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
+    // (/proc/locks names the process that took the lock — the dead daemon — not the
+    // worker that now holds it.)
+    assert!(
+        report["kept"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("in use"),
+        "{report}"
+    );
+    // SAFETY: ending the orphaned worker we started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(prune()["removed"].as_array().unwrap().len(), 1);
+}
