@@ -103,7 +103,7 @@ fn entries_in_use_are_kept_and_listed_with_their_holders() {
         .renv()
         .args(["run"])
         .arg(ws.path("p0.json"))
-        .args(["--", "sh", "-c", "echo ready; sleep 30"])
+        .args(["--", "sh", "-c", "echo ready; exec sleep 30"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -133,8 +133,22 @@ fn entries_in_use_are_kept_and_listed_with_their_holders() {
     assert_eq!(kept["id"], d[0].as_str());
     assert!(kept["reason"].as_str().unwrap().starts_with("in use"), "{kept}");
     assert_eq!(ws.committed_packages(), vec![d[0].clone()]);
+    // The command inherited the lease: killing renv alone leaves it held...
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.id())).unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
+    prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    assert_eq!(
+        ws.committed_packages(),
+        vec![d[0].clone()],
+        "the command still holds it"
+    );
+    // ...until the command is gone too.
+    for pid in children.split_whitespace() {
+        // SAFETY: ending the test's own grandchild.
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
     prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
     assert!(
         ws.committed_packages().is_empty(),
