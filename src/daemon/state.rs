@@ -217,6 +217,8 @@ impl Daemon {
             return None;
         }
         record.last_used = now();
+        // On disk too (at most once a minute per entry), so LRU pruning sees the use.
+        self.store.touch_built(&record.built);
         Some(Arc::clone(&record.built))
     }
 

@@ -109,6 +109,16 @@ impl Store {
         }
     }
 
+    /// Records a use of everything a built env holds (for hits served from memory).
+    pub fn touch_built(&self, built: &crate::build::BuiltEnv) {
+        if let Some(pkg) = &built.working_dir {
+            self.touch(&self.root.join("meta").join(format!("pkg-{}.json", pkg.digest)));
+        }
+        if let Some(env) = &built.venv {
+            self.touch(&self.root.join("meta").join(format!("env-{}.json", env.key)));
+        }
+    }
+
     /// Every committed entry.
     pub fn list_entries(&self) -> Result<Vec<EntryInfo>, StoreError> {
         let now = unix(SystemTime::now());
