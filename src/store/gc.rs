@@ -62,6 +62,8 @@ pub struct PruneReport {
     pub orphans_removed: usize,
     /// What happened to the installer's wheel cache.
     pub uv_cache: String,
+    /// Build and worker logs removed (untouched for longer than `--older-than`, else 7 days).
+    pub logs_removed: usize,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -230,8 +232,37 @@ impl Store {
         if !policy.dry_run {
             report.orphans_removed = self.remove_orphans()?;
             report.uv_cache = self.prune_uv_cache();
+            let keep = policy.older_than.unwrap_or(Duration::from_secs(7 * 86_400));
+            report.logs_removed = self.prune_logs(keep.max(policy.min_age))?;
         }
         Ok(report)
+    }
+
+    /// Removes log files not written for longer than `keep` (a running worker's logs are
+    /// being written, a spare log file is fresh; neither is old). Regular files only.
+    fn prune_logs(&self, keep: Duration) -> Result<usize, StoreError> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for dir in [self.root.join("logs"), self.root.join("logs").join("workers")] {
+            let Ok(entries) = fs_err::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let Ok(meta) = entry.path().symlink_metadata() else {
+                    continue;
+                };
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age > keep);
+                if meta.is_file() && old && !entry.file_name().to_string_lossy().starts_with(".spare-") {
+                    fs_err::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// `uv cache prune` on the store's uv cache, but only while no build is using it

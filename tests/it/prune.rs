@@ -398,3 +398,23 @@ fn the_uv_cache_is_pruned_only_when_no_build_uses_it() {
     // The env itself is untouched by either.
     assert_eq!(crate::common::list_dir(&ws.store_v1("envs")).len(), 1);
 }
+
+#[test]
+fn old_logs_are_pruned_and_recent_ones_kept() {
+    let ws = Workspace::new();
+    three_packages(&ws);
+    let logs = ws.store_v1("logs");
+    let old = ws.write("store/store-v1/logs/workers/w000001.stdout", "old");
+    let recent = ws.write("store/store-v1/logs/env-abc.log", "recent");
+    let week_ago = SystemTime::now() - Duration::from_secs(8 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(week_ago)
+        .unwrap();
+    let report = prune(&ws, &[]);
+    assert_eq!(report["logs_removed"], 1);
+    assert!(!old.exists() && recent.exists());
+    assert!(logs.join("workers").is_dir());
+}
