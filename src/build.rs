@@ -26,6 +26,11 @@ pub struct BuiltEnv {
 }
 
 impl BuiltEnv {
+    /// Whether building it created any store entry (false: everything was there).
+    pub fn created(&self) -> bool {
+        self.working_dir.as_ref().is_some_and(|e| e.created) || self.venv.as_ref().is_some_and(|e| e.created)
+    }
+
     pub fn working_dir_path(&self) -> Option<&Path> {
         self.working_dir.as_ref().map(|e| e.path.as_path())
     }

@@ -33,6 +33,7 @@ impl ClientError {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     socket: PathBuf,
 }
@@ -51,10 +52,6 @@ impl Client {
         Client {
             socket: socket.to_path_buf(),
         }
-    }
-
-    pub fn socket_path(&self) -> PathBuf {
-        self.socket.clone()
     }
 
     /// Sends a request; the body, if any, is copied from `body` (`len` bytes).
@@ -84,14 +81,20 @@ impl Client {
 
     /// A JSON request; a non-2xx answer becomes [`ClientError::Api`].
     pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let mut cursor = bytes.as_deref().map(std::io::Cursor::new);
-        let body = match (&bytes, cursor.as_mut()) {
-            (Some(b), Some(c)) => Some(("application/json", b.len() as u64, c as &mut dyn Read)),
-            _ => None,
-        };
-        let response = self.send(method, path, body)?;
-        response.into_json()
+        with_json_body(body, |body| self.send(method, path, body)?.into_json())
+    }
+}
+
+/// Calls `send` with `body` serialized as a JSON request body.
+fn with_json_body<T>(body: Option<&Value>, send: impl FnOnce(Option<(&str, u64, &mut dyn Read)>) -> T) -> T {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    let mut cursor = bytes.as_deref().map(std::io::Cursor::new);
+    match cursor.as_mut() {
+        Some(c) => {
+            let len = c.get_ref().len() as u64;
+            send(Some(("application/json", len, c as &mut dyn Read)))
+        }
+        None => send(None),
     }
 }
 
@@ -106,13 +109,7 @@ impl Session {
             .reader
             .take()
             .ok_or_else(|| ClientError::Protocol("session closed".into()))?;
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let mut cursor = bytes.as_deref().map(std::io::Cursor::new);
-        let body = match (&bytes, cursor.as_mut()) {
-            (Some(b), Some(c)) => Some(("application/json", b.len() as u64, c as &mut dyn Read)),
-            _ => None,
-        };
-        let mut response = exchange(reader, method, path, body, false)?;
+        let mut response = with_json_body(body, |body| exchange(reader, method, path, body, false))?;
         let mut bytes = Vec::new();
         response.read_to_end(&mut bytes)?;
         let status = response.status;

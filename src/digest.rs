@@ -12,10 +12,6 @@ impl Digest {
         Digest(*blake3::hash(bytes).as_bytes())
     }
 
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }

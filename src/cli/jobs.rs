@@ -137,7 +137,7 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
         "renv: job {id} started (pid {}, gpus {})",
         worker["pid"], worker["gpus"]
     );
-    let err_client = Client::new(&client_socket(&args.client));
+    let err_client = client.clone();
     let err_id = id.clone();
     let stderr_follower =
         std::thread::spawn(move || follow(&err_client, &err_id, "stderr", &mut std::io::stderr()));
@@ -146,10 +146,6 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
     let info = client.json("GET", &format!("/v1/workers/{id}"), None)?;
     eprintln!("renv: job {id} {}", describe_end(&info));
     Ok(exit_code(&info))
-}
-
-fn client_socket(args: &ClientArgs) -> PathBuf {
-    args.client().socket_path()
 }
 
 fn parse_object(text: &str) -> Result<Value, Error> {

@@ -356,7 +356,7 @@ async fn metrics(State(daemon): AppState) -> impl IntoResponse {
         ),
         ("renv_workers_live", live as f64),
         ("renv_store_package_bytes", store_bytes as f64),
-        ("renv_uptime_seconds", now() - daemon_started()),
+        ("renv_uptime_seconds", now() - daemon.started_at),
     ]);
     let mut text = String::new();
     for (name, value) in gauges {
@@ -373,11 +373,6 @@ async fn metrics(State(daemon): AppState) -> impl IntoResponse {
     )
 }
 
-fn daemon_started() -> f64 {
-    static STARTED: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *STARTED.get_or_init(now)
-}
-
 /// Bytes of committed packages, from their markers.
 fn package_bytes(store: &crate::store::Store) -> u64 {
     let Ok(entries) = std::fs::read_dir(store.root().join("meta")) else {
@@ -390,9 +385,4 @@ fn package_bytes(store: &crate::store::Store) -> u64 {
         .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
         .filter_map(|v| v["bytes"].as_u64())
         .sum()
-}
-
-/// Marks when the daemon started (for `renv_uptime_seconds`).
-pub fn mark_started() {
-    daemon_started();
 }

@@ -93,7 +93,6 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Result<(), DaemonError> {
     let listener = socket::bind(&config.socket, !config.allow_gids.is_empty())?;
     let listener = UnixListener::from_std(listener)?;
-    api::mark_started();
     let pool = GpuPool::new(&config.gpus);
     tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
     let daemon = Arc::new(Daemon::new(

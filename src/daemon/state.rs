@@ -97,6 +97,8 @@ pub struct Daemon {
     pub exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
     pub metrics: Metrics,
     pub max_json_bytes: usize,
+    /// Unix time the daemon started (for `renv_uptime_seconds`).
+    pub started_at: f64,
     pub logs: Arc<super::logs::LogPool>,
     /// Wakes the garbage collector (after builds that created entries).
     pub gc_wakeup: tokio::sync::Notify,
@@ -125,6 +127,7 @@ impl Daemon {
             .expect("the store's log directory is writable");
         Daemon {
             logs: Arc::new(logs),
+            started_at: now(),
             gc_wakeup: tokio::sync::Notify::new(),
             store,
             policy,
@@ -198,8 +201,7 @@ impl Daemon {
             .await
             .map_err(|_| ApiError::internal("build task vanished"))?;
         let built = result.clone().expect("waited for Some")?;
-        let created = built.working_dir.as_ref().is_some_and(|e| e.created)
-            || built.venv.as_ref().is_some_and(|e| e.created);
+        let created = built.created();
         Ok((built, created))
     }
 
@@ -244,8 +246,7 @@ impl Daemon {
         let m = &self.metrics;
         match result {
             Ok((built, leases)) => {
-                let created = built.working_dir.as_ref().is_some_and(|e| e.created)
-                    || built.venv.as_ref().is_some_and(|e| e.created);
+                let created = built.created();
                 if created {
                     self.gc_wakeup.notify_one();
                     m.builds.fetch_add(1, Ordering::Relaxed);

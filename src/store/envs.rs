@@ -99,7 +99,7 @@ impl Store {
         Ok(dir)
     }
 
-    fn env_marker(&self, key: EnvKey) -> PathBuf {
+    pub(super) fn env_marker(&self, key: EnvKey) -> PathBuf {
         self.root.join("meta").join(format!("env-{key}.json"))
     }
 

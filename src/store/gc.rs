@@ -99,6 +99,14 @@ fn lock_holders(path: &Path) -> Vec<u32> {
     pids
 }
 
+impl EntryInfo {
+    /// `pkg-<digest>` / `env-<key>`: the name of its lock and marker files.
+    fn lock_name(&self) -> String {
+        let prefix = if self.kind == "package" { "pkg" } else { "env" };
+        format!("{prefix}-{}", self.id)
+    }
+}
+
 impl Store {
     /// Records a use of the entry whose marker is `marker` (at most once a minute).
     pub(crate) fn touch(&self, marker: &Path) {
@@ -114,10 +122,10 @@ impl Store {
     /// Records a use of everything a built env holds (for hits served from memory).
     pub fn touch_built(&self, built: &crate::build::BuiltEnv) {
         if let Some(pkg) = &built.working_dir {
-            self.touch(&self.root.join("meta").join(format!("pkg-{}.json", pkg.digest)));
+            self.touch(&self.package_marker(pkg.digest));
         }
         if let Some(env) = &built.venv {
-            self.touch(&self.root.join("meta").join(format!("env-{}.json", env.key)));
+            self.touch(&self.env_marker(env.key));
         }
     }
 
@@ -197,8 +205,7 @@ impl Store {
                 });
                 continue;
             }
-            let prefix = if entry.kind == "package" { "pkg" } else { "env" };
-            let lock_name = format!("{prefix}-{}", entry.id);
+            let lock_name = entry.lock_name();
             let Some(_lock) = LockFile::try_acquire(&self.lock_path(&lock_name), LockMode::Exclusive)? else {
                 let reason = format!("in use (pids {:?})", lock_holders(&self.lock_path(&lock_name)));
                 report.kept.push(Decision { entry, reason });
@@ -392,8 +399,7 @@ impl Store {
                 _ => self.env_problem(&entry),
             };
             let Some(problem) = problem else { continue };
-            let prefix = if entry.kind == "package" { "pkg" } else { "env" };
-            let name = format!("{prefix}-{}", entry.id);
+            let name = entry.lock_name();
             let mut repaired = false;
             if repair && let Some(_lock) = LockFile::try_acquire(&self.lock_path(&name), LockMode::Exclusive)?
             {

@@ -74,10 +74,6 @@ impl LockFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Removes the lock file while still holding it (for staging locks, whose name is
     /// never reused), then releases it.
     pub fn remove(self) -> std::io::Result<()> {
