@@ -153,15 +153,19 @@ impl StoreArgs {
         self.store.clone().unwrap_or_else(env_vars::default_store_dir)
     }
 
+    fn unpack_limits(&self) -> UnpackLimits {
+        UnpackLimits {
+            max_bytes: self.max_unpacked_bytes,
+            max_entries: self.max_zip_entries,
+        }
+    }
+
     fn open(&self, lock_timeout: Option<std::time::Duration>) -> Result<Store, Error> {
         let dir = self.dir();
         let options = StoreOptions {
             lock_timeout,
             threads: self.threads(),
-            unpack_limits: UnpackLimits {
-                max_bytes: self.max_unpacked_bytes,
-                max_entries: self.max_zip_entries,
-            },
+            unpack_limits: self.unpack_limits(),
         };
         Ok(Store::open(&dir, options)?)
     }

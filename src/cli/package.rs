@@ -1,4 +1,4 @@
-//! `renv package DIR [-o OUT.zip] [--exclude PAT]… [--json]`.
+//! `renv package DIR|ZIP [-o OUT.zip] [--exclude PAT]… [--json]`.
 
 use std::io::BufWriter;
 use std::path::PathBuf;
@@ -15,7 +15,9 @@ use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 pub struct PackageArgs {
-    /// The directory to package.
+    /// The directory to package, or a zip: a zip is unpacked (with the same checks as the
+    /// store's) and its contents packaged exactly, so its digest is the one the daemon
+    /// names an upload of that zip by.
     dir: PathBuf,
     /// Write a reproducible zip here instead of putting the package in the store.
     #[arg(short, long, value_name = "OUT.zip")]
@@ -46,13 +48,40 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
         None => Some(args.store.open(None)?),
     };
     let cache_dir = store.as_ref().map(|s| s.hash_cache_dir());
-    let tree = scan_dir(
-        &args.dir,
-        &args.excludes,
-        args.store.threads(),
-        cache_dir.as_deref(),
-        &progress,
-    )?;
+    // Holds a zip's unpacked contents until the package is written.
+    let mut _unpacked = None;
+    let tree = if args.dir.is_file() {
+        if !args.excludes.is_empty() {
+            return Err(crate::package::PackageError::BadExclude {
+                pattern: args.excludes[0].clone(),
+                reason: "a zip is packaged exactly as it is; unpack it to use excludes".into(),
+            }
+            .into());
+        }
+        let dir = tempfile::tempdir()?;
+        crate::package::zip_read::unpack(
+            &args.dir,
+            dir.path(),
+            args.store.unpack_limits(),
+            args.store.threads(),
+            &progress,
+        )
+        .map_err(|source| Error::Archive {
+            path: args.dir.clone(),
+            source,
+        })?;
+        let tree = crate::package::scan::scan_exact(dir.path(), args.store.threads())?;
+        _unpacked = Some(dir);
+        tree
+    } else {
+        scan_dir(
+            &args.dir,
+            &args.excludes,
+            args.store.threads(),
+            cache_dir.as_deref(),
+            &progress,
+        )?
+    };
     let digest = tree.manifest.digest();
     let location = match &args.output {
         Some(out) => {

@@ -4,6 +4,12 @@
 //! target; a script in the way (a pyenv or asdf shim) is asked for `sys.executable`, since
 //! the env must point at the interpreter itself, not at a shim whose answer can change.
 //! The identity — real path, version, implementation — is part of the env key.
+//!
+//! `--python` may name a virtualenv's interpreter (`<venv>/bin/python`: a node that runs
+//! Ray from a virtualenv). Envs are then built on that venv's base interpreter, and the
+//! venv's own site-packages are recorded too: with `--system-site-packages` an env sees
+//! them after its own packages (see `super::link_parent_site_packages`), so `ray` stays
+//! importable in workers without copying the venv.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,7 +27,13 @@ pub struct Interpreter {
     pub version: String,
     /// `sys.implementation.name`, e.g. `cpython`.
     pub implementation: String,
+    /// The site-packages of the virtualenv `--python` named, if it named one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_site_packages: Vec<PathBuf>,
 }
+
+/// The site-packages directories that belong to the venv itself (not its base's).
+const VENV_SITE_PACKAGES: &str = "import json, site, sys; print(json.dumps([p for p in site.getsitepackages() if p.startswith(sys.prefix + '/')]))";
 
 const IDENTIFY: &str = "import json, platform, sys; print(json.dumps({'version': platform.python_version(), 'implementation': sys.implementation.name}))";
 
@@ -32,6 +44,16 @@ pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interp
         requested.to_path_buf()
     } else {
         search_path(requested).ok_or_else(|| VenvError::NoInterpreter(requested.to_path_buf()))?
+    };
+    let parent_site_packages = match found.parent().and_then(Path::parent) {
+        Some(root) if root.join("pyvenv.cfg").is_file() => {
+            let out = probe(cache_dir, &found, &["-I", "-c", VENV_SITE_PACKAGES], false)?;
+            serde_json::from_str(&out).map_err(|e| VenvError::Probe {
+                binary: found.clone(),
+                reason: format!("unexpected answer {out:?}: {e}"),
+            })?
+        }
+        _ => Vec::new(),
     };
     let mut real = fs_err::canonicalize(&found).map_err(|_| VenvError::NoInterpreter(found.clone()))?;
     if is_script(&real)? {
@@ -58,6 +80,7 @@ pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interp
         path: real,
         version: id.version,
         implementation: id.implementation,
+        parent_site_packages,
     })
 }
 

@@ -201,7 +201,7 @@ pub fn plan(
         "install_options": packages.install_options,
         "check": packages.check,
         "installer": installer,
-        "python": {"path": python.path, "version": python.version, "implementation": python.implementation},
+        "python": python,
         "index": policy.index,
         "system_site_packages": policy.system_site_packages,
         "compile_bytecode": policy.compile_bytecode,
@@ -290,6 +290,7 @@ fn build_with_uv(
     }
     args.push(venv.into());
     sandbox.run("uv venv", uv, &as_os(&args), &env)?;
+    link_parent_site_packages(plan, venv)?;
 
     let python = venv.join("bin").join("python");
     let mut install: Vec<OsString> = ["pip", "install", "--no-config", "--python"]
@@ -341,6 +342,7 @@ fn build_with_pip(
     }
     args.push(venv.into());
     sandbox.run("python -m venv", &plan.python.path, &as_os(&args), &env)?;
+    link_parent_site_packages(plan, venv)?;
 
     let python = venv.join("bin").join("python");
     let pip = |extra: &[OsString]| -> Vec<OsString> {
@@ -374,6 +376,28 @@ fn build_with_pip(
         let check: Vec<OsString> = ["-I", "-m", "pip", "check"].map(OsString::from).to_vec();
         sandbox.run("pip check", &python, &as_os(&check), &env)?;
     }
+    Ok(())
+}
+
+/// With `--system-site-packages` and a virtualenv's interpreter as `--python`, the env also
+/// sees that venv's packages: a `.pth` file lists them, so they come after the env's own
+/// packages (a requested version wins) and before the base interpreter's.
+fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvError> {
+    if !plan.system_site_packages || plan.python.parent_site_packages.is_empty() {
+        return Ok(());
+    }
+    let lib = venv.join("lib");
+    let site_packages = fs_err::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("site-packages"))
+        .find(|path| path.is_dir())
+        .ok_or_else(|| std::io::Error::other(format!("no site-packages under {}", lib.display())))?;
+    let mut lines = String::new();
+    for dir in &plan.python.parent_site_packages {
+        lines.push_str(&dir.to_string_lossy());
+        lines.push('\n');
+    }
+    fs_err::write(site_packages.join("_renv_parent_venv.pth"), lines)?;
     Ok(())
 }
 

@@ -226,6 +226,66 @@ fn base_site_packages_are_hidden_unless_the_node_allows_them() {
     assert_eq!(in_env(shared["python"].as_str().unwrap(), probe), "True");
 }
 
+/// A node that runs Ray from a virtualenv names that venv's python: envs then see the
+/// venv's packages behind their own (a requested version wins), and only when the node
+/// allows site-packages at all.
+#[test]
+fn a_virtualenvs_python_lends_its_packages_behind_the_envs_own() {
+    let (ws, flags) = setup();
+    let parent = ws.path("parent-venv");
+    let out = std::process::Command::new(python())
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&parent)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let site = std::fs::read_dir(parent.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages");
+    std::fs::write(site.join("parent_only.py"), "WHERE = 'parent'\n").unwrap();
+    std::fs::create_dir(site.join("tinypkg")).unwrap();
+    std::fs::write(site.join("tinypkg/__init__.py"), "VERSION = 'parent'\n").unwrap();
+
+    let mut node = flags.clone();
+    node.extend([
+        "--python".to_string(),
+        parent.join("bin/python").display().to_string(),
+    ]);
+    let spec = json!({"pip": ["tinypkg==2.0"]});
+    let probe = "import importlib.util as u; print(u.find_spec('parent_only') is not None)";
+    let isolated = build(&ws, &node, &spec, "iso.json");
+    assert_eq!(in_env(isolated["python"].as_str().unwrap(), probe), "False");
+
+    node.push("--system-site-packages".into());
+    let shared = build(&ws, &node, &spec, "shared.json");
+    let env_python = shared["python"].as_str().unwrap();
+    assert_ne!(shared["venv"]["key"], isolated["venv"]["key"]);
+    assert_eq!(
+        in_env(
+            env_python,
+            "import parent_only, tinypkg; print(parent_only.WHERE, tinypkg.VERSION)"
+        ),
+        "parent 2.0"
+    );
+    // The base interpreter's own packages stay visible after the parent's.
+    assert_eq!(in_env(env_python, "import pip; print('ok')"), "ok");
+
+    // The same base interpreter without the venv is a different env.
+    let mut base_node = flags.clone();
+    base_node.extend([
+        "--system-site-packages".to_string(),
+        "--python".to_string(),
+        python().display().to_string(),
+    ]);
+    let base = build(&ws, &base_node, &spec, "base.json");
+    assert_ne!(base["venv"]["key"], shared["venv"]["key"]);
+    assert_eq!(in_env(base["python"].as_str().unwrap(), probe), "False");
+}
+
 #[test]
 fn install_options_need_the_operators_permission() {
     let (ws, flags) = setup();

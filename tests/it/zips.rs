@@ -130,6 +130,45 @@ fn a_zip_unpacks_to_the_same_digest_as_its_directory_and_is_unpacked_once() {
     assert!(ws.leftovers().is_empty());
 }
 
+/// `renv package ZIP` names a zip by the digest of what it unpacks to (what the daemon
+/// checks an upload against), and re-packs it reproducibly; a hostile zip is refused.
+#[test]
+fn packaging_a_zip_gives_its_directorys_digest() {
+    let ws = Workspace::new();
+    write_project(&ws);
+    let from_dir = package_zip(&ws, "proj.zip", &["--compression", "deflated"]);
+    let result = ws
+        .renv()
+        .args(["package", "proj.zip", "-o", "again.zip", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&result);
+    let from_zip: Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(from_zip["digest"], from_dir["digest"]);
+    assert_eq!(from_zip["files"], from_dir["files"]);
+    let stored = package_zip(&ws, "stored.zip", &[]);
+    assert_eq!(
+        std::fs::read(ws.path("again.zip")).unwrap(),
+        std::fs::read(ws.path("stored.zip")).unwrap()
+    );
+    assert_eq!(stored["digest"], from_dir["digest"]);
+
+    let with_excludes = ws
+        .renv()
+        .args(["package", "proj.zip", "--exclude", "data"])
+        .output()
+        .unwrap();
+    assert_eq!(with_excludes.status.code(), Some(2));
+
+    let evil = crate::common::raw_zip::build(&[crate::common::raw_zip::file("../evil.txt", b"evil")]);
+    ws.write("evil.zip", evil);
+    let refused = ws.renv().args(["package", "evil.zip"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("evil.txt"));
+    assert!(!ws.path("evil.txt").exists());
+    assert!(ws.committed_packages().is_empty());
+}
+
 #[test]
 fn unknown_package_digest_is_a_clear_error() {
     let ws = Workspace::new();
