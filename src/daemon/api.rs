@@ -165,6 +165,7 @@ pub fn env_json(built: &BuiltEnv, created: bool) -> Value {
         "env": built.context.env,
         "working_dir": built.working_dir_path(),
         "venv": built.venv.as_ref().map(|e| e.path.clone()),
+        "bytes": built.working_dir.as_ref().map_or(0, |e| e.bytes) + built.venv.as_ref().map_or(0, |e| e.bytes),
         "created": created,
         "timings_ms": built.timings_ms,
     })

@@ -368,37 +368,15 @@ pub fn python() -> &'static Path {
     })
 }
 
-/// Builds tiny pure-Python wheels into `dir`: (distribution, version, module source).
-/// A wheel is a zip with the module, METADATA, WHEEL and RECORD.
+/// Builds tiny pure-Python wheels into `dir`: (distribution, version, module source),
+/// with the same script the Python SDK's tests use.
 pub fn wheelhouse(dir: &Path, wheels: &[(&str, &str, &str)]) {
-    const MAKE_WHEEL: &str = r#"
-import base64, hashlib, json, sys, zipfile
-out, wheels = sys.argv[1], json.loads(sys.argv[2])
-for dist, version, body in wheels:
-    module = dist.replace("-", "_")
-    info = f"{module}-{version}.dist-info"
-    files = {
-        f"{module}/__init__.py": body,
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: renv-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    with zipfile.ZipFile(f"{out}/{module}-{version}-py3-none-any.whl", "w") as z:
-        for path, text in files.items():
-            data = text.encode()
-            z.writestr(path, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record.append(f"{path},sha256={digest},{len(data)}")
-        record.append(f"{info}/RECORD,,")
-        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
-"#;
-    std::fs::create_dir_all(dir).unwrap();
     let spec: Vec<_> = wheels
         .iter()
         .map(|(d, v, b)| serde_json::json!([d, v, b]))
         .collect();
     let out = Command::new("python3")
-        .args(["-c", MAKE_WHEEL])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tests/make_wheels.py"))
         .arg(dir)
         .arg(serde_json::Value::from(spec).to_string())
         .output()

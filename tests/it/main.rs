@@ -10,6 +10,7 @@ mod digest;
 mod excludes;
 mod hostile_zips;
 mod prune;
+mod python_sdk;
 mod spec_cli;
 mod venvs;
 mod zips;

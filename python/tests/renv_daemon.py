@@ -1,0 +1,70 @@
+"""A real `renv daemon` on a temporary socket, for tests and benchmarks.
+
+The binary comes from $RENV_BIN (cargo test sets it), the uv from $RENV_UV when set.
+"""
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+
+def renv_bin():
+    path = os.environ.get("RENV_BIN")
+    if not path:
+        raise RuntimeError("set RENV_BIN to the renv binary (cargo test does)")
+    return path
+
+
+class Daemon:
+    """Starts `renv daemon --store <tmp> <flags>` and waits for its socket."""
+
+    def __init__(self, *flags, store=None, env=None):
+        self._tmp = None
+        if store is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="renv-sdk-test-")
+            store = self._tmp.name
+        self.store = store
+        self.socket = os.path.join(store, "renv.sock")
+        self.log_path = os.path.join(store, "daemon.log")
+        os.makedirs(store, exist_ok=True)
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("RENV_") or k == "RENV_UV"}
+        child_env.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [renv_bin(), "daemon", "--store", store, "--socket", self.socket, *flags],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"renv daemon did not start: {self.log()}")
+            time.sleep(0.01)
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        """SIGTERM, and the daemon's exit status (0 for a clean shutdown)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
