@@ -126,9 +126,9 @@ pub fn build_env(
     };
 
     let env_id = env_id(working_dir.as_ref(), venv.as_ref(), &spec.env_vars);
-    // Bytecode of an env built without it goes to a writable cache beside the entry.
+    // Bytecode of an env built without it goes to the node's writable cache.
     let pycache = match (&venv, &plan) {
-        (Some(entry), Some(plan)) if !plan.compile_bytecode => Some(store.pycache_dir(entry.key)?),
+        (Some(_), Some(plan)) if !plan.compile_bytecode => Some(store.pycache_dir()?),
         _ => None,
     };
     let context = Context::new(

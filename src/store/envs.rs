@@ -91,12 +91,22 @@ impl Store {
         self.root.join("envs").join(key.to_string())
     }
 
-    /// The env's bytecode cache (`PYTHONPYCACHEPREFIX` for its workers), created on demand:
-    /// outside the entry, which stays read-only.
-    pub fn pycache_dir(&self, key: EnvKey) -> std::io::Result<PathBuf> {
-        let dir = self.root.join("pycache").join(key.to_string());
+    /// The node's bytecode cache (`PYTHONPYCACHEPREFIX` for workers of envs built without
+    /// bytecode), created on demand, outside the read-only entries. One tree for all envs:
+    /// Python mirrors each source's absolute path under it, so the interpreter's own
+    /// modules (and a parent venv's: `ray`) are compiled once per node, not once per env.
+    pub fn pycache_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = self.root.join("pycache");
         fs_err::create_dir_all(&dir)?;
         Ok(dir)
+    }
+
+    /// Where the bytecode of the files under `dir` (an env entry) lands in the node's
+    /// cache, so it goes with the env.
+    pub(super) fn pycache_of(&self, dir: &Path) -> PathBuf {
+        self.root
+            .join("pycache")
+            .join(dir.strip_prefix("/").unwrap_or(dir))
     }
 
     pub(super) fn env_marker(&self, key: EnvKey) -> PathBuf {

@@ -223,7 +223,7 @@ impl Store {
                 fs_err::remove_file(&marker)?;
                 self.discard(&entry.path, &lock_name)?;
                 if entry.kind == "env" {
-                    let pycache = self.root.join("pycache").join(&entry.id);
+                    let pycache = self.pycache_of(&entry.path);
                     if pycache.exists() {
                         self.discard(&pycache, &format!("pycache-{}", entry.id))?;
                     }

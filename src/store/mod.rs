@@ -15,7 +15,8 @@
 //!   cache/probes/               cached `python -c …` / `uv --version` answers
 //!   envs/<key>/                 virtualenvs, directories read-only once committed
 //!   meta/env-<key>.json         the completion marker and description of an env
-//!   pycache/<key>/              bytecode written by an env's workers (PYTHONPYCACHEPREFIX)
+//!   pycache/<abs path>/…        bytecode written by workers (PYTHONPYCACHEPREFIX: one tree
+//!                               mirroring source paths; an env's part goes with the env)
 //!   tools/uv-<version>/         the bootstrapped installer
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
 //!   logs/                       build and worker logs

@@ -12,8 +12,8 @@
 //!
 //! Bytecode: a committed env is read-only, so workers cannot write `__pycache__` into it.
 //! By default nothing is compiled at build time (for numpy + pandas that would cost 25×
-//! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at a per-env,
-//! writable bytecode cache outside the entry, so the modules they really import are
+//! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at the node's
+//! writable bytecode cache outside the entries, so the modules they really import are
 //! compiled once per node. `--compile-bytecode` compiles everything at build time instead.
 
 pub mod installer;

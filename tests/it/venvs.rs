@@ -68,13 +68,15 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         built["env"]["PATH"],
         format!("{}/bin:${{PATH}}", built["venv"]["path"].as_str().unwrap())
     );
-    // Workers' bytecode goes to the env's own cache, never into the read-only entry.
+    // Workers' bytecode goes to the node's cache, never into the read-only entry, even
+    // where the node says not to write bytecode (that is about source trees).
     let pycache = built["env"]["PYTHONPYCACHEPREFIX"].as_str().unwrap();
-    assert!(pycache.starts_with(ws.store_v1("pycache").to_str().unwrap()));
+    assert_eq!(Path::new(pycache), ws.store_v1("pycache").canonicalize().unwrap());
+    assert_eq!(built["env"]["PYTHONDONTWRITEBYTECODE"], "");
     let spec = ws.spec("one-run.json", &json!({"pip": ["tinypkg==1.0"]}));
     let out = ws
         .renv()
-        .env_remove("PYTHONDONTWRITEBYTECODE")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg("run")
         .args(&flags)
         .arg(&spec)
@@ -87,7 +89,9 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         "import tinypkg, os; print(os.path.dirname(tinypkg.__file__))",
     );
     assert!(list_dir(&Path::new(&site).join("__pycache__")).is_empty());
-    let compiled = crate::common::tree_listing(Path::new(pycache));
+    let env_path = built["venv"]["path"].as_str().unwrap();
+    let env_bytecode = Path::new(pycache).join(env_path.trim_start_matches('/'));
+    let compiled = crate::common::tree_listing(&env_bytecode);
     assert!(
         compiled
             .iter()
@@ -110,6 +114,17 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         "2.0"
     );
     assert!(ws.leftovers().is_empty());
+
+    // An env's bytecode goes with it; the node's cache stays.
+    let pruned = ws
+        .renv()
+        .args(["prune", "--max-size", "0", "--min-age", "0s"])
+        .output()
+        .unwrap();
+    assert_success(&pruned);
+    assert!(list_dir(&ws.store_v1("envs")).is_empty());
+    assert!(!env_bytecode.exists());
+    assert!(Path::new(pycache).is_dir());
 }
 
 #[test]
