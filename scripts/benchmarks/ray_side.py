@@ -1,0 +1,125 @@
+"""The Ray half of `scripts/bench --with-ray`, run with target/ray-venv's python (Ray 2.60
+and renv's SDK installed there). Prints one JSON object on stdout.
+
+In one Ray cluster, with renv's plugin registered and a renv daemon on the node:
+- environments: a task whose runtime_env is new to the cluster (a no-op `!=0.0.N` clause
+  makes each sample new), by Ray's `pip` field, Ray's `uv` field and the renv plugin,
+  interleaved sample by sample after one warm-up each; and a task in an env that exists.
+  The floor, a new env with nothing to install (`env_vars` only), still starts a worker.
+- working_dir: a task with a changed tree (one file rewritten per sample, so nothing is
+  cached), by Ray's own `working_dir` (zip, upload to the GCS, download, unpack) and by
+  renv (`RenvClient.upload_package`, then the plugin's `working_dir: pkg://…`).
+
+    python ray_side.py CONFIG_JSON
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import Daemon, Stat, rmtree  # noqa: E402
+from envs import variant  # noqa: E402
+from working_dir import make_tree  # noqa: E402
+
+import ray  # noqa: E402
+
+from renv import RenvClient  # noqa: E402
+
+
+def log(message):
+    print(f"  ray: {message}", file=sys.stderr, flush=True)
+
+
+def env_specs(requirements, wheels, n):
+    reqs = variant(requirements, n)
+    index = ["--no-index", "--find-links", wheels]
+    return {
+        "ray, env_vars only (floor)": {"env_vars": {"BENCH_SAMPLE": str(n)}},
+        "ray pip": {"pip": {"packages": reqs, "pip_install_options": ["--disable-pip-version-check", *index]}},
+        "ray uv": {"uv": {"packages": reqs, "uv_pip_install_options": index}},
+        "renv plugin": {"renv": {"pip": reqs}},
+    }
+
+
+def main():
+    config = json.loads(sys.argv[1])
+    work, runs = config["work"], config["runs"]
+    bin_dir = os.path.dirname(sys.executable)
+    os.environ["RENV_BIN"] = config["renv"]
+    all_wheels = sorted({w for w in config["wheels"].values()})
+    index = ["--no-index"] + [a for w in all_wheels for a in ("--find-links", w)]
+    daemon = Daemon("--python", sys.executable, "--system-site-packages", *index,
+                    store=os.path.join(work, "store"), env={"RENV_UV": os.path.join(bin_dir, "uv")})
+    env = dict(os.environ, RENV_SOCKET=daemon.socket, RAY_USAGE_STATS_ENABLED="0",
+               RAY_RUNTIME_ENV_PLUGINS=json.dumps([{"class": "renv.ray_plugin.RenvPlugin"}]),
+               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    ray_cli = os.path.join(bin_dir, "ray")
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--temp-dir", os.path.join(work, "ray"),
+                    "--include-dashboard", "false", "--disable-usage-stats"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    os.environ["RENV_SOCKET"] = daemon.socket
+    results = {"ray": ray.__version__, "envs": {}, "working_dir": []}
+    try:
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+
+        @ray.remote
+        def where(module):
+            __import__(module)
+            return sys.executable
+
+        def timed_task(runtime_env, module):
+            start = time.perf_counter()
+            ray.get(where.options(runtime_env=runtime_env).remote(module))
+            return time.perf_counter() - start
+
+        for name, requirements in config["sets"].items():
+            module = {"requests": "requests", "numpy+pandas": "pandas"}[name]
+            new, existing = {}, {}
+            for n in range(runs + 1):
+                for method, runtime_env in env_specs(requirements, config["wheels"][name], n).items():
+                    elapsed = timed_task(runtime_env, module)
+                    if n == 0:
+                        log(f"{name} warm-up {method}: {elapsed * 1000:.0f} ms")
+                        continue
+                    new.setdefault(method, []).append(elapsed)
+                    existing.setdefault(method, []).append(timed_task(runtime_env, module))
+            results["envs"][name] = {m: {"warm": Stat(new[m]).as_json(), "existing": Stat(existing[m]).as_json()}
+                                     for m in new}
+
+        client = RenvClient(daemon.socket)
+        for files, total in config["trees"]:
+            tree = os.path.join(work, "tree")
+            make_tree(tree, files, total)
+            rows = {"ray working_dir": [], "renv upload + plugin": []}
+            for n in range(runs + 1):
+                with open(os.path.join(tree, "sample.txt"), "w") as f:
+                    f.write(str(n))
+                ray_time = timed_task({"working_dir": tree}, "os")
+                start = time.perf_counter()
+                uri = client.upload_package(tree)
+                ray.get(where.options(runtime_env={"renv": {"working_dir": uri}}).remote("os"))
+                renv_time = time.perf_counter() - start
+                if n:
+                    rows["ray working_dir"].append(ray_time)
+                    rows["renv upload + plugin"].append(renv_time)
+            log(f"working_dir {files} files, {total >> 20} MB done")
+            results["working_dir"].append({"files": files, "bytes": total,
+                                           "rows": {k: Stat(v).as_json() for k, v in rows.items()}})
+            rmtree(tree)
+        ray.shutdown()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, check=False, stdout=subprocess.DEVNULL)
+        daemon.stop()
+        for leftover in glob.glob(os.path.join(work, "*")):
+            rmtree(leftover)
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

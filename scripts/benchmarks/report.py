@@ -1,0 +1,289 @@
+"""Turns results.json into docs/benchmarks.md and the plots beside it."""
+
+import json
+import os
+
+# Why renv is behind where it is; the page states each ratio above 1 with its reason.
+REASONS = {
+    "renv build, new tree": "renv fdatasyncs every file before publishing (an entry must survive a crash "
+                            "whole or not at all); `cp -r` syncs nothing. On tmpfs the sync is free.",
+    "renv build from zip, new": "renv checks every entry's name, type and size before writing, writes with "
+                                "O_EXCL|O_NOFOLLOW and fsyncs; `unzip` does none of that.",
+    "renv package -o": "renv hashes every file (blake3) for the digest while writing the zip.",
+    "renv upload to the daemon": "packaging, a socket transfer, a checked unpack and a synced publish "
+                                 "(against `cp -r` alone).",
+    "renv build": "a new env costs uv's own work plus an fsync of every installed file and a publish.",
+    "renv daemon": "one request pays what `renv build` pays, plus the socket round trip.",
+    "renv prune": "prune takes each entry's lock, removes its marker first and moves it through trash, "
+                  "so a crash or a concurrent user never sees half an entry.",
+    "renv ls": "ls reads each entry's marker and the kernel's lock table for holders.",
+}
+
+
+def ms(stat):
+    return stat["median"] * 1000
+
+
+def cell(stat):
+    """`123 ms (110–140)`."""
+    lo, hi = stat["min"] * 1000, stat["max"] * 1000
+    m = ms(stat)
+    if m >= 10_000:
+        return f"{m / 1000:.1f} s ({lo / 1000:.1f}–{hi / 1000:.1f})"
+    digits = 1 if m < 10 else 0
+    return f"{m:.{digits}f} ms ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def ratio(a, b):
+    return f"{a['median'] / b['median']:.2f}×"
+
+
+def human(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Page:
+    def __init__(self):
+        self.lines = []
+        self.behind = []
+
+    def add(self, *lines):
+        self.lines.extend(lines)
+
+    def table(self, header, rows):
+        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header))
+        for row in rows:
+            self.add("| " + " | ".join(row) + " |")
+        self.add("")
+
+    def compare(self, what, renv_row, renv_stat, other_row, other_stat):
+        """Records a comparison where renv is behind (ratio > 1.05)."""
+        r = renv_stat["median"] / other_stat["median"]
+        if r > 1.05:
+            reason = REASONS.get(renv_row, "")
+            self.behind.append(f"- {what}: `{renv_row}` is {r:.2f}× `{other_row}`. {reason}")
+
+
+def envs_section(page, envs, ray):
+    page.add("## Environments", "",
+             "A new env per sample (a no-op `!=0.0.N` clause makes each spec new), wheels from a local "
+             "wheelhouse (`--no-index --find-links`), so no figure depends on the network. *Warm*: the "
+             "installer's cache holds the wheels; *cold*: an empty cache (a fresh store for renv); "
+             "*existing*: asking again for an env that is there (renv: the whole `renv build` process, or one "
+             "daemon request; uv and pip: an install that finds everything satisfied). Ratios are against "
+             "`uv venv` + `uv pip install` in the same run.", "")
+    for name, rows in envs.items():
+        uv = rows["uv venv + uv pip install"]
+        page.add(f"### {name}", "")
+        body = []
+        for method, r in rows.items():
+            body.append([method, cell(r["warm"]), ratio(r["warm"], uv["warm"]), cell(r["cold"]),
+                         ratio(r["cold"], uv["cold"]), cell(r["existing"]), ratio(r["existing"], uv["existing"])])
+            if method.startswith("renv"):
+                for col in ("warm", "cold", "existing"):
+                    page.compare(f"{name}, new env ({col})" if col != "existing" else f"{name}, existing env",
+                                 method, r[col], "uv venv + uv pip install", uv[col])
+        page.table(["", "new env, warm", "vs uv", "new env, cold", "vs uv", "existing env", "vs uv"], body)
+    if ray and ray.get("envs"):
+        page.add(f"### With Ray {ray['ray']}", "",
+                 "Time from submitting a task with a runtime_env new to the cluster until it returns (a new "
+                 "worker process included), Ray's own `pip` and `uv` fields against the renv plugin, in one "
+                 "cluster, interleaved; warm installer caches. The floor row needs no install at all.", "")
+        for name, rows in ray["envs"].items():
+            pip, uv = rows["ray pip"], rows["ray uv"]
+            body = [[m, cell(r["warm"]), ratio(r["warm"], pip["warm"]), ratio(r["warm"], uv["warm"]),
+                     cell(r["existing"])] for m, r in rows.items()]
+            page.add(f"**{name}**", "")
+            page.table(["", "new env", "vs ray pip", "vs ray uv", "env exists"], body)
+
+
+def working_dir_section(page, wd, ray, plots):
+    page.add("## working_dir", "",
+             "Packaging, shipping and unpacking trees, each row from a fresh destination (a fresh store for "
+             "renv). Half the files are text, half random; zips are stored (`-0`), as renv writes them. "
+             "*Same tree again* is what every later job with an unchanged tree pays.", "")
+    for key, title in (("by_size", "by total size, 1,000 files"), ("by_files", "by file count, 4 KB per file")):
+        points = wd[key]
+        header = [""] + [f"{human(p['bytes'])}, {p['files']:,} files" for p in points]
+        names = list(points[0]["rows"])
+        page.add(f"### {title}", "")
+        page.table(header, [[n] + [cell(p["rows"][n]) for p in points] for n in names])
+        ratios = [("renv build, new tree", "cp -r"), ("renv build from zip, new", "unzip"),
+                  ("renv package -o", "zip -r -0"), ("renv upload to the daemon", "cp -r")]
+        page.table(["ratio"] + header[1:],
+                   [[f"{a} / {b}"] + [ratio(p["rows"][a], p["rows"][b]) for p in points] for a, b in ratios])
+        for p in points:
+            for a, b in ratios:
+                page.compare(f"{human(p['bytes'])} in {p['files']:,} files", a, p["rows"][a], b, p["rows"][b])
+        if key in plots:
+            page.add(f"![{title}]({plots[key]})", "")
+    if ray and ray.get("working_dir"):
+        page.add(f"### With Ray {ray['ray']}", "",
+                 "A task with a changed tree (one file rewritten per sample, so nothing is cached), until it "
+                 "returns: Ray's own `working_dir` (zip, upload to the GCS, download, unpack) against renv "
+                 "(`RenvClient.upload_package`, then the plugin's `working_dir: pkg://…`). Ray refuses "
+                 "packages over its gRPC limit (512 MiB), so the sweep stops at 100 MB.", "")
+        body = []
+        for p in ray["working_dir"]:
+            r = p["rows"]
+            body.append([f"{human(p['bytes'])}, {p['files']:,} files", cell(r["ray working_dir"]),
+                         cell(r["renv upload + plugin"]), ratio(r["renv upload + plugin"], r["ray working_dir"])])
+        page.table(["tree", "ray working_dir", "renv upload + plugin", "renv / ray"], body)
+
+
+def daemon_section(page, daemon, plots):
+    page.add("## Daemon", "",
+             "Cached get-or-create (`POST /v1/envs` of an existing env with a venv and a working_dir) against "
+             "`GET /healthz` (the transport floor), from N client threads of renv's own client (one "
+             "connection per request) sharing the machine with the daemon.", "")
+    body = []
+    for r in daemon["rate"]:
+        h, e = r["healthz"], r["get_or_create"]
+        body.append([str(r["clients"]), f"{h['rate']:.0f}", f"{h['p50_ms']:.2f} / {h['p99_ms']:.2f}",
+                     f"{e['rate']:.0f}", f"{e['p50_ms']:.2f} / {e['p99_ms']:.2f}", f"{e['rate'] / h['rate']:.2f}×"])
+    page.table(["clients", "healthz req/s", "healthz p50 / p99 ms", "get-or-create req/s",
+                "get-or-create p50 / p99 ms", "rate vs healthz"], body)
+    if "daemon" in plots:
+        page.add(f"![daemon request rate]({plots['daemon']})", "")
+    w = daemon["workers"]
+    page.add("Worker start, `/bin/true` through the API (POST, then `GET ?wait=true` on one keep-alive "
+             "connection) against spawning it directly:", "")
+    page.table(["", "p50", "p99"], [
+        ["through the daemon", f"{w['api_p50_ms']:.2f} ms", f"{w['api_p99_ms']:.2f} ms"],
+        ["spawned directly", f"{w['direct_p50_ms']:.2f} ms", f"{w['direct_p99_ms']:.2f} ms"],
+        ["ratio", f"{w['api_p50_ms'] / w['direct_p50_ms']:.2f}×", f"{w['api_p99_ms'] / w['direct_p99_ms']:.2f}×"],
+    ])
+    m = daemon["memory"]
+    page.add(f"Memory: the daemon's RSS was {m['rss_before_kib'] / 1024:.1f} MiB with one env known and "
+             f"{m['rss_after_kib'] / 1024:.1f} MiB with {m['envs_known']:,} "
+             f"({(m['rss_after_kib'] - m['rss_before_kib']) / m['envs_known']:.2f} KiB per env).", "")
+
+
+def concurrency_section(page, conc):
+    page.add("## Concurrency", "",
+             "N first requests sent at the same moment (a barrier), for one new env and for N distinct new "
+             "envs (tiny wheels): latency of each request, and how many builds ran.", "")
+    body = []
+    for r in conc["first_requests"]:
+        s, d = r["same"], r["distinct"]
+        body.append([str(r["requests"]), cell(s), f"{s['max'] * 1000:.0f} ms", str(r["same_builds"]),
+                     cell(d), f"{d['max'] * 1000:.0f} ms"])
+    page.table(["requests", "same env: median (min–max)", "slowest", "builds", "distinct envs: median (min–max)",
+                "slowest"], body)
+    f = conc["fairness"]
+    page.add("Fairness: a cached env's get-or-create while 8 new envs build (builds run on the blocking "
+             "pool; the event loop keeps answering):", "")
+    page.table(["", "p50", "p99", "samples"], [
+        ["idle", f"{f['idle']['median'] * 1000:.2f} ms", f"{f['idle']['p99'] * 1000:.2f} ms", str(f["idle"]["n"])],
+        ["during 8 builds", f"{f['during_8_builds']['median'] * 1000:.2f} ms",
+         f"{f['during_8_builds']['p99'] * 1000:.2f} ms", str(f["during_8_builds"]["n"])],
+    ])
+
+
+def store_section(page, store):
+    page.add("## Store", "", "Unleased package entries (a few small files each), each removal from a fresh "
+             "copy of the store.", "")
+    body = []
+    for r in store:
+        body.append([f"{r['entries']:,}", cell(r["du -s"]), cell(r["renv ls"]), ratio(r["renv ls"], r["du -s"]),
+                     cell(r["rm -rf"]), cell(r["renv prune"]), ratio(r["renv prune"], r["rm -rf"])])
+        page.compare(f"{r['entries']:,} entries", "renv ls", r["renv ls"], "du -s", r["du -s"])
+        page.compare(f"{r['entries']:,} entries", "renv prune", r["renv prune"], "rm -rf", r["rm -rf"])
+    page.table(["entries", "du -s", "renv ls", "ls / du", "rm -rf", "renv prune --max-size 0", "prune / rm"], body)
+
+
+def write(results, out_dir, plots):
+    page = Page()
+    m = results["machine"]
+    page.add("# Benchmarks", "",
+             f"Generated by `scripts/bench{results['args']}` on {results['date']}. Every figure is the median of "
+             f"{results['runs_note']}, with the range (min–max) in brackets; every ratio compares two figures "
+             "measured in the same run. Regenerate with `scripts/bench [--with-ray]`.", "",
+             "## Machine", "")
+    page.table(["", ""], [
+        ["CPU", f"{m['cores']} cores, {m['cpu']}"], ["memory", f"{m['memory_gib']} GiB"],
+        ["filesystem (work dir)", m["filesystem"]], ["kernel", m["kernel"]], ["renv", m["renv"]],
+        ["python", m["python"]], ["uv", m.get("uv", "")], ["pip", m.get("pip", "")],
+        ["Ray", results.get("ray", {}).get("ray", "not run (`--with-ray`)")],
+        *[[k, v] for k, v in m["tools"].items()],
+    ])
+    ray = results.get("ray")
+    if "envs" in results:
+        envs_section(page, results["envs"], ray)
+    if "working_dir" in results:
+        working_dir_section(page, results["working_dir"], ray, plots)
+    if "daemon" in results:
+        daemon_section(page, results["daemon"], plots)
+    if "concurrency" in results:
+        concurrency_section(page, results["concurrency"])
+    if "store" in results:
+        store_section(page, results["store"])
+    page.add("## Where renv is behind", "")
+    page.add(*(page.behind or ["Nowhere in this run."]), "")
+    with open(os.path.join(out_dir, "benchmarks.md"), "w") as f:
+        f.write("\n".join(page.lines).rstrip() + "\n")
+
+
+def plot(results, out_dir):
+    """PNG plots next to the page; returns {name: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = {}
+    wd = results.get("working_dir")
+    for key, xlabel, xof in (("by_size", "tree size (MB), 1,000 files", lambda p: p["bytes"] / (1 << 20)),
+                             ("by_files", "files (4 KB each)", lambda p: p["files"])):
+        if not wd or len(wd[key]) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        points = wd[key]
+        for name in points[0]["rows"]:
+            if name == "renv build, same tree again":
+                style = ":"
+            else:
+                style = "-" if name.startswith("renv") else "--"
+            ax.plot([xof(p) for p in points], [ms(p["rows"][name]) for p in points], style, marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("time (ms, median)")
+        ax.set_title(f"working_dir cost by {'size' if key == 'by_size' else 'file count'}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"bench-working-dir-{key.replace('_', '-')}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        made[key] = name
+    daemon = results.get("daemon")
+    if daemon and len(daemon["rate"]) >= 2:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+        clients = [r["clients"] for r in daemon["rate"]]
+        for key, label in (("healthz", "GET /healthz"), ("get_or_create", "POST /v1/envs (cached)")):
+            a.plot(clients, [r[key]["rate"] for r in daemon["rate"]], marker="o", label=label)
+            b.plot(clients, [r[key]["p99_ms"] for r in daemon["rate"]], marker="o", label=label)
+        for ax, ylabel in ((a, "requests / s"), (b, "p99 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        b.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "bench-daemon.png"), dpi=110)
+        plt.close(fig)
+        made["daemon"] = "bench-daemon.png"
+    return made
+
+
+def main(path, out_dir):
+    with open(path) as f:
+        results = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    write(results, out_dir, plot(results, out_dir))
