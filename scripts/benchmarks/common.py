@@ -74,7 +74,9 @@ def build_release():
     """Builds renv and the load generator once; returns their paths."""
     sh(["cargo", "build", "--release", "--locked", "-q", "--bin", "renv", "--example", "loadgen"], cwd=ROOT)
     target = os.path.join(ROOT, "target", "release")
-    return os.path.join(target, "renv"), os.path.join(target, "examples", "loadgen")
+    renv = os.path.join(target, "renv")
+    os.environ["RENV_BIN"] = renv  # for Daemon and RenvClient.upload_package
+    return renv, os.path.join(target, "examples", "loadgen")
 
 
 def version(cmd):

@@ -26,7 +26,6 @@ def _tiny_wheels(work, count):
 
 
 def start(work, renv, wheels, uv):
-    os.environ["RENV_BIN"] = renv
     return Daemon("--no-index", "--find-links", wheels, store=os.path.join(work, "store"), env={"RENV_UV": uv})
 
 

@@ -78,7 +78,6 @@ def run(work, renv, uv, python, quick):
             [renv, "build", "--store", cold_store, *index, spec_path], runs, setup=cold_renv, env=env).as_json()
 
         # renv daemon: one request.
-        os.environ["RENV_BIN"] = renv
         daemon = Daemon(*index, "--python", python, store=os.path.join(base, "daemon-store"),
                         env={"RENV_UV": uv})
         try:

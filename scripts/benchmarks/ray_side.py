@@ -6,9 +6,11 @@ In one Ray cluster, with renv's plugin registered and a renv daemon on the node:
   makes each sample new), by Ray's `pip` field, Ray's `uv` field and the renv plugin,
   interleaved sample by sample after one warm-up each; and a task in an env that exists.
   The floor, a new env with nothing to install (`env_vars` only), still starts a worker.
-- working_dir: a task with a changed tree (one file rewritten per sample, so nothing is
-  cached), by Ray's own `working_dir` (zip, upload to the GCS, download, unpack) and by
-  renv (`RenvClient.upload_package`, then the plugin's `working_dir: pkg://…`).
+- working_dir: a driver with a changed tree (one file rewritten per sample, so nothing
+  is cached) from `ray.init` until its first task returns: Ray's own `working_dir` (zip,
+  upload to the GCS, download, unpack; Ray takes local trees only at the job level) and
+  renv (`RenvClient.upload_package`, then the plugin's `working_dir: pkg://…`), with the
+  same driver without any working_dir as the floor.
 
     python ray_side.py CONFIG_JSON
 """
@@ -18,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +63,9 @@ def main():
                RAY_RUNTIME_ENV_PLUGINS=json.dumps([{"class": "renv.ray_plugin.RenvPlugin"}]),
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     ray_cli = os.path.join(bin_dir, "ray")
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--temp-dir", os.path.join(work, "ray"),
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--temp-dir", ray_temp,
                     "--include-dashboard", "false", "--disable-usage-stats"],
                    env=env, check=True, stdout=subprocess.DEVNULL)
     os.environ["RENV_SOCKET"] = daemon.socket
@@ -92,34 +97,54 @@ def main():
             results["envs"][name] = {m: {"warm": Stat(new[m]).as_json(), "existing": Stat(existing[m]).as_json()}
                                      for m in new}
 
+        ray.shutdown()
+
         client = RenvClient(daemon.socket)
+
+        def driver(runtime_env_of):
+            """From ray.init (with the env runtime_env_of() gives) to the first task's return."""
+            start = time.perf_counter()
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=False, runtime_env=runtime_env_of())
+            ray.get(where.remote("os"))
+            elapsed = time.perf_counter() - start
+            ray.shutdown()
+            return elapsed
+
         for files, total in config["trees"]:
             tree = os.path.join(work, "tree")
             make_tree(tree, files, total)
-            rows = {"ray working_dir": [], "renv upload + plugin": []}
+            methods = {
+                "driver, no working_dir (floor)": lambda: None,
+                "ray working_dir": lambda: {"working_dir": tree},
+                "renv upload + plugin": lambda: {"renv": {"working_dir": client.upload_package(tree)}},
+            }
+            rows = {name: [] for name in methods}
             for n in range(runs + 1):
-                with open(os.path.join(tree, "sample.txt"), "w") as f:
-                    f.write(str(n))
-                ray_time = timed_task({"working_dir": tree}, "os")
-                start = time.perf_counter()
-                uri = client.upload_package(tree)
-                ray.get(where.options(runtime_env={"renv": {"working_dir": uri}}).remote("os"))
-                renv_time = time.perf_counter() - start
-                if n:
-                    rows["ray working_dir"].append(ray_time)
-                    rows["renv upload + plugin"].append(renv_time)
+                for name, runtime_env_of in methods.items():
+                    with open(os.path.join(tree, "sample.txt"), "w") as f:
+                        f.write(f"{name} {n}")
+                    elapsed = driver(runtime_env_of)
+                    if n:
+                        rows[name].append(elapsed)
             log(f"working_dir {files} files, {total >> 20} MB done")
             results["working_dir"].append({"files": files, "bytes": total,
                                            "rows": {k: Stat(v).as_json() for k, v in rows.items()}})
             rmtree(tree)
-        ray.shutdown()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, check=False, stdout=subprocess.DEVNULL)
         daemon.stop()
-        for leftover in glob.glob(os.path.join(work, "*")):
-            rmtree(leftover)
+    # Kept when something failed: Ray's logs are in there.
+    for leftover in glob.glob(os.path.join(work, "*")) + [ray_temp]:
+        rmtree(leftover)
     json.dump(results, sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        # Ray's shutdown hooks can swallow the traceback of an uncaught exception.
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(1)
