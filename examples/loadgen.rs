@@ -1,4 +1,4 @@
-//! Load generator for `scripts/bench-daemon`: drives a renv daemon over its socket with
+//! Load generator for `scripts/bench` (its daemon section): drives a renv daemon over its socket with
 //! renv's own client, from N threads, and prints one JSON line of results.
 //!
 //! ```text

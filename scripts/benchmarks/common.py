@@ -79,11 +79,13 @@ def build_release():
     return renv, os.path.join(target, "examples", "loadgen")
 
 
-def version(cmd):
+def version(cmd, line_starting=""):
+    """The first line of a tool's version output (that starts with `line_starting`)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        return (out.stdout or out.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        return next(line for line in lines if line.startswith(line_starting)).strip()
+    except (OSError, StopIteration, subprocess.TimeoutExpired):
         return "not found"
 
 
@@ -114,7 +116,7 @@ def machine(work, renv):
         "python": platform.python_version(),
         "tools": {
             "cp": version(["cp", "--version"]),
-            "zip": version(["zip", "-h"]).split(" (")[0],
+            "zip": version(["zip", "-h"], "Zip ").split(" (")[0],
             "unzip": version(["unzip", "-v"]).split(" of ")[0],
             "tar": version(["tar", "--version"]),
         },

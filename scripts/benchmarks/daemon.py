@@ -103,6 +103,8 @@ def concurrency(work, renv, uv, quick):
 
     rows = []
     try:
+        # Warm-up: the first build of a daemon also probes the interpreter and installer.
+        client.get_or_create_env({"pip": [fresh_pkg()]})
         for n in counts:
             b0 = builds()
             same = at_once([{"pip": [fresh_pkg()]}] * n)

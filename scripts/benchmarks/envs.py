@@ -108,18 +108,21 @@ def run(work, renv, uv, python, quick):
                 daemon.stop()
         rows["renv daemon"]["cold"] = Stat(cold_daemon_samples).as_json()
 
-        # uv venv + uv pip install, into a fresh path each run.
+        # uv venv + uv pip install, into a new path each run: uv caches what it learns of an
+        # interpreter by path, so reusing one path would skip a cost every new env pays.
         uv_cache = os.path.join(base, "uv-cache")
-        venv = os.path.join(base, "uv-venv")
         uv_env = dict(os.environ, UV_CACHE_DIR=uv_cache, UV_PYTHON_DOWNLOADS="never")
+        uv_runs = [0]
 
         def uv_install():
-            rmtree(venv)
+            uv_runs[0] += 1
+            venv = os.path.join(base, f"uv-venv-{uv_runs[0]}")
             sh([uv, "venv", "-q", "--python", python, venv], env=uv_env)
             sh([uv, "pip", "install", "-q", "--python", os.path.join(venv, "bin", "python"), *index, *requirements],
                env=uv_env)
+            return venv
 
-        uv_install()
+        venv = uv_install()
         rows["uv venv + uv pip install"] = {
             "warm": timed(uv_install, runs).as_json(),
             "existing": timed_cmd([uv, "pip", "install", "-q", "--python", os.path.join(venv, "bin", "python"),
