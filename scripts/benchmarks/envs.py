@@ -8,19 +8,22 @@ install`, and `python -m venv` + `pip install`, same run.
   process, or one daemon request; uv/pip: the install that finds everything satisfied).
 
 Every install reads wheels from a local wheelhouse (--no-index --find-links), downloaded
-once, so no figure depends on the network.
+once, so no figure depends on the network. Samples are interleaved: each round takes one
+sample of every method and kind, so drift on a shared machine hits them all alike.
 """
 
 import json
 import os
 import subprocess
 import sys
+import time
 
-from common import ROOT, Daemon, Stat, rmtree, sh, timed, timed_cmd
+from common import ROOT, Daemon, Stat, rmtree, sh
 
 from renv import RenvClient
 
 SETS = {"requests": ["requests==2.26.0"], "numpy+pandas": ["numpy", "pandas"]}
+KINDS = ("warm", "cold", "existing")
 
 
 def wheelhouse(name, requirements):
@@ -38,116 +41,143 @@ def variant(requirements, n):
     return [f"{first},!=0.0.{n}" if "==" in first else f"{first}!=0.0.{n}", *requirements[1:]]
 
 
+def clock(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Methods:
+    """One sample of each (method, kind): setup untimed, the step timed."""
+
+    def __init__(self, base, renv, uv, python, requirements, wheels):
+        self.base, self.renv, self.uv, self.python = base, renv, uv, python
+        self.requirements = requirements
+        self.index = ["--no-index", "--find-links", wheels]
+        self.serial = 0
+        self.env = dict(os.environ, RENV_UV=uv, RENV_PYTHON=python)
+        self.env.pop("RENV_STORE", None)
+        self.uv_env = dict(os.environ, UV_PYTHON_DOWNLOADS="never")
+        self.pip_env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+        self.daemon = Daemon(*self.index, "--python", python, store=self.path("daemon-store"),
+                             env={"RENV_UV": uv})
+        self.client = RenvClient(self.daemon.socket)
+        # Warm-ups: every warm cache and every "existing" env exists before the first sample.
+        self.renv_cli(self.path("store"), self.new_spec())()
+        self.existing_spec = self.new_spec()
+        self.renv_cli(self.path("store"), self.existing_spec)()
+        self.existing_env = self.client.get_or_create_env({"pip": self.existing_spec}).env_id
+        self.uv_existing = self.uv_install(self.path("uv-cache"))
+        self.pip_existing = self.pip_install(self.path("pip-cache"))
+
+    def path(self, name):
+        return os.path.join(self.base, name)
+
+    def new_spec(self):
+        self.serial += 1
+        return variant(self.requirements, self.serial)
+
+    def fresh(self, name):
+        self.serial += 1
+        path = self.path(f"{name}-{self.serial}")
+        rmtree(path)
+        return path
+
+    def renv_cli(self, store, requirements):
+        """Writes the spec (untimed) and returns the `renv build` to time."""
+        spec = self.path("env.json")
+        with open(spec, "w") as f:
+            json.dump({"pip": requirements}, f)
+        return lambda: sh([self.renv, "build", "--store", store, *self.index, spec], env=self.env)
+
+    def uv_install(self, cache):
+        # A new venv path each time: uv caches what it learns of an interpreter by path.
+        venv = self.fresh("uv-venv")
+        env = dict(self.uv_env, UV_CACHE_DIR=cache)
+        sh([self.uv, "venv", "-q", "--python", self.python, venv], env=env)
+        sh([self.uv, "pip", "install", "-q", "--python", os.path.join(venv, "bin", "python"), *self.index,
+            *self.requirements], env=env)
+        return venv
+
+    def pip_install(self, cache):
+        venv = self.fresh("pip-venv")
+        env = dict(self.pip_env, PIP_CACHE_DIR=cache)
+        sh([self.python, "-m", "venv", venv], env=env)
+        sh([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q", *self.index, *self.requirements],
+           env=env)
+        return venv
+
+    def samples(self):
+        """{(method, kind): a function taking one sample (seconds)}."""
+        m = self
+
+        def renv_warm():
+            return clock(m.renv_cli(m.path("store"), m.new_spec()))
+
+        def renv_cold():
+            return clock(m.renv_cli(m.fresh("cold-store"), m.new_spec()))
+
+        def renv_existing():
+            return clock(m.renv_cli(m.path("store"), m.existing_spec))
+
+        def daemon_request(client, requirements):
+            def request():
+                client.release_env(client.get_or_create_env({"pip": requirements}).env_id)
+            return clock(request)
+
+        def daemon_cold():
+            daemon = Daemon(*m.index, "--python", m.python, store=m.fresh("cold-daemon"), env={"RENV_UV": m.uv})
+            try:
+                return daemon_request(RenvClient(daemon.socket), m.new_spec())
+            finally:
+                daemon.stop()
+
+        def uv_satisfied():
+            return clock(lambda: sh([m.uv, "pip", "install", "-q", "--python",
+                                     os.path.join(m.uv_existing, "bin", "python"), *m.index, *m.requirements],
+                                    env=dict(m.uv_env, UV_CACHE_DIR=m.path("uv-cache"))))
+
+        def pip_satisfied():
+            return clock(lambda: sh([os.path.join(m.pip_existing, "bin", "python"), "-m", "pip", "install", "-q",
+                                     *m.index, *m.requirements], env=dict(m.pip_env, PIP_CACHE_DIR=m.path("pip-cache"))))
+
+        return {
+            ("renv build", "warm"): renv_warm,
+            ("renv build", "cold"): renv_cold,
+            ("renv build", "existing"): renv_existing,
+            ("renv daemon", "warm"): lambda: daemon_request(m.client, m.new_spec()),
+            ("renv daemon", "cold"): daemon_cold,
+            ("renv daemon", "existing"): lambda: daemon_request(m.client, m.existing_spec),
+            ("uv venv + uv pip install", "warm"): lambda: clock(lambda: m.uv_install(m.path("uv-cache"))),
+            ("uv venv + uv pip install", "cold"): lambda: clock(lambda: m.uv_install(m.fresh("uv-cold-cache"))),
+            ("uv venv + uv pip install", "existing"): uv_satisfied,
+            ("python -m venv + pip install", "warm"): lambda: clock(lambda: m.pip_install(m.path("pip-cache"))),
+            ("python -m venv + pip install", "cold"): lambda: clock(lambda: m.pip_install(m.fresh("pip-cold-cache"))),
+            ("python -m venv + pip install", "existing"): pip_satisfied,
+        }
+
+    def close(self):
+        self.daemon.stop()
+
+
 def run(work, renv, uv, python, quick):
     runs = 2 if quick else 5
     sets = {"requests": SETS["requests"]} if quick else SETS
     results = {}
     for name, requirements in sets.items():
-        wheels = wheelhouse(name, requirements)
-        index = ["--no-index", "--find-links", wheels]
         base = os.path.join(work, name)
         os.makedirs(base)
-        env = dict(os.environ, RENV_UV=uv, RENV_PYTHON=python)
-        env.pop("RENV_STORE", None)
-        spec_path = os.path.join(base, "env.json")
-        counter = [0]
-
-        def spec():
-            counter[0] += 1
-            with open(spec_path, "w") as f:
-                json.dump({"pip": variant(requirements, counter[0])}, f)
-
-        warm_store = os.path.join(base, "store")
-        renv_build = [renv, "build", "--store", warm_store, *index, spec_path]
-        rows = {}
-
-        # renv CLI.
-        spec()
-        sh(renv_build, env=env)  # warm-up: the store's uv cache now holds the wheels
-        rows["renv build"] = {
-            "warm": timed_cmd(renv_build, runs, setup=spec, env=env).as_json(),
-            "existing": timed_cmd(renv_build, runs, env=env).as_json(),
-        }
-        cold_store = os.path.join(base, "cold-store")
-
-        def cold_renv():
-            rmtree(cold_store)
-            spec()
-
-        rows["renv build"]["cold"] = timed_cmd(
-            [renv, "build", "--store", cold_store, *index, spec_path], runs, setup=cold_renv, env=env).as_json()
-
-        # renv daemon: one request.
-        daemon = Daemon(*index, "--python", python, store=os.path.join(base, "daemon-store"),
-                        env={"RENV_UV": uv})
+        methods = Methods(base, renv, uv, python, requirements, wheelhouse(name, requirements))
         try:
-            client = RenvClient(daemon.socket)
-            n = [0]
-
-            def request(fresh):
-                if fresh:
-                    n[0] += 1
-                created = client.get_or_create_env({"pip": variant(requirements, n[0])})
-                client.release_env(created.env_id)
-
-            request(True)
-            rows["renv daemon"] = {
-                "warm": timed(lambda: request(True), runs).as_json(),
-                "existing": timed(lambda: request(False), runs).as_json(),
-            }
+            samples = {}
+            for _ in range(runs):
+                for key, sample in methods.samples().items():
+                    samples.setdefault(key, []).append(sample())
         finally:
-            daemon.stop()
-        cold_daemon_samples = []
-        for i in range(runs):
-            store = os.path.join(base, f"cold-daemon-{i}")
-            daemon = Daemon(*index, "--python", python, store=store, env={"RENV_UV": uv})
-            try:
-                client = RenvClient(daemon.socket)
-                cold_daemon_samples += timed(lambda: request(True), 1).samples
-            finally:
-                daemon.stop()
-        rows["renv daemon"]["cold"] = Stat(cold_daemon_samples).as_json()
-
-        # uv venv + uv pip install, into a new path each run: uv caches what it learns of an
-        # interpreter by path, so reusing one path would skip a cost every new env pays.
-        uv_cache = os.path.join(base, "uv-cache")
-        uv_env = dict(os.environ, UV_CACHE_DIR=uv_cache, UV_PYTHON_DOWNLOADS="never")
-        uv_runs = [0]
-
-        def uv_install():
-            uv_runs[0] += 1
-            venv = os.path.join(base, f"uv-venv-{uv_runs[0]}")
-            sh([uv, "venv", "-q", "--python", python, venv], env=uv_env)
-            sh([uv, "pip", "install", "-q", "--python", os.path.join(venv, "bin", "python"), *index, *requirements],
-               env=uv_env)
-            return venv
-
-        venv = uv_install()
-        rows["uv venv + uv pip install"] = {
-            "warm": timed(uv_install, runs).as_json(),
-            "existing": timed_cmd([uv, "pip", "install", "-q", "--python", os.path.join(venv, "bin", "python"),
-                                   *index, *requirements], runs, env=uv_env).as_json(),
-            "cold": timed(uv_install, runs, setup=lambda: rmtree(uv_cache)).as_json(),
-        }
-
-        # python -m venv + pip install.
-        pip_cache = os.path.join(base, "pip-cache")
-        pvenv = os.path.join(base, "pip-venv")
-        pip_env = dict(os.environ, PIP_CACHE_DIR=pip_cache, PIP_DISABLE_PIP_VERSION_CHECK="1")
-
-        def pip_install():
-            rmtree(pvenv)
-            sh([python, "-m", "venv", pvenv], env=pip_env)
-            sh([os.path.join(pvenv, "bin", "python"), "-m", "pip", "install", "-q", *index, *requirements],
-               env=pip_env)
-
-        pip_install()
-        rows["python -m venv + pip install"] = {
-            "warm": timed(pip_install, runs).as_json(),
-            "existing": timed_cmd([os.path.join(pvenv, "bin", "python"), "-m", "pip", "install", "-q", *index,
-                                   *requirements], runs, env=pip_env).as_json(),
-            "cold": timed(pip_install, runs, setup=lambda: rmtree(pip_cache)).as_json(),
-        }
+            methods.close()
+        rows = {}
+        for (method, kind), values in samples.items():
+            rows.setdefault(method, {})[kind] = Stat(values).as_json()
         results[name] = rows
         rmtree(base)
     return results

@@ -14,11 +14,9 @@ REASONS = {
     "renv package -o": "renv hashes every file (blake3) for the digest while writing the zip.",
     "renv upload to the daemon": "packaging with hashing, a socket transfer, a checked unpack and a synced "
                                  "publish, against a plain zip and unzip.",
-    "renv build": "renv runs the same two uv commands (in a clean environment, against the store's own "
-                  "uv cache), then fsyncs every installed file (free on tmpfs) and publishes; its build log "
-                  "shows `uv pip install` itself taking longer there than in the bare run, which is not yet "
-                  "explained. Small trees and envs also pay renv's fixed costs: a process, the store's locks, "
-                  "staging, a marker.",
+    "renv build": "renv runs the same two uv commands, then fsyncs every installed file (free on tmpfs) and "
+                  "publishes. A cold store also probes the interpreter and uv once (about 100 ms) before its "
+                  "first build; an existing store has those answers cached.",
     "renv daemon": "one request pays what `renv build` pays, plus the socket round trip.",
     "renv prune": "prune takes each entry's lock, removes its marker first and moves it through trash, "
                   "so a crash or a concurrent user never sees half an entry.",
