@@ -230,6 +230,10 @@ def write(results, out_dir, plots):
              f"{results['runs_note']}, with the range (min–max) in brackets; every ratio compares two figures "
              "measured in the same run. Regenerate with `scripts/bench [--with-ray]`.", "",
              "## Machine", "")
+    if m["filesystem"] == "tmpfs":
+        page.add("The work dir was tmpfs, so these figures show CPU cost: on a disk, creating files and renv's "
+                 "fsyncs add to every row that writes a tree (run with `--workdir` on a disk to see how "
+                 "much).", "")
     page.table(["", ""], [
         ["CPU", f"{m['cores']} cores, {m['cpu']}"], ["memory", f"{m['memory_gib']} GiB"],
         ["filesystem (work dir)", m["filesystem"]], ["kernel", m["kernel"]], ["renv", m["renv"]],
