@@ -31,6 +31,14 @@ impl BuiltEnv {
         self.working_dir.as_ref().is_some_and(|e| e.created) || self.venv.as_ref().is_some_and(|e| e.created)
     }
 
+    /// Bytes on disk: (working_dir, venv).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.working_dir.as_ref().map_or(0, |e| e.bytes),
+            self.venv.as_ref().map_or(0, |e| e.bytes),
+        )
+    }
+
     pub fn working_dir_path(&self) -> Option<&Path> {
         self.working_dir.as_ref().map(|e| e.path.as_path())
     }
@@ -147,7 +155,8 @@ pub fn build_env(
     })
 }
 
-fn ensure_zip(store: &Store, path: &Path, progress: &Progress) -> Result<PackageEntry, Error> {
+/// A zip into the store; a rejected archive names the zip.
+pub(crate) fn ensure_zip(store: &Store, path: &Path, progress: &Progress) -> Result<PackageEntry, Error> {
     store
         .ensure_package_from_zip(path, progress)
         .map_err(|e| match e {

@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any, BinaryIO, Iterator, Optional, Union
 
-from .errors import RenvConnectionError, error_from_response
+from .errors import RenvConnectionError, RenvNotFoundError, error_from_response
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -82,14 +82,16 @@ class Transport:
 
     def status(self, method: str, url: str) -> int:
         """The status of a request whose 404 is an answer, not an error (HEAD)."""
-        from .errors import RenvNotFoundError
-
         try:
             with self.open(method, url) as response:
                 response.read()
                 return response.status
         except RenvNotFoundError:
             return 404
+
+    def text(self, url: str) -> str:
+        with self.open("GET", url) as response:
+            return response.read().decode("utf-8", "replace")
 
     def stream(self, url: str) -> Iterator[bytes]:
         """The body of a GET as it arrives (chunked answers of unknown length)."""

@@ -11,6 +11,7 @@ daemon checks the upload against.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import enum
 import json
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Union
 
 from ._transport import Transport
+from .errors import RenvConflictError
 
 __all__ = ["RenvClient", "JobStatus", "JobDetails", "EnvInfo", "EnvRecord", "default_socket_path"]
 
@@ -171,6 +173,15 @@ class RenvClient:
     def healthz(self) -> bool:
         return bool(self._http.json("GET", "/healthz").get("ok"))
 
+    def metrics(self) -> Dict[str, float]:
+        """The daemon's counters and gauges (``/metrics``), e.g. ``renv_builds_total``."""
+        values = {}
+        for line in self._http.text("/metrics").splitlines():
+            name, _, value = line.partition(" ")
+            if name and not name.startswith("#") and value:
+                values[name] = float(value)
+        return values
+
     # -- environments -----------------------------------------------------------------
 
     def get_or_create_env(self, runtime_env: Dict[str, Any], *, ref: Optional[str] = None) -> EnvInfo:
@@ -297,8 +308,6 @@ class RenvClient:
     def stop_job(self, job_id: str) -> bool:
         """SIGTERM to the job's process group (SIGKILL after the daemon's grace period).
         Returns False if the job had already ended, as Ray's does."""
-        from .errors import RenvConflictError
-
         try:
             self._http.json("DELETE", f"/v1/workers/{_quote(job_id)}")
         except RenvConflictError:
@@ -311,12 +320,13 @@ class RenvClient:
 
     def iter_job_logs(self, job_id: str, *, stream: str = "stdout") -> Iterator[str]:
         """The job's output as it is written, until the job ends (blocking)."""
-        decoder = _Utf8Decoder()
+        # Chunks may split a UTF-8 character.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         for chunk in self._log_chunks(job_id, stream, follow=True):
-            text = decoder.feed(chunk)
+            text = decoder.decode(chunk)
             if text:
                 yield text
-        rest = decoder.finish()
+        rest = decoder.decode(b"", final=True)
         if rest:
             yield rest
 
@@ -341,17 +351,3 @@ class RenvClient:
         url = f"/v1/workers/{_quote(job_id)}/logs?stream={stream}" + ("&follow=true" if follow else "")
         return self._http.stream(url)
 
-
-class _Utf8Decoder:
-    """Decodes a byte stream whose chunks may split a UTF-8 character."""
-
-    def __init__(self):
-        import codecs
-
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def feed(self, chunk: bytes) -> str:
-        return self._decoder.decode(chunk)
-
-    def finish(self) -> str:
-        return self._decoder.decode(b"", final=True)

@@ -78,15 +78,7 @@ def result_line(output, tag="RESULT"):
 
 
 def metric(client, name):
-    import http.client  # noqa: F401  (the SDK's transport gives the raw text)
-
-    response = client._http.open("GET", "/metrics")
-    with response:
-        text = response.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics:\n{text}")
+    return client.metrics()[name]
 
 
 def wait_for(what, check, timeout=60):

@@ -88,8 +88,16 @@ class ClientTest(unittest.TestCase):
         self.assertIsInstance(error, ValueError)
         with self.assertRaises(RenvNotFoundError):
             self.client.get_job_status("w999999")
-        # The daemon kept serving.
+        # Arguments the SDK can check itself never reach the daemon.
+        with self.assertRaises(ValueError):
+            self.client.submit_job(entrypoint=[])
+        with self.assertRaises(TypeError):
+            self.client.get_or_create_env(["pip", "sdkpkg"])
+        with self.assertRaises(ValueError):
+            self.client.get_job_logs("w000001", stream="both")
+        # The daemon kept serving, and counted the failure as no build.
         self.assertTrue(self.client.healthz())
+        self.assertEqual(self.client.metrics()["renv_build_failures_total"], 0)
 
     def test_uploads_have_the_digest_renv_package_prints(self):
         root = self.project({"main.py": "print('hi')\n", "pkg/mod.py": "X = 1\n", "big.log": "x" * 1000})

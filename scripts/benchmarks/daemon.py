@@ -94,12 +94,7 @@ def concurrency(work, renv, uv, quick):
         return latencies
 
     def builds():
-        response = client._http.open("GET", "/metrics")
-        with response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("renv_builds_total "):
-                    return int(float(line.split()[1]))
-        return 0
+        return int(client.metrics()["renv_builds_total"])
 
     rows = []
     try:

@@ -14,7 +14,6 @@ sample of every method and kind, so drift on a shared machine hits them all alik
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -182,7 +181,3 @@ def run(work, renv, uv, python, quick):
         rmtree(base)
     return results
 
-
-def python_real():
-    return subprocess.check_output(
-        ["python3", "-c", "import os, sys; print(os.path.realpath(sys.executable))"], text=True).strip()

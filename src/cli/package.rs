@@ -41,80 +41,80 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
     } else {
         Progress::for_stderr()
     };
+    let is_zip = args.dir.is_file();
+    if is_zip && !args.excludes.is_empty() {
+        return Err(crate::package::PackageError::BadExclude {
+            pattern: args.excludes[0].clone(),
+            reason: "a zip is packaged exactly as it is; unpack it to use excludes".into(),
+        }
+        .into());
+    }
     // The store holds the stat cache that spares re-hashing an unchanged tree. Writing a
     // zip does not need the store, so there it is used only if it opens.
     let store = match args.output {
         Some(_) => args.store.open(None).ok(),
         None => Some(args.store.open(None)?),
     };
-    let cache_dir = store.as_ref().map(|s| s.hash_cache_dir());
-    // Holds a zip's unpacked contents until the package is written.
-    let mut _unpacked = None;
-    let tree = if args.dir.is_file() {
-        if !args.excludes.is_empty() {
-            return Err(crate::package::PackageError::BadExclude {
-                pattern: args.excludes[0].clone(),
-                reason: "a zip is packaged exactly as it is; unpack it to use excludes".into(),
-            }
-            .into());
-        }
-        let dir = tempfile::tempdir()?;
-        crate::package::zip_read::unpack(
-            &args.dir,
-            dir.path(),
-            args.store.unpack_limits(),
-            args.store.threads(),
-            &progress,
-        )
-        .map_err(|source| Error::Archive {
-            path: args.dir.clone(),
-            source,
-        })?;
-        let tree = crate::package::scan::scan_exact(dir.path(), args.store.threads())?;
-        _unpacked = Some(dir);
-        tree
-    } else {
-        scan_dir(
-            &args.dir,
-            &args.excludes,
-            args.store.threads(),
-            cache_dir.as_deref(),
-            &progress,
-        )?
-    };
-    let digest = tree.manifest.digest();
-    let location = match &args.output {
-        Some(out) => {
-            // Write beside the target and rename, so a failed run never leaves a partial zip.
-            let dir = out
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            let tmp = tempfile::Builder::new()
-                .prefix(".renv-package-")
-                .suffix(".zip")
-                .tempfile_in(dir)?;
-            let writer = write_zip(
-                &tree,
-                BufWriter::with_capacity(1 << 20, tmp),
-                args.compression,
-                &progress,
-            )?;
-            let tmp = writer.into_inner().map_err(|e| e.into_error())?;
-            tmp.persist(out).map_err(|e| e.error)?;
-            json!({"zip": out})
-        }
+    let (digest, files, bytes, location) = match &args.output {
         None => {
             let store = store.expect("opened above when there is no -o");
-            let entry = store.ensure_package_from_tree(&tree, &progress)?;
-            json!({"path": entry.path, "created": entry.created})
+            let entry = if is_zip {
+                // The store's own path: a checked unpack straight into staging.
+                crate::build::ensure_zip(&store, &args.dir, &progress)?
+            } else {
+                let tree = scan_dir(
+                    &args.dir,
+                    &args.excludes,
+                    args.store.threads(),
+                    Some(&store.hash_cache_dir()),
+                    &progress,
+                )?;
+                store.ensure_package_from_tree(&tree, &progress)?
+            };
+            let location = json!({"path": entry.path, "created": entry.created});
+            (entry.digest, entry.files, entry.bytes, location)
+        }
+        Some(out) => {
+            // A zip is unpacked (with the store's checks) and re-packed from its contents.
+            let unpacked = if is_zip { Some(tempfile::tempdir()?) } else { None };
+            let tree = match &unpacked {
+                Some(dir) => {
+                    crate::package::zip_read::unpack(
+                        &args.dir,
+                        dir.path(),
+                        args.store.unpack_limits(),
+                        args.store.threads(),
+                        &progress,
+                    )
+                    .map_err(|source| Error::Archive {
+                        path: args.dir.clone(),
+                        source,
+                    })?;
+                    crate::package::scan::scan_exact(dir.path(), args.store.threads())?
+                }
+                None => scan_dir(
+                    &args.dir,
+                    &args.excludes,
+                    args.store.threads(),
+                    store.as_ref().map(|s| s.hash_cache_dir()).as_deref(),
+                    &progress,
+                )?,
+            };
+            write_zip_atomically(&tree, out, args.compression, &progress)?;
+            let manifest = &tree.manifest;
+            (
+                manifest.digest(),
+                manifest.file_count() as u64,
+                manifest.content_bytes(),
+                json!({"zip": out}),
+            )
         }
     };
     let mut value = json!({
         "digest": digest.to_string(),
         "uri": format!("pkg://{digest}"),
-        "files": tree.manifest.file_count(),
-        "bytes": tree.manifest.content_bytes(),
+        "files": files,
+        "bytes": bytes,
     });
     value
         .as_object_mut()
@@ -128,10 +128,35 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
             None => "in the store".to_string(),
         };
         format!(
-            "pkg://{digest}\n{} files, {}, {place}\n",
-            tree.manifest.file_count(),
-            super::build::human_bytes(tree.manifest.content_bytes())
+            "pkg://{digest}\n{files} files, {}, {place}\n",
+            super::build::human_bytes(bytes)
         )
     };
     print_stdout(&text)
+}
+
+/// Writes beside the target and renames, so a failed run never leaves a partial zip.
+fn write_zip_atomically(
+    tree: &crate::package::ScannedTree,
+    out: &std::path::Path,
+    compression: Compression,
+    progress: &Progress,
+) -> Result<(), Error> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".renv-package-")
+        .suffix(".zip")
+        .tempfile_in(dir)?;
+    let writer = write_zip(
+        tree,
+        BufWriter::with_capacity(1 << 20, tmp),
+        compression,
+        progress,
+    )?;
+    let tmp = writer.into_inner().map_err(|e| e.into_error())?;
+    tmp.persist(out).map_err(|e| e.error)?;
+    Ok(())
 }

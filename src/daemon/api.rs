@@ -158,6 +158,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(daemon: &Daemon, body: &Bytes)
 }
 
 pub fn env_json(built: &BuiltEnv, created: bool) -> Value {
+    let (working_dir_bytes, venv_bytes) = built.bytes();
     json!({
         "env_id": built.env_id.to_string(),
         "python": built.context.python,
@@ -165,7 +166,7 @@ pub fn env_json(built: &BuiltEnv, created: bool) -> Value {
         "env": built.context.env,
         "working_dir": built.working_dir_path(),
         "venv": built.venv.as_ref().map(|e| e.path.clone()),
-        "bytes": built.working_dir.as_ref().map_or(0, |e| e.bytes) + built.venv.as_ref().map_or(0, |e| e.bytes),
+        "bytes": working_dir_bytes + venv_bytes,
         "created": created,
         "timings_ms": built.timings_ms,
     })
@@ -208,8 +209,7 @@ async fn list_envs(State(daemon): AppState) -> Json<Value> {
     let mut list: Vec<Value> = envs
         .values()
         .map(|r| {
-            let working_dir_bytes = r.built.working_dir.as_ref().map_or(0, |e| e.bytes);
-            let venv_bytes = r.built.venv.as_ref().map_or(0, |e| e.bytes);
+            let (working_dir_bytes, venv_bytes) = r.built.bytes();
             json!({
                 "env_id": r.built.env_id.to_string(),
                 "refs": r.refs,

@@ -47,11 +47,7 @@ pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interp
     };
     let parent_site_packages = match found.parent().and_then(Path::parent) {
         Some(root) if root.join("pyvenv.cfg").is_file() => {
-            let out = probe(cache_dir, &found, &["-I", "-c", VENV_SITE_PACKAGES], false)?;
-            serde_json::from_str(&out).map_err(|e| VenvError::Probe {
-                binary: found.clone(),
-                reason: format!("unexpected answer {out:?}: {e}"),
-            })?
+            probe_json(cache_dir, &found, &["-I", "-c", VENV_SITE_PACKAGES])?
         }
         _ => Vec::new(),
     };
@@ -71,16 +67,25 @@ pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interp
         version: String,
         implementation: String,
     }
-    let out = probe(cache_dir, &real, &["-I", "-c", IDENTIFY], false)?;
-    let id: Identity = serde_json::from_str(&out).map_err(|e| VenvError::Probe {
-        binary: real.clone(),
-        reason: format!("unexpected answer {out:?}: {e}"),
-    })?;
+    let id: Identity = probe_json(cache_dir, &real, &["-I", "-c", IDENTIFY])?;
     Ok(Interpreter {
         path: real,
         version: id.version,
         implementation: id.implementation,
         parent_site_packages,
+    })
+}
+
+/// A probe whose answer is one JSON value.
+fn probe_json<T: serde::de::DeserializeOwned>(
+    cache_dir: Option<&Path>,
+    binary: &Path,
+    args: &[&str],
+) -> Result<T, VenvError> {
+    let out = probe(cache_dir, binary, args, false)?;
+    serde_json::from_str(&out).map_err(|e| VenvError::Probe {
+        binary: binary.to_path_buf(),
+        reason: format!("unexpected answer {out:?}: {e}"),
     })
 }
 
