@@ -4,22 +4,30 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde::Serialize;
 
-use crate::context::Context;
+use crate::context::{Context, PackageRole};
 use crate::digest::{Digest, EnvId};
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::resolve::{self, ResolvedWorkingDir};
+use crate::resolve;
 use crate::spec::RuntimeEnvSpec;
-use crate::store::{EnvEntry, Lease, PackageEntry, Store, StoreError};
-use crate::venv::{self, Installer, VenvPolicy};
+use crate::store::{EntryId, EnvEntry, Lease, PackageEntry, Store};
+use crate::venv::{self, VenvPolicy};
+
+/// A package an env uses, and what it is to the worker.
+#[derive(Debug, Clone)]
+pub struct EnvPackage {
+    pub role: PackageRole,
+    pub entry: PackageEntry,
+}
 
 /// A built environment: its identity, the store entries it uses, and the worker context.
 #[derive(Debug, Clone)]
 pub struct BuiltEnv {
     pub env_id: EnvId,
-    pub working_dir: Option<PackageEntry>,
+    /// Packages in the order the worker sees them (the working_dir first).
+    pub packages: Vec<EnvPackage>,
     pub venv: Option<EnvEntry>,
     pub context: Context,
     pub timings_ms: BTreeMap<String, u64>,
@@ -28,38 +36,58 @@ pub struct BuiltEnv {
 impl BuiltEnv {
     /// Whether building it created any store entry (false: everything was there).
     pub fn created(&self) -> bool {
-        self.working_dir.as_ref().is_some_and(|e| e.created) || self.venv.as_ref().is_some_and(|e| e.created)
+        self.packages.iter().any(|p| p.entry.created) || self.venv.as_ref().is_some_and(|e| e.created)
     }
 
-    /// Bytes on disk: (working_dir, venv).
+    /// Bytes on disk: (packages, venv).
     pub fn bytes(&self) -> (u64, u64) {
         (
-            self.working_dir.as_ref().map_or(0, |e| e.bytes),
+            self.packages.iter().map(|p| p.entry.bytes).sum(),
             self.venv.as_ref().map_or(0, |e| e.bytes),
         )
     }
 
+    pub fn working_dir(&self) -> Option<&PackageEntry> {
+        self.packages
+            .iter()
+            .find(|p| p.role == PackageRole::WorkingDir)
+            .map(|p| &p.entry)
+    }
+
     pub fn working_dir_path(&self) -> Option<&Path> {
-        self.working_dir.as_ref().map(|e| e.path.as_path())
+        self.working_dir().map(|e| e.path.as_path())
+    }
+
+    /// Every store entry this env uses.
+    pub fn entries(&self) -> impl Iterator<Item = EntryId> + '_ {
+        let packages = self.packages.iter().map(|p| EntryId::from(p.entry.id));
+        packages.chain(self.venv.iter().map(|e| EntryId::from(e.id)))
     }
 
     /// Leases every entry this env uses, so none can be deleted while they are held.
     /// Returns `None` if an entry vanished between the build and the lease (build again).
     pub fn lease(&self, store: &Store) -> Result<Option<Vec<Lease>>, Error> {
         let mut leases = Vec::new();
-        if let Some(pkg) = &self.working_dir {
-            leases.push(store.lease(&format!("pkg-{}", pkg.digest))?);
-            if store.find_package(pkg.digest)?.is_none() {
+        for package in &self.packages {
+            leases.push(store.lease(package.entry.id)?);
+            if store.find(package.entry.id)?.is_none() {
                 return Ok(None);
             }
         }
         if let Some(env) = &self.venv {
-            leases.push(store.lease(&format!("env-{}", env.key))?);
-            if store.find_env(env.key)?.is_none() {
+            leases.push(store.lease(env.id)?);
+            if venv::find(store, env.id)?.is_none() {
                 return Ok(None);
             }
         }
         Ok(Some(leases))
+    }
+
+    /// Records a use of everything it holds (for hits served from memory).
+    pub fn touch(&self, store: &Store) {
+        for id in self.entries() {
+            store.touch(id);
+        }
     }
 }
 
@@ -75,6 +103,9 @@ pub fn build_env(
     let total = Instant::now();
     let timeout = spec.config.setup_timeout_seconds.map(Duration::from_secs);
     let mut timings = BTreeMap::new();
+    let mut record = |entry_timings: &BTreeMap<&'static str, u64>| {
+        timings.extend(entry_timings.iter().map(|(k, v)| (k.to_string(), *v)));
+    };
 
     // Requirements and node policy first: they fail fast, before any hashing.
     let packages = match &spec.packages {
@@ -84,63 +115,59 @@ pub fn build_env(
     let plan = match &packages {
         Some(packages) => {
             let start = Instant::now();
-            let plan = venv::plan(packages, policy, store, timeout).map_err(Error::from)?;
-            timings.insert("plan_env".to_string(), start.elapsed().as_millis() as u64);
+            let plan = venv::plan(packages, policy, store, timeout)?;
+            record(&BTreeMap::from([(
+                "plan_env",
+                start.elapsed().as_millis() as u64,
+            )]));
             Some(plan)
         }
         None => None,
     };
 
+    let mut env_packages = Vec::new();
     let start = Instant::now();
-    let cache_dir = store.hash_cache_dir();
+    let hash_cache = store.layout().hash_cache_dir();
     let working_dir = resolve::resolve_working_dir(
         spec,
         base_dir,
         store.options().threads,
-        Some(&cache_dir),
+        Some(&hash_cache),
         progress,
     )?;
-    if let Some(ResolvedWorkingDir::Tree(_)) = working_dir {
-        timings.insert("scan".to_string(), start.elapsed().as_millis() as u64);
-    }
-    let working_dir = match working_dir {
-        None => None,
-        Some(ResolvedWorkingDir::Tree(tree)) => Some(store.ensure_package_from_tree(&tree, progress)?),
-        Some(ResolvedWorkingDir::Zip(path)) => Some(ensure_zip(store, &path, progress)?),
-        Some(ResolvedWorkingDir::Package(digest)) => Some(store.lookup_package(digest)?),
-    };
-    if let Some(entry) = &working_dir {
-        timings.extend(entry.timings_ms.iter().map(|(k, v)| (k.to_string(), *v)));
+    if let Some(source) = working_dir {
+        if let crate::sources::PackageSource::Tree(_) = source {
+            record(&BTreeMap::from([("scan", start.elapsed().as_millis() as u64)]));
+        }
+        let entry = source.ensure(store, progress)?;
+        record(&entry.timings_ms);
+        env_packages.push(EnvPackage {
+            role: PackageRole::WorkingDir,
+            entry,
+        });
     }
 
     let venv = match &plan {
         None => None,
         Some(plan) => {
-            let entry = store.ensure_env(plan.key, &plan.description, progress, |dirs| {
-                venv::build(plan, &dirs.venv, &dirs.work, store, dirs.log.clone(), timeout)
-                    .map_err(|e| StoreError::Venv(Box::new(e)))?;
-                if let Installer::Pip { .. } = plan.installer {
-                    venv::relocate_scripts(&dirs.venv, &dirs.final_path)?;
-                }
-                Ok(())
-            });
-            let entry = entry.map_err(|e| match e {
-                StoreError::Venv(e) => Error::Venv(*e),
-                other => other.into(),
-            })?;
-            timings.extend(entry.timings_ms.iter().map(|(k, v)| (k.to_string(), *v)));
+            let entry = venv::ensure(plan, store, timeout, progress)?;
+            record(&entry.timings_ms);
             Some(entry)
         }
     };
 
-    let env_id = env_id(working_dir.as_ref(), venv.as_ref(), &spec.env_vars);
+    let env_id = env_id(&env_packages, venv.as_ref(), &spec.env_vars);
     // Bytecode of an env built without it goes to the node's writable cache.
     let pycache = match (&venv, &plan) {
         (Some(_), Some(plan)) if !plan.compile_bytecode => Some(store.pycache_dir()?),
         _ => None,
     };
+    let context_packages: Vec<(PackageRole, &Path)> = env_packages
+        .iter()
+        .map(|p| (p.role, p.entry.path.as_path()))
+        .collect();
     let context = Context::new(
-        working_dir.as_ref().map(|e| e.path.as_path()),
+        &context_packages,
         venv.as_ref().map(|e| e.path.as_path()),
         pycache.as_deref(),
         &spec.env_vars,
@@ -148,37 +175,35 @@ pub fn build_env(
     timings.insert("total".to_string(), total.elapsed().as_millis() as u64);
     Ok(BuiltEnv {
         env_id,
-        working_dir,
+        packages: env_packages,
         venv,
         context,
         timings_ms: timings,
     })
 }
 
-/// A zip into the store; a rejected archive names the zip.
-pub(crate) fn ensure_zip(store: &Store, path: &Path, progress: &Progress) -> Result<PackageEntry, Error> {
-    store
-        .ensure_package_from_zip(path, progress)
-        .map_err(|e| match e {
-            StoreError::Archive(source) => Error::Archive {
-                path: path.to_path_buf(),
-                source,
-            },
-            other => other.into(),
-        })
+/// What an env id is the digest of: what the worker will see, not how the request spelled
+/// it. A struct, so the encoding's field order is fixed; `version` changes with it.
+#[derive(Serialize)]
+struct EnvIdentity<'a> {
+    version: u32,
+    /// `[role, "pkg://<digest>"]`, in the order the worker sees them.
+    packages: Vec<(PackageRole, String)>,
+    venv: Option<String>,
+    env_vars: &'a BTreeMap<String, String>,
 }
 
-/// The env's identity: what the worker will see, not how the request spelled it.
-fn env_id(
-    working_dir: Option<&PackageEntry>,
-    venv: Option<&EnvEntry>,
-    env_vars: &BTreeMap<String, String>,
-) -> EnvId {
-    let canonical = json!({
-        "version": 1,
-        "working_dir": working_dir.map(|e| format!("pkg://{}", e.digest)),
-        "venv": venv.map(|e| e.key.to_string()),
-        "env_vars": env_vars,
-    });
-    EnvId(Digest::of(canonical.to_string().as_bytes()))
+fn env_id(packages: &[EnvPackage], venv: Option<&EnvEntry>, env_vars: &BTreeMap<String, String>) -> EnvId {
+    let identity = EnvIdentity {
+        version: 2,
+        packages: packages
+            .iter()
+            .map(|p| (p.role, format!("pkg://{}", p.entry.id)))
+            .collect(),
+        venv: venv.map(|e| e.id.to_string()),
+        env_vars,
+    };
+    EnvId(Digest::of(
+        &serde_json::to_vec(&identity).expect("an env identity serializes"),
+    ))
 }

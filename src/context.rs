@@ -6,6 +6,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+/// What a package is to the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageRole {
+    /// The worker's cwd, and first on its `PYTHONPATH`.
+    WorkingDir,
+    /// On `PYTHONPATH`, after the working_dir (Ray's `py_modules`).
+    PyModule,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Context {
     /// The venv's interpreter; `None` when the env has no packages (the worker's own).
@@ -21,18 +31,31 @@ pub struct Context {
 impl Context {
     /// `pycache`: where the env's workers keep bytecode (`PYTHONPYCACHEPREFIX`), when the
     /// env was built without compiling it.
+    /// `packages`: the env's unpacked packages, in the order the worker sees them.
     pub fn new(
-        working_dir: Option<&Path>,
+        packages: &[(PackageRole, &Path)],
         venv: Option<&Path>,
         pycache: Option<&Path>,
         env_vars: &BTreeMap<String, String>,
     ) -> Context {
         let mut env = env_vars.clone();
-        if let Some(wd) = working_dir {
-            // The working_dir comes first on PYTHONPATH, then whatever the user asked for.
+        let working_dir = packages
+            .iter()
+            .find(|(role, _)| *role == PackageRole::WorkingDir)
+            .map(|(_, path)| *path);
+        // The working_dir comes first on PYTHONPATH, then py_modules, then whatever the
+        // user asked for.
+        let mut python_path: Vec<String> = working_dir.iter().map(|p| p.display().to_string()).collect();
+        python_path.extend(
+            packages
+                .iter()
+                .filter(|(role, _)| *role == PackageRole::PyModule)
+                .map(|(_, path)| path.display().to_string()),
+        );
+        if !python_path.is_empty() {
             env.insert(
                 "PYTHONPATH".into(),
-                prepend(&wd.display().to_string(), env_vars.get("PYTHONPATH"), None),
+                prepend(&python_path.join(":"), env_vars.get("PYTHONPATH"), None),
             );
         }
         if let Some(venv) = venv {
@@ -116,18 +139,22 @@ mod tests {
     #[test]
     fn working_dir_goes_first_on_pythonpath() {
         let vars = map(&[("PYTHONPATH", "/opt/lib"), ("A", "b")]);
-        let ctx = Context::new(Some(Path::new("/store/pkgs/x")), None, None, &vars);
-        assert_eq!(ctx.env["PYTHONPATH"], "/store/pkgs/x:/opt/lib");
+        let packages = [
+            (PackageRole::PyModule, Path::new("/store/pkgs/m")),
+            (PackageRole::WorkingDir, Path::new("/store/pkgs/x")),
+        ];
+        let ctx = Context::new(&packages, None, None, &vars);
+        assert_eq!(ctx.env["PYTHONPATH"], "/store/pkgs/x:/store/pkgs/m:/opt/lib");
         assert_eq!(ctx.env["A"], "b");
         assert_eq!(ctx.cwd.as_deref(), Some(Path::new("/store/pkgs/x")));
-        let bare = Context::new(None, None, None, &vars);
+        let bare = Context::new(&[], None, None, &vars);
         assert_eq!(bare.env, vars);
     }
 
     #[test]
     fn venv_goes_first_on_path_and_expands_against_the_base() {
         let ctx = Context::new(
-            None,
+            &[],
             Some(Path::new("/store/envs/k")),
             Some(Path::new("/store/pycache/k")),
             &map(&[("X", "${HOME}/x:${NOPE}")]),

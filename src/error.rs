@@ -1,7 +1,7 @@
 //! The library's top-level error and how it maps to exit codes.
 
 use crate::package::PackageError;
-use crate::package::zip_read::ArchiveError;
+use crate::sources::SourceError;
 use crate::spec::SpecError;
 use crate::store::StoreError;
 
@@ -13,11 +13,8 @@ pub enum Error {
     Venv(#[from] crate::venv::VenvError),
     #[error(transparent)]
     Package(#[from] PackageError),
-    #[error("{path}: {source}", path = .path.display())]
-    Archive {
-        path: std::path::PathBuf,
-        source: ArchiveError,
-    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -39,8 +36,8 @@ impl Error {
             Error::Spec(_) => true,
             Error::Venv(e) => e.is_user_error(),
             Error::Package(e) => e.is_user_error(),
-            Error::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
-            Error::Store(e) => e.is_user_error(),
+            Error::Source(e) => e.is_user_error(),
+            Error::Store(_) => false,
             Error::Worker(e) => !matches!(e, crate::worker::WorkerError::Io(_)),
             Error::Client(e) => e.is_user_error(),
             Error::Io(_) => false,

@@ -7,14 +7,15 @@
 //! resolve   → resolved parts: a scanned tree, a zip path, a package digest, requirements
 //! package   walk + manifest digest, zip writing and safe zip reading
 //! venv      the pip/uv fields: interpreter, installer, env key, sandboxed build
-//! store     content-addressed entries: staging, locks, publish by rename, marker last
+//! store     content-addressed entries: layout, transactions, leases, prune, verify
+//! sources   where packages come from (a local tree, a zip, an upload, pkg://), into the store
 //! context   python, cwd, env for a worker
 //! build     the whole pipeline, as `renv build` runs it
 //! worker    starting a command in a built context
 //! ```
 //!
-//! `daemon` serves all of this over a Unix socket; `client` talks to it; `cli` is a thin
-//! shell over these.
+//! `maintenance` runs prune and verify across the layers. `daemon` serves all of this
+//! over a Unix socket; `client` talks to it; `cli` is a thin shell over these.
 
 pub mod build;
 pub mod cli;
@@ -24,9 +25,11 @@ pub mod daemon;
 pub mod digest;
 pub mod env_vars;
 pub mod error;
+pub mod maintenance;
 pub mod package;
 pub mod progress;
 pub mod resolve;
+pub mod sources;
 pub mod spec;
 pub mod store;
 pub mod units;

@@ -6,24 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::digest::PackageDigest;
 use crate::error::Error;
-use crate::package::{self, PackageError, ScannedTree};
+use crate::package::{self, PackageError};
 use crate::progress::Progress;
+use crate::sources::PackageSource;
 use crate::spec::{
     self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError, WorkingDirSpec,
 };
-
-/// A working_dir source, resolved to something the store can ensure.
-#[derive(Debug, Clone)]
-pub enum ResolvedWorkingDir {
-    /// A local directory, walked and hashed: its digest is known.
-    Tree(ScannedTree),
-    /// A zip on this machine; its digest is known once unpacked (or from a previous unpack).
-    Zip(PathBuf),
-    /// An entry that must already be in the store.
-    Package(PackageDigest),
-}
 
 /// The `pip`/`uv` field with its requirement list read and de-duplicated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,20 +70,20 @@ pub fn resolve_working_dir(
     threads: usize,
     hash_cache_dir: Option<&Path>,
     progress: &Progress,
-) -> Result<Option<ResolvedWorkingDir>, Error> {
+) -> Result<Option<PackageSource>, Error> {
     let Some(wd) = &spec.working_dir else {
         return Ok(None);
     };
     Ok(Some(match wd {
-        WorkingDirSpec::Package(digest) => ResolvedWorkingDir::Package(*digest),
-        WorkingDirSpec::FileZip(path) => ResolvedWorkingDir::Zip(existing_zip(path)?),
+        WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
+        WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
         WorkingDirSpec::Local(path) => {
             let path = base_dir.join(path);
             match fs_err::metadata(&path) {
                 Err(_) => return Err(PackageError::NotFound(path).into()),
                 Ok(meta) if meta.is_dir() => {
                     let tree = package::scan_dir(&path, &spec.excludes, threads, hash_cache_dir, progress)?;
-                    ResolvedWorkingDir::Tree(tree)
+                    PackageSource::Tree(tree)
                 }
                 Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
                     if !spec.excludes.is_empty() {
@@ -104,7 +93,7 @@ pub fn resolve_working_dir(
                         )
                         .into());
                     }
-                    ResolvedWorkingDir::Zip(path)
+                    PackageSource::Zip(path)
                 }
                 Ok(_) => return Err(PackageError::NotADirectory(path).into()),
             }

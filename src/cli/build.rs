@@ -63,10 +63,10 @@ pub(super) fn read_spec(path: &Path) -> Result<(String, PathBuf), Error> {
 }
 
 fn to_json(built: &BuiltEnv) -> String {
-    let package = built.working_dir.as_ref().map(|e| {
+    let package = built.working_dir().map(|e| {
         json!({
-            "digest": e.digest.to_string(),
-            "uri": format!("pkg://{}", e.digest),
+            "digest": e.id.to_string(),
+            "uri": format!("pkg://{}", e.id),
             "files": e.files,
             "bytes": e.bytes,
             "created": e.created,
@@ -75,7 +75,7 @@ fn to_json(built: &BuiltEnv) -> String {
     let venv = built
         .venv
         .as_ref()
-        .map(|e| json!({"key": e.key.to_string(), "path": e.path, "bytes": e.bytes, "created": e.created}));
+        .map(|e| json!({"key": e.id.to_string(), "path": e.path, "bytes": e.bytes, "created": e.created}));
     let value = json!({
         "env_id": built.env_id.to_string(),
         "working_dir": built.working_dir_path(),
@@ -92,14 +92,14 @@ fn to_json(built: &BuiltEnv) -> String {
 fn to_text(built: &BuiltEnv) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "env_id       {}", built.env_id);
-    match &built.working_dir {
+    match built.working_dir() {
         Some(e) => {
             let state = if e.created { "new" } else { "cached" };
             let _ = writeln!(out, "working_dir  {}", e.path.display());
             let _ = writeln!(
                 out,
                 "package      pkg://{} ({} files, {}, {state})",
-                e.digest,
+                e.id,
                 e.files,
                 human_bytes(e.bytes)
             );

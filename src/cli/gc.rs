@@ -7,7 +7,8 @@ use clap::Args;
 
 use super::{StoreArgs, print_stdout};
 use crate::error::Error;
-use crate::store::gc::{EntryInfo, PrunePolicy};
+use crate::store::EntryInfo;
+use crate::store::prune::PrunePolicy;
 use crate::units::{parse_duration, parse_size};
 
 #[derive(Debug, Args)]
@@ -102,7 +103,7 @@ pub fn prune(args: PruneArgs) -> Result<(), Error> {
         min_age: args.min_age,
         dry_run: args.dry_run,
     };
-    let report = store.prune(&policy)?;
+    let report = crate::maintenance::prune(&store, &policy)?;
     if args.json {
         return print_stdout(&format!(
             "{}\n",
@@ -147,7 +148,7 @@ pub struct VerifyArgs {
 /// Exit status 1 when a problem remains (unrepaired), so cron and scripts notice.
 pub fn verify(args: VerifyArgs) -> Result<u8, Error> {
     let store = args.store.open(None)?;
-    let report = store.verify(args.repair)?;
+    let report = crate::maintenance::verify(&store, args.repair)?;
     if args.json {
         print_stdout(&format!(
             "{}\n",

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::package::scan_dir;
 use crate::package::zip_write::{Compression, write_zip};
 use crate::progress::Progress;
+use crate::sources::{PackageSource, SourceError};
 
 #[derive(Debug, Args)]
 pub struct PackageArgs {
@@ -58,21 +59,21 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
     let (digest, files, bytes, location) = match &args.output {
         None => {
             let store = store.expect("opened above when there is no -o");
-            let entry = if is_zip {
+            let source = if is_zip {
                 // The store's own path: a checked unpack straight into staging.
-                crate::build::ensure_zip(&store, &args.dir, &progress)?
+                PackageSource::Zip(args.dir.clone())
             } else {
-                let tree = scan_dir(
+                PackageSource::Tree(scan_dir(
                     &args.dir,
                     &args.excludes,
                     args.store.threads(),
-                    Some(&store.hash_cache_dir()),
+                    Some(&store.layout().hash_cache_dir()),
                     &progress,
-                )?;
-                store.ensure_package_from_tree(&tree, &progress)?
+                )?)
             };
+            let entry = source.ensure(&store, &progress)?;
             let location = json!({"path": entry.path, "created": entry.created});
-            (entry.digest, entry.files, entry.bytes, location)
+            (entry.id, entry.files, entry.bytes, location)
         }
         Some(out) => {
             // A zip is unpacked (with the store's checks) and re-packed from its contents.
@@ -86,8 +87,8 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                         args.store.threads(),
                         &progress,
                     )
-                    .map_err(|source| Error::Archive {
-                        path: args.dir.clone(),
+                    .map_err(|source| SourceError::Archive {
+                        path: Some(args.dir.clone()),
                         source,
                     })?;
                     crate::package::scan::scan_exact(dir.path(), args.store.threads())?
@@ -96,7 +97,7 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                     &args.dir,
                     &args.excludes,
                     args.store.threads(),
-                    store.as_ref().map(|s| s.hash_cache_dir()).as_deref(),
+                    store.as_ref().map(|s| s.layout().hash_cache_dir()).as_deref(),
                     &progress,
                 )?,
             };

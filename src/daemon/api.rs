@@ -76,7 +76,7 @@ impl ApiError {
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         use crate::Error;
-        use crate::store::StoreError;
+        use crate::sources::SourceError;
         let message = e.to_string();
         match &e {
             Error::Spec(spec) => ApiError::new(
@@ -85,13 +85,13 @@ impl From<crate::Error> for ApiError {
                 Some(spec.field.clone()).filter(|f| !f.is_empty()),
                 spec.message.clone(),
             ),
-            Error::Store(StoreError::PackageNotFound(_)) => ApiError::new(
+            Error::Source(SourceError::NotFound(_)) => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 Some("working_dir".into()),
                 message,
             ),
-            Error::Archive { .. } => ApiError::new(
+            Error::Source(SourceError::Archive { .. }) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_archive",
                 Some("working_dir".into()),
@@ -239,7 +239,7 @@ fn parse_digest(digest: &str) -> ApiResult<PackageDigest> {
 
 async fn has_package(State(daemon): AppState, Path(digest): Path<String>) -> ApiResult<StatusCode> {
     let digest = parse_digest(&digest)?;
-    match daemon.store.find_package(digest) {
+    match daemon.store.find(digest) {
         Ok(Some(_)) => Ok(StatusCode::OK),
         Ok(None) => Ok(StatusCode::NOT_FOUND),
         Err(e) => Err(ApiError::internal(e.to_string())),
@@ -257,7 +257,7 @@ async fn put_package(
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let digest = parse_digest(&digest)?;
-    if let Ok(Some(entry)) = daemon.store.find_package(digest) {
+    if let Ok(Some(entry)) = daemon.store.find(digest) {
         return Ok(Json(
             json!({"digest": digest.to_string(), "created": false, "files": entry.files}),
         ));
@@ -273,9 +273,9 @@ async fn put_package(
     }
     let staging = daemon
         .store
-        .new_staging()
+        .stage()
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let zip_path = staging.path().join("upload.zip");
+    let zip_path = crate::sources::upload::zip_path(&staging);
     let mut file = tokio::fs::File::create(&zip_path)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -298,20 +298,18 @@ async fn put_package(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     drop(file);
     let store = Arc::clone(&daemon.store);
-    let entry = tokio::task::spawn_blocking(move || {
-        let result = store.ensure_uploaded_package(&zip_path, digest);
-        drop(staging);
-        result
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| match e {
-        crate::store::StoreError::DigestMismatch { .. } => ApiError::bad_request("digest", e.to_string()),
-        crate::store::StoreError::Archive(a) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_archive", None, a.to_string())
-        }
-        other => ApiError::from(crate::Error::from(other)),
-    })?;
+    let entry = tokio::task::spawn_blocking(move || crate::sources::upload::commit(&store, staging, digest))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::sources::SourceError::DigestMismatch { .. } => {
+                ApiError::bad_request("digest", e.to_string())
+            }
+            crate::sources::SourceError::Archive { source, .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_archive", None, source.to_string())
+            }
+            other => ApiError::from(crate::Error::from(other)),
+        })?;
     Ok(Json(
         json!({"digest": digest.to_string(), "created": entry.created, "files": entry.files}),
     ))
@@ -376,14 +374,5 @@ async fn metrics(State(daemon): AppState) -> impl IntoResponse {
 
 /// Bytes of committed packages, from their markers.
 fn package_bytes(store: &crate::store::Store) -> u64 {
-    let Ok(entries) = std::fs::read_dir(store.root().join("meta")) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pkg-"))
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-        .filter_map(|v| v["bytes"].as_u64())
-        .sum()
+    store.bytes_of(crate::store::EntryKind::Package)
 }

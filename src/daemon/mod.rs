@@ -193,12 +193,12 @@ async fn collect_garbage(daemon: Arc<Daemon>, max: u64, min_age: Duration) {
                 return Ok(None);
             }
             let low = max / 10 * 9;
-            let policy = crate::store::gc::PrunePolicy {
+            let policy = crate::store::prune::PrunePolicy {
                 max_size: Some(low),
                 min_age,
                 ..Default::default()
             };
-            store.prune(&policy).map(Some)
+            crate::maintenance::prune(&store, &policy).map(Some)
         })
         .await;
         match result {

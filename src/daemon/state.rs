@@ -123,7 +123,7 @@ impl Daemon {
         stop_grace: std::time::Duration,
         max_json_bytes: usize,
     ) -> Daemon {
-        let logs = super::logs::LogPool::new(store.root().join("logs").join("workers"))
+        let logs = super::logs::LogPool::new(store.layout().worker_logs_dir())
             .expect("the store's log directory is writable");
         Daemon {
             logs: Arc::new(logs),
@@ -220,7 +220,7 @@ impl Daemon {
         }
         record.last_used = now();
         // On disk too (at most once a minute per entry), so LRU pruning sees the use.
-        self.store.touch_built(&record.built);
+        record.built.touch(&self.store);
         Some(Arc::clone(&record.built))
     }
 

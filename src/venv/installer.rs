@@ -16,7 +16,7 @@ use super::VenvError;
 use super::interpreter::{Interpreter, search_path};
 use super::probe::probe;
 use super::sandbox::Sandbox;
-use crate::store::{LockFile, LockMode, Store};
+use crate::store::{LockFile, LockMode, LockName, Store};
 
 /// The uv version renv is tested with and bootstraps.
 pub const UV_VERSION: &str = "0.13.9";
@@ -55,7 +55,7 @@ pub fn find_uv(
     bootstrap_args: &[String],
     timeout: Option<Duration>,
 ) -> Result<Installer, VenvError> {
-    let cache = store.probe_cache_dir();
+    let cache = store.layout().probe_cache_dir();
     if let Some(uv) = explicit {
         let version = uv_version(uv, &cache)?;
         return Ok(Installer::Uv {
@@ -71,7 +71,7 @@ pub fn find_uv(
             version: version.to_string(),
         });
     }
-    let tool_dir = store.root().join("tools").join(format!("uv-{version}"));
+    let tool_dir = store.layout().tool_dir(&format!("uv-{version}"));
     let uv = tool_dir.join("bin").join("uv");
     if !uv.exists() {
         bootstrap_uv(version, store, &tool_dir, python, bootstrap_args, timeout)?;
@@ -90,7 +90,7 @@ fn bootstrap_uv(
     index_args: &[String],
     timeout: Option<Duration>,
 ) -> Result<(), VenvError> {
-    let lock_path = store.root().join("locks").join(format!("tool-uv-{version}.lock"));
+    let lock_path = store.layout().lock_path(LockName::Tool(&format!("uv-{version}")));
     let _lock = LockFile::acquire(&lock_path, LockMode::Exclusive, timeout)?;
     if tool_dir.join("bin").join("uv").exists() {
         return Ok(());
@@ -100,8 +100,8 @@ fn bootstrap_uv(
         .tempdir_in(tool_dir.parent().unwrap())?;
     let target = work.path().join("target");
     let log = store
-        .root()
-        .join("logs")
+        .layout()
+        .logs_dir()
         .join(format!("bootstrap-uv-{version}.log"));
     let mut sandbox = Sandbox::new(work.path(), log, timeout)?;
     let requirement = format!("uv=={version}");
@@ -133,7 +133,7 @@ fn bootstrap_uv(
         &[],
     )?;
     let uv = target.join("bin").join("uv");
-    let got = uv_version(&uv, &store.probe_cache_dir())?;
+    let got = uv_version(&uv, &store.layout().probe_cache_dir())?;
     if got != version {
         return Err(VenvError::Probe {
             binary: uv,

@@ -3,8 +3,11 @@
 //! - [`interpreter`]: the base Python, resolved to its real path and identified.
 //! - [`installer`]: the pinned uv (found or bootstrapped), or pip.
 //! - [`sandbox`]: how installer steps run (allowlisted env, own process group, deadline).
-//! - [`plan`] computes the [`EnvKey`] from everything that decides what the env holds;
-//!   [`build`] makes the venv in a staging directory. The store publishes it.
+//! - [`plan`] computes the [`EnvKey`] from everything that decides what the env holds
+//!   (an [`EnvDescription`]); [`ensure`] builds the venv in a store transaction's staging
+//!   directory and hands it to the store to commit.
+//! - [`verify`]: what makes a committed env sound (`renv verify`); [`uv_cache`]: pruning
+//!   the installer's wheel cache.
 //!
 //! A uv build: `uv venv --relocatable`, then `uv pip install --offline` against renv's own
 //! uv cache in the store (same filesystem, so files are hardlinked, not copied), and only
@@ -20,22 +23,25 @@ pub mod installer;
 pub mod interpreter;
 mod probe;
 pub mod sandbox;
+pub mod uv_cache;
+pub mod verify;
 
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::json;
 
 pub use installer::{Installer, UV_VERSION};
 pub use interpreter::Interpreter;
 use sandbox::Sandbox;
 
 use crate::digest::{Digest, EnvKey};
+use crate::progress::Progress;
 use crate::resolve::ResolvedPackages;
 use crate::spec::InstallerField;
-use crate::store::{Store, StoreError};
+use crate::store::{Begin, Commit, Contents, EntryId, EnvEntry, LockMode, LockName, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VenvError {
@@ -154,8 +160,42 @@ pub struct VenvPlan {
     pub index: IndexConfig,
     pub system_site_packages: bool,
     pub compile_bytecode: bool,
-    /// The canonical description the key is the digest of (kept in the entry's marker).
-    pub description: serde_json::Value,
+    /// What the key is the digest of (kept in the entry's marker).
+    pub description: EnvDescription,
+}
+
+/// What an env key is the digest of: its JSON encoding, fields in this order (a struct,
+/// so no serde_json feature can reorder them). `version` changes whenever what decides an
+/// env's contents changes, so old keys are never reused for different envs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvDescription {
+    pub version: u32,
+    /// Canonical requirement strings, in the request's order, duplicates dropped.
+    pub requirements: Vec<String>,
+    pub install_options: Vec<String>,
+    pub check: bool,
+    pub installer: Installer,
+    pub python: Interpreter,
+    pub index: IndexConfig,
+    pub system_site_packages: bool,
+    pub compile_bytecode: bool,
+}
+
+impl EnvDescription {
+    /// The encoding's current version.
+    pub const VERSION: u32 = 2;
+
+    pub fn key(&self) -> EnvKey {
+        EnvKey(Digest::of(
+            &serde_json::to_vec(self).expect("an env description serializes"),
+        ))
+    }
+}
+
+impl EnvEntry {
+    pub fn python(&self) -> PathBuf {
+        self.path.join("bin").join("python")
+    }
 }
 
 /// Checks the request against node policy, finds the interpreter and installer, and
@@ -167,7 +207,7 @@ pub fn plan(
     timeout: Option<Duration>,
 ) -> Result<VenvPlan, VenvError> {
     check_install_options(packages, policy)?;
-    let python = interpreter::find(policy.python.as_deref(), Some(&store.probe_cache_dir()))?;
+    let python = interpreter::find(policy.python.as_deref(), Some(&store.layout().probe_cache_dir()))?;
     let installer = match (packages.field, &packages.installer_version) {
         (InstallerField::Pip, Some(version)) => Installer::Pip {
             pip_version: Some(version.clone()),
@@ -195,18 +235,22 @@ pub fn plan(
             timeout,
         )?,
     };
-    let description = json!({
-        "version": 1,
-        "requirements": packages.requirements.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-        "install_options": packages.install_options,
-        "check": packages.check,
-        "installer": installer,
-        "python": python,
-        "index": policy.index,
-        "system_site_packages": policy.system_site_packages,
-        "compile_bytecode": policy.compile_bytecode,
-    });
-    let key = EnvKey(Digest::of(description.to_string().as_bytes()));
+    let description = EnvDescription {
+        version: EnvDescription::VERSION,
+        requirements: packages
+            .requirements
+            .iter()
+            .map(|r| r.as_str().to_string())
+            .collect(),
+        install_options: packages.install_options.clone(),
+        check: packages.check,
+        installer: installer.clone(),
+        python: python.clone(),
+        index: policy.index.clone(),
+        system_site_packages: policy.system_site_packages,
+        compile_bytecode: policy.compile_bytecode,
+    };
+    let key = description.key();
     Ok(VenvPlan {
         key,
         python,
@@ -247,8 +291,51 @@ fn check_install_options(packages: &ResolvedPackages, policy: &VenvPolicy) -> Re
     Ok(())
 }
 
+/// The committed env `key`, if it is usable: its interpreter link must still resolve (a
+/// removed base Python means a rebuild). The cheap check every hit pays.
+pub fn find(store: &Store, key: EnvKey) -> Result<Option<EnvEntry>, StoreError> {
+    Ok(store.find(key)?.filter(|entry| entry.python().exists()))
+}
+
+/// Ensures the planned env is committed: built in a store transaction if it is new.
+/// On failure the build log stays (the error names it) and the staging dir goes.
+pub fn ensure(
+    plan: &VenvPlan,
+    store: &Store,
+    timeout: Option<Duration>,
+    progress: &Progress,
+) -> Result<EnvEntry, VenvError> {
+    let tx = match store.begin_checked(plan.key, |entry| entry.python().exists())? {
+        Begin::Committed(hit) => return Ok(hit),
+        Begin::Build(tx) => tx,
+    };
+    let id = EntryId::from(plan.key);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let log = store
+        .layout()
+        .build_log_path(id, &format!("{}-{nanos}", std::process::id()));
+    let start = Instant::now();
+    let venv = tx.entry_dir();
+    build(plan, &venv, tx.work_dir(), store, log.clone(), timeout)?;
+    if let Installer::Pip { .. } = plan.installer {
+        relocate_scripts(&venv, &store.layout().entry_path(id))?;
+    }
+    let install_ms = start.elapsed().as_millis() as u64;
+    // The last successful build's log, under a stable name.
+    let _ = fs_err::rename(&log, store.layout().last_build_log_path(id));
+    let commit = Commit {
+        contents: Contents::Walk,
+        source: serde_json::to_value(&plan.description.requirements).expect("strings serialize"),
+        description: serde_json::to_value(&plan.description).expect("an env description serializes"),
+        timings_ms: BTreeMap::from([("install", install_ms)]),
+    };
+    Ok(tx.commit(commit, progress)?)
+}
+
 /// Builds the planned env at `venv` (inside the staging dir `work`), logging to `log`.
-pub fn build(
+fn build(
     plan: &VenvPlan,
     venv: &Path,
     work: &Path,
@@ -270,13 +357,9 @@ fn build_with_uv(
     store: &Store,
     sandbox: &mut Sandbox,
 ) -> Result<(), VenvError> {
-    let cache = store.uv_cache_dir();
+    let cache = store.layout().uv_cache_dir();
     // Builds share the cache; `renv prune` cleans it only when no build holds this.
-    let _cache_in_use = crate::store::LockFile::acquire(
-        &store.root().join("locks").join("uv-cache.lock"),
-        crate::store::LockMode::Shared,
-        store.options().lock_timeout,
-    )?;
+    let _cache_in_use = store.lock(LockName::UvCache, LockMode::Shared)?;
     let env: [(&str, &OsStr); 2] = [
         ("UV_PYTHON_DOWNLOADS", OsStr::new("never")),
         ("UV_CACHE_DIR", cache.as_os_str()),

@@ -1,0 +1,99 @@
+//! Where packages come from. Each source fills a store transaction its own way and the
+//! store commits it; adding a source (an object store, an https URL) is one new module
+//! here and one variant of [`PackageSource`], not an edit of the store or the pipeline.
+//!
+//! - [`tree`]: a local directory, scanned and hashed by `package::scan`, then copied.
+//! - [`zip`]: a zip file on this machine, recognized by the digest of its bytes.
+//! - [`upload`]: a zip streamed to the daemon, claiming a digest it must unpack to.
+//! - [`stored`]: `pkg://<digest>`, which must already be committed.
+
+pub mod stored;
+pub mod tree;
+pub mod upload;
+pub mod zip;
+
+use std::path::PathBuf;
+
+use crate::digest::PackageDigest;
+use crate::package::zip_read::ArchiveError;
+use crate::package::{PackageError, ScannedTree};
+use crate::progress::Progress;
+use crate::store::{PackageEntry, Store, StoreError};
+
+/// A package as a request named it, resolved to something the store can ensure.
+#[derive(Debug, Clone)]
+pub enum PackageSource {
+    /// A local directory, walked and hashed: its digest is known.
+    Tree(ScannedTree),
+    /// A zip on this machine; its digest is known once unpacked (or from a previous unpack).
+    Zip(PathBuf),
+    /// An entry that must already be in the store.
+    Stored(PackageDigest),
+}
+
+impl PackageSource {
+    /// Ensures the package is committed, building it only if it is new.
+    pub fn ensure(&self, store: &Store, progress: &Progress) -> Result<PackageEntry, SourceError> {
+        match self {
+            PackageSource::Tree(tree) => tree::ensure(store, tree, progress),
+            PackageSource::Zip(path) => zip::ensure(store, path, progress),
+            PackageSource::Stored(digest) => stored::lookup(store, *digest),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("pkg://{0} is not in the store; upload or build it first")]
+    NotFound(PackageDigest),
+    #[error("the uploaded zip unpacks to package {actual}, not {expected}; nothing was kept")]
+    DigestMismatch {
+        expected: PackageDigest,
+        actual: PackageDigest,
+    },
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    /// A zip that cannot be used (named by its path; an upload has none).
+    #[error("{}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Archive {
+        path: Option<PathBuf>,
+        source: ArchiveError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl SourceError {
+    /// True when the input is at fault (exit code 2), false for an internal failure.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            SourceError::NotFound(_) | SourceError::DigestMismatch { .. } => true,
+            SourceError::Package(e) => e.is_user_error(),
+            SourceError::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
+            SourceError::Store(_) | SourceError::Io(_) => false,
+        }
+    }
+}
+
+/// Names the step and entry in an I/O failure (disk full, permissions), so the error says
+/// what renv was doing; the input's own errors (a bad archive, a changed file) pass through.
+fn during(step: &'static str, entry: &str) -> impl FnOnce(SourceError) -> SourceError {
+    let entry = entry.to_string();
+    move |e| {
+        let io = match &e {
+            SourceError::Io(io) | SourceError::Store(StoreError::Io(io)) => Some(io),
+            SourceError::Package(PackageError::Io(io)) => Some(io),
+            SourceError::Archive {
+                source: ArchiveError::Io(io),
+                ..
+            } => Some(io),
+            _ => None,
+        };
+        match io {
+            Some(io) => SourceError::Io(std::io::Error::new(io.kind(), format!("{step} {entry}: {io}"))),
+            None => e,
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Where everything in the store lives: the one module that spells a directory, file or
+//! lock name of the on-disk layout (uv's `CacheBucket`, cargo's `GlobalCacheTracker`).
+//!
+//! ```text
+//! <store>/store-v1/             the layout version is the directory name: a new format is
+//!                               a new directory, never a migration
+//!   pkgs/<digest>/              unpacked packages (working_dir trees), read-only once committed
+//!   envs/<key>/                 virtualenvs, directories read-only once committed
+//!   meta/pkg-<digest>.json      the completion marker of a package ([`super::Marker`])
+//!   meta/env-<key>.json         the completion marker of an env
+//!   meta/zip-<zip digest>.json  which package a zip (by the blake3 of its bytes) unpacked to
+//!   locks/pkg-<digest>.lock     per entry: exclusive while building or deleting it, shared
+//!   locks/env-<key>.lock          while leased (something runs in it)
+//!   locks/zip-<zip digest>.lock exclusive while unpacking that zip
+//!   locks/staging.lock          shared while creating a staging dir, exclusive to sweep
+//!   locks/prune.lock            one prune at a time
+//!   locks/uv-cache.lock         shared by builds using the uv cache, exclusive to prune it
+//!   locks/tool-<name>.lock      exclusive while bootstrapping a tool into tools/
+//!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
+//!   trash/                      entries being deleted
+//!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
+//!   cache/probes/               cached `python -c …` / `uv --version` answers
+//!   pycache/<abs path>/…        bytecode written by workers (PYTHONPYCACHEPREFIX: one tree
+//!                               mirroring source paths; an env's part goes with the env)
+//!   tools/<name>/               bootstrapped tools (the pinned uv)
+//!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
+//!   logs/                       build logs; logs/workers/: worker output
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{Digest, EnvKey, PackageDigest};
+
+/// The layout version; bump it (and the directory name) for any on-disk format change.
+pub const LAYOUT_DIR: &str = "store-v1";
+
+/// The kinds of committed entry. Everything about an entry's place on disk derives from
+/// its kind and digest ([`EntryId`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// An unpacked tree (a working_dir or a py_module), named by its manifest digest.
+    Package,
+    /// A virtualenv, named by the digest of its description.
+    Env,
+}
+
+impl EntryKind {
+    pub const ALL: [EntryKind; 2] = [EntryKind::Package, EntryKind::Env];
+
+    /// As `renv ls` shows it and markers record it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Package => "package",
+            EntryKind::Env => "env",
+        }
+    }
+
+    fn dir(self) -> &'static str {
+        match self {
+            EntryKind::Package => "pkgs",
+            EntryKind::Env => "envs",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            EntryKind::Package => "pkg",
+            EntryKind::Env => "env",
+        }
+    }
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One entry of the store: its kind and its full digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryId {
+    pub kind: EntryKind,
+    pub digest: Digest,
+}
+
+impl From<PackageDigest> for EntryId {
+    fn from(digest: PackageDigest) -> Self {
+        EntryId {
+            kind: EntryKind::Package,
+            digest: digest.0,
+        }
+    }
+}
+
+impl From<EnvKey> for EntryId {
+    fn from(key: EnvKey) -> Self {
+        EntryId {
+            kind: EntryKind::Env,
+            digest: key.0,
+        }
+    }
+}
+
+/// `pkg-<digest>` / `env-<key>`: the stem of the entry's marker and lock files.
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.kind.prefix(), self.digest)
+    }
+}
+
+/// A typed name of an entry: [`PackageDigest`] or [`EnvKey`].
+pub trait EntryName: Copy + Into<EntryId> + Send + Sync + 'static {}
+impl EntryName for PackageDigest {}
+impl EntryName for EnvKey {}
+
+/// Every lock file of the store.
+#[derive(Debug, Clone, Copy)]
+pub enum LockName<'a> {
+    Entry(EntryId),
+    /// Unpacking the zip with these bytes (lock order: zip lock, then package lock).
+    Zip(Digest),
+    Staging,
+    Prune,
+    UvCache,
+    /// Bootstrapping the tool `tools/<name>`.
+    Tool(&'a str),
+}
+
+/// The paths of one store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+/// Directories [`Layout::create`] makes.
+const SUBDIRS: [&str; 12] = [
+    "pkgs",
+    "envs",
+    "meta",
+    "locks",
+    "staging",
+    "trash",
+    "logs",
+    "logs/workers",
+    "cache/hashes",
+    "cache/probes",
+    "tools",
+    "uv-cache",
+];
+
+impl Layout {
+    /// The layout under the store directory `store_dir` (which must be absolute).
+    pub fn new(store_dir: &Path) -> Layout {
+        Layout {
+            root: store_dir.join(LAYOUT_DIR),
+        }
+    }
+
+    pub(super) fn create(&self) -> std::io::Result<()> {
+        for sub in SUBDIRS {
+            fs_err::create_dir_all(self.root.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// `<store>/store-v1`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the committed entries of `kind` live (`pkgs/`, `envs/`).
+    pub fn entries_dir(&self, kind: EntryKind) -> PathBuf {
+        self.root.join(kind.dir())
+    }
+
+    pub fn entry_path(&self, id: EntryId) -> PathBuf {
+        self.entries_dir(id.kind).join(id.digest.to_string())
+    }
+
+    /// The entry named by a directory in [`Self::entries_dir`], if the name is a digest
+    /// (anything else there is not the store's and is never touched).
+    pub fn entry_named(&self, kind: EntryKind, name: &str) -> Option<EntryId> {
+        let digest = name.parse().ok()?;
+        Some(EntryId { kind, digest })
+    }
+
+    pub fn meta_dir(&self) -> PathBuf {
+        self.root.join("meta")
+    }
+
+    pub fn marker_path(&self, id: EntryId) -> PathBuf {
+        self.meta_dir().join(format!("{id}.json"))
+    }
+
+    /// Which package the zip with these bytes unpacked to.
+    pub fn zip_alias_path(&self, zip: Digest) -> PathBuf {
+        self.meta_dir().join(format!("zip-{zip}.json"))
+    }
+
+    /// The zip digest a file in [`Self::meta_dir`] is the alias of.
+    pub fn zip_alias_named(&self, file_name: &str) -> Option<Digest> {
+        file_name
+            .strip_prefix("zip-")?
+            .strip_suffix(".json")?
+            .parse()
+            .ok()
+    }
+
+    pub fn lock_path(&self, lock: LockName<'_>) -> PathBuf {
+        let name = match lock {
+            LockName::Entry(id) => id.to_string(),
+            LockName::Zip(digest) => format!("zip-{digest}"),
+            LockName::Staging => "staging".into(),
+            LockName::Prune => "prune".into(),
+            LockName::UvCache => "uv-cache".into(),
+            LockName::Tool(name) => format!("tool-{name}"),
+        };
+        self.root.join("locks").join(format!("{name}.lock"))
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    pub fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
+    }
+
+    /// Build logs.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    /// A build's log while it runs (unique per attempt).
+    pub fn build_log_path(&self, id: EntryId, attempt: &str) -> PathBuf {
+        self.logs_dir().join(format!("build-{id}-{attempt}.log"))
+    }
+
+    /// The last successful build's log, under a stable name.
+    pub fn last_build_log_path(&self, id: EntryId) -> PathBuf {
+        self.logs_dir().join(format!("{id}.log"))
+    }
+
+    /// Worker output (`<worker id>.stdout` / `.stderr`).
+    pub fn worker_logs_dir(&self) -> PathBuf {
+        self.logs_dir().join("workers")
+    }
+
+    /// Stat caches of local sources.
+    pub fn hash_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("hashes")
+    }
+
+    /// Cached answers of `python -c …` / `uv --version`.
+    pub fn probe_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("probes")
+    }
+
+    /// Where the tool `name` (e.g. `uv-0.9.0`) is bootstrapped.
+    pub fn tool_dir(&self, name: &str) -> PathBuf {
+        self.root.join("tools").join(name)
+    }
+
+    /// The installer's wheel cache: on the store's filesystem, so installs hardlink.
+    pub fn uv_cache_dir(&self) -> PathBuf {
+        self.root.join("uv-cache")
+    }
+
+    /// The node's bytecode cache (`PYTHONPYCACHEPREFIX`), outside the read-only entries.
+    pub fn pycache_dir(&self) -> PathBuf {
+        self.root.join("pycache")
+    }
+
+    /// Where the bytecode of the files under `dir` lands in the node's cache (Python
+    /// mirrors each source's absolute path), so an env's part goes with the env.
+    pub fn pycache_of(&self, dir: &Path) -> PathBuf {
+        self.pycache_dir().join(dir.strip_prefix("/").unwrap_or(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_kind_and_digest() {
+        let layout = Layout::new(Path::new("/s"));
+        let digest = Digest::of(b"x");
+        let pkg = EntryId::from(PackageDigest(digest));
+        let env = EntryId::from(EnvKey(digest));
+        assert_eq!(
+            layout.entry_path(pkg),
+            Path::new(&format!("/s/store-v1/pkgs/{digest}"))
+        );
+        assert_eq!(
+            layout.entry_path(env),
+            Path::new(&format!("/s/store-v1/envs/{digest}"))
+        );
+        assert_eq!(
+            layout.marker_path(pkg),
+            Path::new(&format!("/s/store-v1/meta/pkg-{digest}.json"))
+        );
+        assert_eq!(
+            layout.lock_path(LockName::Entry(env)),
+            Path::new(&format!("/s/store-v1/locks/env-{digest}.lock"))
+        );
+        assert_eq!(layout.entry_named(EntryKind::Env, &digest.to_string()), Some(env));
+        assert_eq!(layout.entry_named(EntryKind::Env, "not-a-digest"), None);
+        let alias = layout.zip_alias_path(digest);
+        let name = alias.file_name().unwrap().to_str().unwrap();
+        assert_eq!(layout.zip_alias_named(name), Some(digest));
+    }
+}

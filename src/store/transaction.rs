@@ -1,0 +1,399 @@
+//! The one way an entry gets into the store: the caller builds, the store stores (uv's
+//! `Cache::persist`, rustup's `Transaction`, containerd's commit).
+//!
+//! ```text
+//! begin(id) ─┬─ Committed(entry)            marker and directory present: nothing to do
+//!            └─ Build(transaction)          entry lock held, a fresh staging dir
+//!                 │  caller fills entry_dir() (scratch space: work_dir())
+//!                 ├─ commit(Commit) → entry  fsync, rename, read-only, marker last
+//!                 └─ drop                    staging goes to trash, lock released
+//! ```
+//!
+//! 1. Fast path: marker and directory both present → hit, no lock taken. Committed entries
+//!    never change, so this read is safe.
+//! 2. Take the entry's lock exclusively (with the store's deadline), then re-check: another
+//!    process may have published while we waited.
+//! 3. The caller fills `staging/<id>/entry` (same filesystem, so the final step is a rename).
+//!    The staging dir's own lock is held for the whole build, so a sweep never takes it.
+//! 4. Commit: clear leftovers (a directory without its marker is a crashed publish and goes
+//!    to trash; a marker alone is stale), fdatasync the staged files and fsync its
+//!    directories, rename into place, fsync the parent, make the root read-only, then
+//!    write the marker (tmp file, fsync, rename, fsync `meta/`). The marker is last: a
+//!    directory without it is garbage, never served.
+//!
+//! A source that learns the entry's name only once it has filled the staging dir (a zip,
+//! an upload: the digest of what it unpacked) calls [`Store::stage`] first and
+//! [`Store::commit_staged`] after: the same steps 2 and 4, the committed entry winning if
+//! one appeared meanwhile. Lock order: a source's own lock (a zip's), then the entry's.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::layout::{EntryId, EntryName, LockName};
+use super::lock::{LockFile, LockMode};
+use super::marker::{Marker, unix_now, write_json_atomic};
+use super::{Store, StoreError, fsync_dir, remove_tree};
+use crate::package::{self, Manifest};
+use crate::progress::Progress;
+
+/// Threads that fsync a staged tree. fsync waits on the disk, not the CPU, and concurrent
+/// fsyncs share journal commits, so this is more than the core count.
+const SYNC_THREADS: usize = 32;
+
+/// A committed entry, and what ensuring it cost.
+#[derive(Debug, Clone)]
+pub struct Entry<Id> {
+    pub id: Id,
+    pub path: PathBuf,
+    pub files: u64,
+    pub bytes: u64,
+    /// False when the entry was already there (nothing was built).
+    pub created: bool,
+    /// Milliseconds per step, for `renv build`'s report.
+    pub timings_ms: BTreeMap<&'static str, u64>,
+}
+
+/// What [`Store::begin`] found.
+pub enum Begin<'s, Id> {
+    Committed(Entry<Id>),
+    Build(Transaction<'s, Id>),
+}
+
+/// An entry being built: its lock is held, its staging dir is the caller's to fill.
+pub struct Transaction<'s, Id> {
+    store: &'s Store,
+    id: Id,
+    staging: Staging,
+    _lock: LockFile,
+}
+
+/// How the store finds what it makes durable and read-only when committing.
+pub enum Contents<'a> {
+    /// The files its writer listed (a copied or unpacked tree, whose writer already gave
+    /// every file and directory below the root its final mode).
+    Manifest(&'a Manifest),
+    /// Unknown (an installer's output): walked without following symlinks; every
+    /// directory is made read-only here, files keep their modes.
+    Walk,
+}
+
+/// What a caller hands over with its filled staging dir.
+pub struct Commit<'a> {
+    pub contents: Contents<'a>,
+    /// For the marker: see [`Marker::source`] and [`Marker::description`].
+    pub source: Value,
+    pub description: Value,
+    /// The caller's own steps (copy, unpack, install), reported with the store's.
+    pub timings_ms: BTreeMap<&'static str, u64>,
+}
+
+impl Store {
+    /// The committed entry `id`, if there is one (a use: its last-use time is refreshed).
+    pub fn find<Id: EntryName>(&self, id: Id) -> Result<Option<Entry<Id>>, StoreError> {
+        let entry_id: EntryId = id.into();
+        let Some(marker) = self.read_marker(entry_id)? else {
+            return Ok(None);
+        };
+        let path = self.layout.entry_path(entry_id);
+        if !path.is_dir() {
+            return Ok(None);
+        }
+        self.touch(entry_id);
+        Ok(Some(Entry {
+            id,
+            path,
+            files: marker.files,
+            bytes: marker.bytes,
+            created: false,
+            timings_ms: BTreeMap::new(),
+        }))
+    }
+
+    /// Steps 1–3 of the protocol: the committed entry, or a transaction to build it in.
+    pub fn begin<Id: EntryName>(&self, id: Id) -> Result<Begin<'_, Id>, StoreError> {
+        self.begin_checked(id, |_| true)
+    }
+
+    /// [`Store::begin`], for entries that can go stale outside the store (an env whose
+    /// base interpreter was removed): a committed entry that is not `usable` is rebuilt,
+    /// and the commit replaces it.
+    pub fn begin_checked<Id: EntryName>(
+        &self,
+        id: Id,
+        usable: impl Fn(&Entry<Id>) -> bool,
+    ) -> Result<Begin<'_, Id>, StoreError> {
+        let find = || -> Result<Option<Entry<Id>>, StoreError> { Ok(self.find(id)?.filter(&usable)) };
+        if let Some(hit) = find()? {
+            return Ok(Begin::Committed(hit));
+        }
+        let lock = self.lock_exclusive(LockName::Entry(id.into()))?;
+        if let Some(hit) = find()? {
+            return Ok(Begin::Committed(hit));
+        }
+        Ok(Begin::Build(Transaction {
+            store: self,
+            id,
+            staging: self.stage()?,
+            _lock: lock,
+        }))
+    }
+
+    /// A staging dir for a source that learns its entry's name by filling it; publish
+    /// it with [`Store::commit_staged`].
+    pub fn stage(&self) -> Result<Staging, StoreError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let _creating = LockFile::acquire(
+            &self.layout.lock_path(LockName::Staging),
+            LockMode::Shared,
+            self.options.lock_timeout,
+        )?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let id = format!(
+            "{}-{nanos:09}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let staging_dir = self.layout.staging_dir();
+        let lock = LockFile::acquire(
+            &staging_dir.join(format!("{id}.lock")),
+            LockMode::Exclusive,
+            Some(Duration::ZERO),
+        )?;
+        let dir = staging_dir.join(&id);
+        fs_err::create_dir(&dir)?;
+        Ok(Staging {
+            dir,
+            lock: Some(lock),
+            trash: self.layout.trash_dir(),
+        })
+    }
+
+    /// Publishes a filled staging dir as `id` (steps 2 and 4). If `id` was committed
+    /// meanwhile, that entry is returned and the staging dir dropped.
+    pub fn commit_staged<Id: EntryName>(
+        &self,
+        staging: Staging,
+        id: Id,
+        commit: Commit<'_>,
+        progress: &Progress,
+    ) -> Result<Entry<Id>, StoreError> {
+        let _lock = self.lock_exclusive(LockName::Entry(id.into()))?;
+        match self.find(id)? {
+            Some(hit) => Ok(hit),
+            None => self.publish(staging, id, commit, progress),
+        }
+    }
+
+    /// Step 4; the caller holds the entry's lock.
+    fn publish<Id: EntryName>(
+        &self,
+        staging: Staging,
+        id: Id,
+        commit: Commit<'_>,
+        progress: &Progress,
+    ) -> Result<Entry<Id>, StoreError> {
+        let entry_id: EntryId = id.into();
+        let path = self.layout.entry_path(entry_id);
+        let marker_path = self.layout.marker_path(entry_id);
+        let mut timings = commit.timings_ms;
+        if path.symlink_metadata().is_ok() {
+            self.discard(&path, &entry_id.to_string())?;
+        }
+        if marker_path.exists() {
+            fs_err::remove_file(&marker_path)?;
+        }
+
+        let start = Instant::now();
+        let staged = staging.entry_dir();
+        let (files, bytes) = match commit.contents {
+            Contents::Manifest(manifest) => {
+                sync_manifest(&staged, manifest, progress)?;
+                (manifest.file_count() as u64, manifest.content_bytes())
+            }
+            Contents::Walk => {
+                let walked = walk_tree(&staged)?;
+                sync_walked(&walked, progress)?;
+                fsync_dir(&staged)?;
+                // Deepest first, so every directory is still writable while its children
+                // are sealed.
+                for dir in walked.dirs.iter().rev() {
+                    set_mode(dir, package::tree::DIR_MODE)?;
+                }
+                (walked.files.len() as u64, walked.bytes)
+            }
+        };
+        timings.insert("sync", ms(start));
+
+        let start = Instant::now();
+        fs_err::rename(&staged, &path)?;
+        fsync_dir(&self.layout.entries_dir(entry_id.kind))?;
+        set_mode(&path, package::tree::DIR_MODE)?;
+        let marker = Marker {
+            kind: entry_id.kind,
+            id: entry_id.digest.to_string(),
+            created_unix: unix_now(),
+            bytes,
+            files,
+            source: commit.source,
+            description: commit.description,
+        };
+        write_json_atomic(&marker_path, &marker)?;
+        drop(staging);
+        timings.insert("publish", ms(start));
+        Ok(Entry {
+            id,
+            path,
+            files,
+            bytes,
+            created: true,
+            timings_ms: timings,
+        })
+    }
+}
+
+impl<Id: EntryName> Transaction<'_, Id> {
+    pub fn id(&self) -> Id {
+        self.id
+    }
+
+    /// The directory that becomes the entry (not created: the caller makes it).
+    pub fn entry_dir(&self) -> PathBuf {
+        self.staging.entry_dir()
+    }
+
+    /// Scratch space beside it, discarded with the staging dir.
+    pub fn work_dir(&self) -> &Path {
+        self.staging.work_dir()
+    }
+
+    /// Makes the filled entry durable, read-only and visible (step 4).
+    pub fn commit(self, commit: Commit<'_>, progress: &Progress) -> Result<Entry<Id>, StoreError> {
+        let Transaction {
+            store, id, staging, ..
+        } = self;
+        store.publish(staging, id, commit, progress)
+    }
+}
+
+/// A staging directory owned (locked) by this process. Dropped without being committed,
+/// it goes to trash.
+pub struct Staging {
+    dir: PathBuf,
+    lock: Option<LockFile>,
+    trash: PathBuf,
+}
+
+impl Staging {
+    /// The directory that becomes the entry (not created: the caller makes it).
+    pub fn entry_dir(&self) -> PathBuf {
+        self.dir.join("entry")
+    }
+
+    /// Scratch space (an upload's zip, an installer's HOME and TMPDIR).
+    pub fn work_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let name = self.dir.file_name().expect("staging dirs have names").to_owned();
+        let target = self.trash.join(name);
+        // What is left goes: scratch after a commit, the whole build without one.
+        if std::fs::rename(&self.dir, &target).is_ok() {
+            let _ = remove_tree(&target);
+        }
+        if let Some(lock) = self.lock.take() {
+            let _ = lock.remove();
+        }
+    }
+}
+
+pub(super) fn ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Makes a staged tree durable before it is published: fdatasync every file (writeback
+/// was started as each was written, so this mostly waits for I/O already under way) and
+/// fsync every directory, in parallel. Per-file rather than `syncfs`, so the cost is our
+/// own data, never whatever else is dirty on a busy node's filesystem.
+fn sync_manifest(root: &Path, manifest: &Manifest, progress: &Progress) -> std::io::Result<()> {
+    let entries = manifest.entries();
+    let phase = progress.phase("syncing", entries.len() as u64);
+    package::parallel_map(entries.len(), SYNC_THREADS, |i| {
+        let entry = &entries[i];
+        phase.inc(1);
+        match entry.kind {
+            package::EntryKind::File { .. } => fs_err::File::open(root.join(&entry.path))?.sync_data(),
+            package::EntryKind::Dir => fsync_dir(&root.join(&entry.path)),
+            package::EntryKind::Symlink { .. } => Ok(()),
+        }
+    })?;
+    phase.finish();
+    fsync_dir(root)
+}
+
+struct Walked {
+    /// Directories below the root (not the root), parents first.
+    dirs: Vec<PathBuf>,
+    files: Vec<PathBuf>,
+    bytes: u64,
+}
+
+/// Lists a freshly built tree without following symlinks.
+fn walk_tree(root: &Path) -> std::io::Result<Walked> {
+    let mut walked = Walked {
+        dirs: Vec::new(),
+        files: Vec::new(),
+        bytes: 0,
+    };
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs_err::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walked.dirs.push(entry.path());
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                walked.bytes += entry.metadata()?.len();
+                walked.files.push(entry.path());
+            }
+        }
+    }
+    walked.dirs.sort();
+    Ok(walked)
+}
+
+/// fdatasync every file and fsync every directory of a walked tree (and its root).
+fn sync_walked(walked: &Walked, progress: &Progress) -> std::io::Result<()> {
+    let all: Vec<(&PathBuf, bool)> = walked
+        .files
+        .iter()
+        .map(|f| (f, false))
+        .chain(walked.dirs.iter().map(|d| (d, true)))
+        .collect();
+    let phase = progress.phase("syncing", all.len() as u64);
+    package::parallel_map(all.len(), SYNC_THREADS, |i| {
+        let (path, is_dir) = all[i];
+        phase.inc(1);
+        if is_dir {
+            fsync_dir(path)
+        } else {
+            fs_err::File::open(path)?.sync_data()
+        }
+    })?;
+    phase.finish();
+    Ok(())
+}
