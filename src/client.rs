@@ -1,12 +1,52 @@
-//! A small HTTP/1.1 client for the daemon's Unix socket, used by `renv submit` and
-//! friends. One request per connection (`Connection: close`); bodies are read by
-//! `Content-Length`, chunked encoding (streamed logs) or to EOF.
+//! The HTTP/1.1 client for the daemon's Unix socket, used by `renv submit` and friends.
+//!
+//! The HTTP itself is hyper's (`hyper::client::conn::http1`, the client half of what the
+//! daemon serves with), so framing — `Content-Length`, chunked bodies such as the streamed
+//! logs of `renv logs --follow`, HEAD answers without a body, keep-alive — is the same code
+//! on both ends rather than a second, hand-written parser that has to agree with it.
+//!
+//! The CLI is synchronous, so the client is too. Each connection gets a current-thread
+//! tokio runtime of its own, owned with the connection by the [`Response`] or [`Session`]
+//! that uses it: the connection's task is spawned on that runtime and makes progress
+//! whenever the caller blocks on it (sending a request, or [`Read`]ing a response body).
+//! Nothing is shared between connections, so threads that each follow a stream (stdout and
+//! stderr of a job) never wait on each other, and dropping a [`Response`] closes its
+//! connection. A runtime without worker threads costs a few descriptors (epoll, eventfd).
+//! Not for use from async code: it blocks, and a runtime cannot start inside another.
+//!
+//! A request body is read from the caller's [`Read`] in chunks and handed to hyper over a
+//! small channel (`UploadBody`), so a package upload is never in memory whole. hyper
+//! wants a body it can own (`'static`) while the caller's reader is only borrowed; the
+//! channel bridges the two, with the reading done on the caller's thread.
+//!
+//! The daemon may answer before it has read the whole body (413 for a declared length over
+//! its limit) and hang up. The socket wrapper (`Socket`) then swallows further writes and
+//! tells the uploader to stop reading, so the answer already on the socket is read and
+//! returned rather than lost to a broken pipe.
+//!
+//! Dependencies: hyper's `client` feature (which brings `want` and `try-lock` along) and
+//! hyper-util's `TokioIo`. No `http-body-util`: the one `Body` call needed (`poll_frame`)
+//! is made directly through `hyper::body`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, IoSlice, Read};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+/// How much of a request body is read from the caller's `Read` at a time.
+const UPLOAD_CHUNK: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -33,18 +73,12 @@ impl ClientError {
     }
 }
 
+/// A request body: its content type, its length, and where to read it from.
+pub type RequestBody<'a> = (&'a str, u64, &'a mut dyn Read);
+
 #[derive(Clone)]
 pub struct Client {
     socket: PathBuf,
-}
-
-pub struct Response {
-    pub status: u16,
-    reader: BufReader<UnixStream>,
-    chunked: bool,
-    remaining: Option<u64>,
-    chunk_left: u64,
-    done: bool,
 }
 
 impl Client {
@@ -54,28 +88,29 @@ impl Client {
         }
     }
 
-    /// Sends a request; the body, if any, is copied from `body` (`len` bytes).
+    /// Sends one request on a connection of its own (`Connection: close`); the body, if
+    /// any, is copied from the reader (exactly its stated length).
     pub fn send(
         &self,
         method: &str,
         path: &str,
-        body: Option<(&str, u64, &mut dyn Read)>,
+        body: Option<RequestBody<'_>>,
     ) -> Result<Response, ClientError> {
-        let stream = self.connect()?;
-        exchange(BufReader::new(stream), method, path, body, true)
-    }
-
-    fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-            socket: self.socket.clone(),
-            source,
+        let mut conn = self.connect()?;
+        let (status, body, unsent) = conn.exchange(method, path, body, true)?;
+        Ok(Response {
+            status,
+            body,
+            chunk: Bytes::new(),
+            unsent,
+            conn,
         })
     }
 
     /// A keep-alive connection for several requests in a row.
     pub fn session(&self) -> Result<Session, ClientError> {
         Ok(Session {
-            reader: Some(BufReader::new(self.connect()?)),
+            conn: Some(self.connect()?),
         })
     }
 
@@ -83,10 +118,40 @@ impl Client {
     pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
         with_json_body(body, |body| self.send(method, path, body)?.into_json())
     }
+
+    fn connect(&self) -> Result<Conn, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let sender = runtime.block_on(async {
+            let stream = UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+            let socket = Socket {
+                stream,
+                hung_up: Arc::clone(&hung_up),
+            };
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(socket))
+                .await
+                .map_err(hyper_error)?;
+            // The connection's own errors reach the request or body in flight.
+            tokio::spawn(connection);
+            Ok::<_, ClientError>(sender)
+        })?;
+        Ok(Conn {
+            runtime,
+            sender,
+            hung_up,
+        })
+    }
 }
 
 /// Calls `send` with `body` serialized as a JSON request body.
-fn with_json_body<T>(body: Option<&Value>, send: impl FnOnce(Option<(&str, u64, &mut dyn Read)>) -> T) -> T {
+fn with_json_body<T>(body: Option<&Value>, send: impl FnOnce(Option<RequestBody<'_>>) -> T) -> T {
     let bytes = body.map(|b| b.to_string().into_bytes());
     let mut cursor = bytes.as_deref().map(std::io::Cursor::new);
     match cursor.as_mut() {
@@ -100,88 +165,139 @@ fn with_json_body<T>(body: Option<&Value>, send: impl FnOnce(Option<(&str, u64, 
 
 /// Several requests over one connection (HTTP/1.1 keep-alive).
 pub struct Session {
-    reader: Option<BufReader<UnixStream>>,
+    /// `None` once a request failed or left the connection unusable.
+    conn: Option<Conn>,
 }
 
 impl Session {
     pub fn json(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let reader = self
-            .reader
+        let mut conn = self
+            .conn
             .take()
             .ok_or_else(|| ClientError::Protocol("session closed".into()))?;
-        let mut response = with_json_body(body, |body| exchange(reader, method, path, body, false))?;
+        let (status, body, unsent) = with_json_body(body, |body| conn.exchange(method, path, body, false))?;
+        let mut response = Response {
+            status,
+            body,
+            chunk: Bytes::new(),
+            unsent,
+            conn,
+        };
         let mut bytes = Vec::new();
         response.read_to_end(&mut bytes)?;
-        let status = response.status;
-        self.reader = Some(response.reader);
+        // A request whose body was cut short by an early answer leaves nothing to reuse.
+        if response.unsent.is_none() {
+            self.conn = Some(response.conn);
+        }
         Response::to_json(status, &bytes)
     }
 }
 
-/// Writes one request on `reader`'s stream and reads the response head.
-fn exchange(
-    mut reader: BufReader<UnixStream>,
-    method: &str,
-    path: &str,
-    body: Option<(&str, u64, &mut dyn Read)>,
-    close: bool,
-) -> Result<Response, ClientError> {
-    let stream = reader.get_mut();
-    let connection = if close { "close" } else { "keep-alive" };
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: renv\r\nConnection: {connection}\r\n");
-    match &body {
-        Some((content_type, len, _)) => head.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {len}\r\n\r\n"
-        )),
-        None => head.push_str("Content-Length: 0\r\n\r\n"),
-    }
-    stream.write_all(head.as_bytes())?;
-    if let Some((_, _, body)) = body {
-        match std::io::copy(body, stream) {
-            // The daemon answered early (a body over its limit) and closed: read why.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                ) => {}
-            other => {
-                other?;
+/// One connection: the runtime its task runs on, and the handle requests are sent with.
+struct Conn {
+    runtime: Runtime,
+    sender: SendRequest<UploadBody>,
+    /// Set by [`Socket`] when the daemon hung up on a write.
+    hung_up: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Sends one request, streaming its body, and waits for the answer's head. Also returns
+    /// the body's sender if the answer came before the whole body was sent: kept open, so
+    /// that hyper does not fail the connection (and the answer's body) for a short body.
+    fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<RequestBody<'_>>,
+        close: bool,
+    ) -> Result<(u16, Incoming, Option<mpsc::Sender<Bytes>>), ClientError> {
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "renv");
+        if close {
+            request = request.header(header::CONNECTION, "close");
+        }
+        let (upload_body, upload) = match body {
+            None => (UploadBody { rx: None, left: 0 }, None),
+            Some((content_type, len, reader)) => {
+                request = request
+                    .header(header::CONTENT_TYPE, content_type)
+                    .header(header::CONTENT_LENGTH, len);
+                let (tx, rx) = mpsc::channel(1);
+                (
+                    UploadBody {
+                        rx: Some(rx),
+                        left: len,
+                    },
+                    Some((tx, len, reader)),
+                )
             }
-        }
-    }
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
-    let (mut chunked, mut remaining) = (false, None);
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            let value = value.trim();
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => remaining = value.parse().ok(),
-                "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-                _ => {}
+        };
+        let request = request
+            .body(upload_body)
+            .map_err(|e| ClientError::Protocol(format!("cannot send {method} {path}: {e}")))?;
+        let Conn {
+            runtime,
+            sender,
+            hung_up,
+        } = self;
+        runtime.block_on(async move {
+            sender.ready().await.map_err(hyper_error)?;
+            let mut answer = std::pin::pin!(sender.send_request(request));
+            let mut unsent = None;
+            if let Some((tx, len, reader)) = upload {
+                let mut left = len;
+                while left > 0 && !hung_up.load(Ordering::Relaxed) {
+                    let mut chunk = vec![0u8; left.min(UPLOAD_CHUNK as u64) as usize];
+                    let n = match reader.read(&mut chunk) {
+                        Ok(0) => {
+                            return Err(ClientError::Io(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("the request body ended {left} bytes short of its length {len}"),
+                            )));
+                        }
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    chunk.truncate(n);
+                    tokio::select! {
+                        biased;
+                        early = &mut answer => {
+                            let response = early.map_err(hyper_error)?;
+                            let status = response.status().as_u16();
+                            return Ok((status, response.into_body(), Some(tx)));
+                        }
+                        sent = tx.send(Bytes::from(chunk)) => {
+                            if sent.is_err() {
+                                // hyper dropped the body: the answer says why.
+                                break;
+                            }
+                        }
+                    }
+                    left -= n as u64;
+                }
+                if left > 0 {
+                    unsent = Some(tx);
+                }
             }
-        }
+            let response = answer.await.map_err(hyper_error)?;
+            Ok((response.status().as_u16(), response.into_body(), unsent))
+        })
     }
-    let done = method == "HEAD";
-    Ok(Response {
-        status,
-        reader,
-        chunked,
-        remaining,
-        chunk_left: 0,
-        done,
-    })
+}
+
+/// An answer from the daemon: its status, and its body to [`Read`] as it arrives.
+pub struct Response {
+    pub status: u16,
+    body: Incoming,
+    /// What is left of the body frame last received.
+    chunk: Bytes,
+    /// The request body's sender, when the answer came before all of it was sent.
+    unsent: Option<mpsc::Sender<Bytes>>,
+    conn: Conn,
 }
 
 impl Response {
@@ -214,52 +330,168 @@ impl Response {
 }
 
 impl Read for Response {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.done || buf.is_empty() {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
             return Ok(0);
         }
-        if self.chunked {
-            if self.chunk_left == 0 {
-                let mut line = String::new();
-                self.reader.read_line(&mut line)?;
-                if line.trim().is_empty() {
-                    line.clear();
-                    self.reader.read_line(&mut line)?;
+        while self.chunk.is_empty() {
+            let Response { body, conn, .. } = self;
+            let frame = conn
+                .runtime
+                .block_on(std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)));
+            match frame {
+                None => return Ok(0),
+                Some(Err(e)) => {
+                    return Err(match hyper_error(e) {
+                        ClientError::Io(e) => e,
+                        other => io::Error::other(other.to_string()),
+                    });
                 }
-                let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
-                if size == 0 {
-                    // The blank line that ends the (empty) trailer section.
-                    line.clear();
-                    self.reader.read_line(&mut line)?;
-                    self.done = true;
-                    return Ok(0);
-                }
-                self.chunk_left = size;
+                // Trailers, if any, are of no interest.
+                Some(Ok(frame)) => self.chunk = frame.into_data().unwrap_or_default(),
             }
-            let want = buf.len().min(self.chunk_left as usize);
-            let n = self.reader.read(&mut buf[..want])?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            self.chunk_left -= n as u64;
-            return Ok(n);
         }
-        match self.remaining {
-            Some(0) => {
-                self.done = true;
-                Ok(0)
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+/// hyper's error with its causes (its own message names only the step that failed); one
+/// that comes from the socket stays an I/O error of the same kind.
+fn hyper_error(e: hyper::Error) -> ClientError {
+    let mut message = e.to_string();
+    let mut kind = None;
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            kind.get_or_insert(io.kind());
+        }
+        source = cause.source();
+    }
+    match kind {
+        Some(kind) => ClientError::Io(io::Error::new(kind, message)),
+        None => ClientError::Protocol(message),
+    }
+}
+
+/// A request body fed by [`Conn::exchange`] from the caller's reader, chunk by chunk.
+struct UploadBody {
+    rx: Option<mpsc::Receiver<Bytes>>,
+    left: u64,
+}
+
+impl Body for UploadBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let Some(rx) = this.rx.as_mut().filter(|_| this.left > 0) else {
+            return Poll::Ready(None);
+        };
+        Poll::Ready(Some(match ready!(rx.poll_recv(cx)) {
+            Some(chunk) => {
+                this.left = this.left.saturating_sub(chunk.len() as u64);
+                Ok(Frame::data(chunk))
             }
-            Some(left) => {
-                let want = buf.len().min(left as usize);
-                let n = self.reader.read(&mut buf[..want])?;
-                self.remaining = Some(left - n as u64);
-                if n == 0 {
-                    self.done = true;
-                }
-                Ok(n)
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the request body ended early",
+            )),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// The connection's socket. Once the daemon has hung up (a write failed with a broken pipe
+/// or a reset), writes are swallowed and `hung_up` is set, so that hyper goes on to read
+/// the answer the daemon sent before hanging up instead of failing on the write.
+struct Socket {
+    stream: UnixStream,
+    hung_up: Arc<AtomicBool>,
+}
+
+impl Socket {
+    fn wrote(&self, result: io::Result<usize>, len: usize) -> io::Result<usize> {
+        match result {
+            Err(e) if is_hang_up(&e) => {
+                self.hung_up.store(true, Ordering::Relaxed);
+                Ok(len)
             }
-            None => self.reader.read(buf),
+            other => other,
+        }
+    }
+
+    fn has_hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::Relaxed)
+    }
+}
+
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.has_hung_up() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let result = ready!(Pin::new(&mut this.stream).poll_write(cx, buf));
+        Poll::Ready(this.wrote(result, buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.has_hung_up() {
+            return Poll::Ready(Ok(len));
+        }
+        let result = ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs));
+        Poll::Ready(this.wrote(result, len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.has_hung_up() {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut this.stream).poll_shutdown(cx)) {
+            Err(e) if is_hang_up(&e) || e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            other => Poll::Ready(other),
         }
     }
 }
