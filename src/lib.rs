@@ -14,7 +14,10 @@
 //! ```
 //!
 //! `daemon` serves all of this over a Unix socket; `client` talks to it; `cli` is a thin
-//! shell over these.
+//! shell over these. `sys` wraps the system calls beyond `std` and is the only module
+//! allowed `unsafe`.
+
+#![deny(unsafe_code)]
 
 pub mod build;
 pub mod cli;
@@ -29,6 +32,7 @@ pub mod progress;
 pub mod resolve;
 pub mod spec;
 pub mod store;
+pub mod sys;
 pub mod units;
 pub mod venv;
 pub mod worker;

@@ -75,14 +75,7 @@ impl Lease {
     /// holds the lease too — it outlives this process, e.g. a daemon restart. Close the
     /// duplicate in this process once the child has started.
     pub fn inheritable(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: dup of a descriptor we own; the result is checked and then owned.
-        let fd = unsafe { libc::dup(self.lock.file().as_raw_fd()) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        crate::sys::dup_inheritable(self.lock.file())
     }
 }
 

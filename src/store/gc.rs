@@ -289,7 +289,7 @@ impl Store {
             .map(PathBuf::from)
             .filter(|p| p.exists())
             .or_else(|| pinned.exists().then_some(pinned))
-            .or_else(|| crate::venv::interpreter::search_path(Path::new("uv")));
+            .or_else(|| which::which("uv").ok());
         let Some(uv) = uv else {
             return "skipped: no uv found (set RENV_UV)".into();
         };
