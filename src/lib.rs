@@ -15,7 +15,10 @@
 //! ```
 //!
 //! `maintenance` runs prune and verify across the layers. `daemon` serves all of this
-//! over a Unix socket; `client` talks to it; `cli` is a thin shell over these.
+//! over a Unix socket; `client` talks to it; `cli` is a thin shell over these. `sys` wraps
+//! the system calls beyond `std` and is the only module allowed `unsafe`.
+
+#![deny(unsafe_code)]
 
 pub mod build;
 pub mod cli;
@@ -32,6 +35,7 @@ pub mod resolve;
 pub mod sources;
 pub mod spec;
 pub mod store;
+pub mod sys;
 pub mod units;
 pub mod venv;
 pub mod worker;

@@ -6,11 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::Cause;
+
 use crate::context::Context;
-use crate::venv::interpreter::search_in;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -54,8 +58,17 @@ pub fn command(
     let program_path = if program.contains('/') {
         PathBuf::from(program)
     } else {
+        // Relative PATH entries mean the worker's directory, where it is started.
         let path = env.get("PATH").map(String::as_str).unwrap_or("");
-        search_in(Path::new(program), path.as_ref()).ok_or_else(|| WorkerError::NotFound(program.clone()))?
+        let mut search = which::WhichConfig::new()
+            .binary_name(program.into())
+            .custom_path_list(path.into());
+        if let Some(cwd) = &context.cwd {
+            search = search.custom_cwd(cwd.clone());
+        }
+        search
+            .first_result()
+            .map_err(|_| WorkerError::NotFound(program.clone()))?
     };
     let mut cmd = Command::new(&program_path);
     cmd.arg0(program).args(args).env_clear().envs(&env);
@@ -71,44 +84,25 @@ pub fn command(
 /// sent to renv itself by another process (a scheduler's SIGTERM, `kill -INT`) are
 /// forwarded. Terminal-generated ones are not, or the command would get them twice.
 pub fn run_foreground(mut cmd: Command) -> Result<u8, WorkerError> {
-    const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-    // SAFETY: plain libc signal-set manipulation on a local set; pthread_sigmask affects
-    // only this thread (and the threads it starts), which is what we want.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in FORWARDED {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            Ok(())
-        });
-    }
+    // Handlers go in before the spawn, so a signal sent meanwhile is held for the loop
+    // below. exec resets handled signals to their defaults in the child; a signal this
+    // process ignores (nohup, a background job) is left alone, so the child inherits that.
+    let forwarded: Vec<_> = [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+        .into_iter()
+        .filter(|&sig| !crate::sys::is_ignored(sig))
+        .collect();
+    let mut signals = SignalsInfo::<WithOrigin>::new(&forwarded)?;
     let program = PathBuf::from(cmd.get_program());
     let mut child = cmd
         .spawn()
         .map_err(|source| WorkerError::Spawn { program, source })?;
-    let pid = child.id() as libc::pid_t;
+    let pid = child.id() as i32;
     std::thread::spawn(move || {
-        loop {
-            // SAFETY: sigwaitinfo on a valid set with a zeroed siginfo to fill.
-            let (sig, code) = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                let sig = libc::sigwaitinfo(&set, &mut info);
-                (sig, info.si_code)
-            };
-            // si_code <= 0: sent by a process (kill, sigqueue), not by the terminal.
-            if sig > 0 && code <= 0 {
-                // SAFETY: signalling our own child; it is not reaped until main waits.
-                unsafe {
-                    libc::kill(pid, sig);
-                }
+        for origin in signals.forever() {
+            // Sent by a process (kill, tkill, sigqueue) rather than by the kernel, as a
+            // terminal's Ctrl-C is: that one already reached the child in our group.
+            if let Cause::Sent(_) = origin.cause {
+                let _ = crate::sys::kill(pid, origin.signal);
             }
         }
     });
@@ -118,4 +112,54 @@ pub fn run_foreground(mut cmd: Command) -> Result<u8, WorkerError> {
         (None, Some(signal)) => (128 + signal) as u8,
         _ => 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    #[test]
+    fn argv0_is_the_first_executable_regular_file_on_the_workers_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            d
+        };
+        let (plain, subdir, exec, wd) = (dir("plain"), dir("subdir"), dir("exec"), dir("wd"));
+        std::fs::write(plain.join("tool"), "").unwrap();
+        std::fs::create_dir(subdir.join("tool")).unwrap();
+        std::fs::write(exec.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(exec.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(wd.join("rel")).unwrap();
+        std::fs::write(wd.join("rel/tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(wd.join("rel/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let path = |dirs: &[&Path]| {
+            let base = [(
+                "PATH".to_string(),
+                std::env::join_paths(dirs).unwrap().into_string().unwrap(),
+            )];
+            BTreeMap::from(base)
+        };
+        let context = Context::new(&[], None, None, &BTreeMap::new());
+        let argv = ["tool".to_string(), "x".to_string()];
+        let cmd = command(&context, &path(&[&plain, &subdir, &exec]), &argv, None).unwrap();
+        assert_eq!(cmd.get_program(), exec.join("tool"));
+
+        // A relative entry is the worker's directory's, and the result is absolute.
+        let context = Context::new(
+            &[(crate::context::PackageRole::WorkingDir, wd.as_path())],
+            None,
+            None,
+            &BTreeMap::new(),
+        );
+        let cmd = command(&context, &path(&[&plain, Path::new("rel")]), &argv, None).unwrap();
+        assert_eq!(cmd.get_program(), wd.join("rel/tool"));
+
+        let err = command(&context, &path(&[&plain, &subdir]), &argv, None).unwrap_err();
+        assert_eq!(err.to_string(), "tool: command not found on the env's PATH");
+    }
 }

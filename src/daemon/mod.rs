@@ -109,7 +109,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     }
     let app = api::router(Arc::clone(&daemon));
     let peers = PeerPolicy {
-        me: unsafe { libc::geteuid() },
+        me: crate::sys::geteuid(),
         uids: config.allow_uids.clone(),
         gids: config.allow_gids.clone(),
     };

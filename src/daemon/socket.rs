@@ -30,7 +30,7 @@ pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixL
         .unwrap_or(Path::new("."));
     fs_err::create_dir_all(dir)?;
     let meta = fs_err::metadata(dir)?;
-    let me = unsafe { libc::geteuid() };
+    let me = crate::sys::geteuid();
     if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
         return Err(SocketError::WorldWritable {
             dir: dir.display().to_string(),
@@ -56,11 +56,8 @@ pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixL
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    // SAFETY: umask is process-wide; the daemon binds before it starts any other work.
-    let previous = unsafe { libc::umask(0o177) };
-    let listener = std::os::unix::net::UnixListener::bind(path);
-    unsafe { libc::umask(previous) };
-    let listener = listener?;
+    // The umask is process-wide; the daemon binds before it starts any other work.
+    let listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(path))?;
     if group_access {
         fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     }

@@ -258,10 +258,7 @@ pub async fn stop(State(daemon): AppState, Path(id): Path<String>) -> Result<Jso
 
 pub fn signal_group(pid: i32, signal: libc::c_int) {
     if pid > 0 {
-        // SAFETY: signalling a process group this daemon created.
-        unsafe {
-            libc::kill(-pid, signal);
-        }
+        let _ = crate::sys::kill_group(pid, signal);
     }
 }
 

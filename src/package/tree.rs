@@ -100,10 +100,5 @@ pub fn seal_dirs(root: &Path, entries: &[ManifestEntry]) -> std::io::Result<()> 
 /// Starts writing a file's pages to disk without waiting, so the fsync before publishing
 /// finds most of the work done (the kernel overlaps it with the rest of the copy).
 pub fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range only reads the descriptor, which `file` keeps open. Failure
-    // is harmless: the fsync later does the work.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
+    crate::sys::start_writeback(file);
 }

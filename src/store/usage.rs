@@ -48,25 +48,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The lease's lock file, to hand a duplicate of its descriptor to a child process
-    /// (`flock` belongs to the open file description, so the child holds the lease too
-    /// and it outlives this process, e.g. a daemon restart).
-    pub fn file(&self) -> &std::fs::File {
-        self.lock.file()
-    }
-
     /// A duplicate of the lease's descriptor that a child process will inherit (dup(2)
-    /// clears close-on-exec). Close the duplicate in this process once the child has
-    /// started.
+    /// clears close-on-exec). `flock` belongs to the open file description, so the child
+    /// holds the lease too — it outlives this process, e.g. a daemon restart. Close the
+    /// duplicate in this process once the child has started.
     pub fn inheritable(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: dup of a descriptor we own; the result is checked and then owned.
-        let fd = unsafe { libc::dup(self.lock.file().as_raw_fd()) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        crate::sys::dup_inheritable(self.lock.file())
     }
 }
 

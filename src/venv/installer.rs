@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::VenvError;
-use super::interpreter::{Interpreter, search_path};
+use super::interpreter::Interpreter;
 use super::probe::probe;
 use super::sandbox::Sandbox;
 use crate::store::{LockFile, LockMode, LockName, Store};
@@ -63,7 +63,7 @@ pub fn find_uv(
             version,
         });
     }
-    if let Some(uv) = search_path(Path::new("uv"))
+    if let Ok(uv) = which::which("uv")
         && uv_version(&uv, &cache).is_ok_and(|v| v == version)
     {
         return Ok(Installer::Uv {

@@ -43,7 +43,7 @@ pub fn find(requested: Option<&Path>, cache_dir: Option<&Path>) -> Result<Interp
     let found = if requested.components().count() > 1 || requested.is_absolute() {
         requested.to_path_buf()
     } else {
-        search_path(requested).ok_or_else(|| VenvError::NoInterpreter(requested.to_path_buf()))?
+        which::which(requested).map_err(|_| VenvError::NoInterpreter(requested.to_path_buf()))?
     };
     let parent_site_packages = match found.parent().and_then(Path::parent) {
         Some(root) if root.join("pyvenv.cfg").is_file() => {
@@ -87,23 +87,6 @@ fn probe_json<T: serde::de::DeserializeOwned>(
         binary: binary.to_path_buf(),
         reason: format!("unexpected answer {out:?}: {e}"),
     })
-}
-
-/// The first executable `name` on `PATH`.
-pub fn search_path(name: &Path) -> Option<PathBuf> {
-    search_in(name, &std::env::var_os("PATH")?)
-}
-
-/// The first executable `name` in the `:`-separated `path`.
-pub fn search_in(name: &Path, path: &std::ffi::OsStr) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            candidate
-                .metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 fn is_script(path: &Path) -> Result<bool, VenvError> {

@@ -158,10 +158,8 @@ impl Sandbox {
 }
 
 fn kill_group(pid: i32) {
-    // SAFETY: kill(2) on a process group we created; ESRCH (already gone) is fine.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    // A process group we created; ESRCH (already gone) is fine.
+    let _ = crate::sys::kill_group(pid, libc::SIGKILL);
 }
 
 fn shell_words(args: &[&OsStr]) -> String {

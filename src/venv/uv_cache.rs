@@ -22,7 +22,7 @@ pub fn prune(store: &Store) -> String {
         .map(PathBuf::from)
         .filter(|p| p.exists())
         .or_else(|| pinned.exists().then_some(pinned))
-        .or_else(|| super::interpreter::search_path(std::path::Path::new("uv")));
+        .or_else(|| which::which("uv").ok());
     let Some(uv) = uv else {
         return "skipped: no uv found (set RENV_UV)".into();
     };

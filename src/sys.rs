@@ -1,0 +1,141 @@
+//! The few system calls renv makes beyond `std`, as safe functions.
+//!
+//! This is the only module allowed `unsafe` (the crate root denies it). Most wrappers are
+//! plain rustix calls and need none; what is left is what rustix does not offer
+//! (`sync_file_range`, querying a signal's disposition), each with its reason.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use rustix::fs::Mode;
+use rustix::process::{Pid, Signal};
+
+/// The effective user id of this process.
+pub fn geteuid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Runs `f` with the process's umask set to `mask`, then puts the previous one back.
+///
+/// The umask is process-wide: only call this while nothing else creates files.
+pub fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
+    let previous = rustix::process::umask(Mode::from_raw_mode(mask));
+    let result = f();
+    rustix::process::umask(previous);
+    result
+}
+
+fn invalid() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn signal(raw: libc::c_int) -> io::Result<Signal> {
+    Signal::from_named_raw(raw).ok_or_else(invalid)
+}
+
+/// A positive process id (`Pid::from_raw` must not see a negative one).
+fn pid(raw: i32) -> io::Result<Pid> {
+    if raw > 0 {
+        Pid::from_raw(raw).ok_or_else(invalid)
+    } else {
+        Err(invalid())
+    }
+}
+
+/// `kill(pid, signal)`: sends `signal` to one process.
+pub fn kill(process: i32, sig: libc::c_int) -> io::Result<()> {
+    Ok(rustix::process::kill_process(pid(process)?, signal(sig)?)?)
+}
+
+/// `kill(-pgid, signal)`: sends `signal` to every process of the group `pgid`.
+///
+/// `pgid` must be a real group leader's id: 0 and negative ids are refused, and so is 1,
+/// for which `kill(-1, …)` would signal every process this user may signal.
+pub fn kill_group(pgid: i32, sig: libc::c_int) -> io::Result<()> {
+    let group = pid(pgid)?;
+    if group.is_init() {
+        return Err(invalid());
+    }
+    Ok(rustix::process::kill_process_group(group, signal(sig)?)?)
+}
+
+/// `dup(fd)`: a new descriptor for the same open file description, *without*
+/// close-on-exec, so a child process started afterwards inherits it.
+pub fn dup_inheritable(fd: impl AsFd) -> io::Result<OwnedFd> {
+    // rustix's `dup` is dup(2), which never sets FD_CLOEXEC on the new descriptor.
+    Ok(rustix::io::dup(fd)?)
+}
+
+/// Starts writing `file`'s dirty pages to disk without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file). Failure is ignored: a
+/// later fsync does the work anyway.
+pub fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range takes no pointers; it only reads the descriptor, which
+    // `file` keeps open for the duration of the call. rustix has no binding for it.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Whether `sig`'s disposition in this process is "ignore" (`SIG_IGN`), as `nohup` or a
+/// shell's background job leaves SIGHUP or SIGINT. Such a disposition is inherited across
+/// exec, a handler is not.
+pub fn is_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: all-zero is a valid `sigaction`; with a null new action, sigaction(2) changes
+    // nothing and only writes the current disposition into `old`, a valid local.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dup_is_inheritable() {
+        let file = tempfile::tempfile().unwrap();
+        let flags = rustix::io::fcntl_getfd(&file).unwrap();
+        assert!(
+            flags.contains(rustix::io::FdFlags::CLOEXEC),
+            "std opens close-on-exec"
+        );
+        let dup = dup_inheritable(&file).unwrap();
+        assert_ne!(dup.as_raw_fd(), file.as_raw_fd());
+        assert!(
+            !rustix::io::fcntl_getfd(&dup)
+                .unwrap()
+                .contains(rustix::io::FdFlags::CLOEXEC)
+        );
+    }
+
+    #[test]
+    fn bad_targets_are_refused() {
+        for pgid in [-5, 0, 1] {
+            let err = kill_group(pgid, libc::SIGTERM).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "pgid {pgid}");
+        }
+        assert!(kill(0, libc::SIGTERM).is_err());
+        assert!(
+            kill(std::process::id() as i32, 0).is_err(),
+            "0 is not a named signal"
+        );
+    }
+
+    #[test]
+    fn geteuid_matches_metadata_of_a_new_file() {
+        use std::os::unix::fs::MetadataExt;
+        let file = tempfile::tempfile().unwrap();
+        assert_eq!(file.metadata().unwrap().uid(), geteuid());
+    }
+
+    #[test]
+    fn a_default_disposition_is_not_ignored() {
+        // Nothing in the test harness touches SIGUSR2.
+        assert!(!is_ignored(libc::SIGUSR2));
+    }
+}
