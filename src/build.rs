@@ -207,3 +207,52 @@ fn env_id(packages: &[EnvPackage], venv: Option<&EnvEntry>, env_vars: &BTreeMap<
         &serde_json::to_vec(&identity).expect("an env identity serializes"),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{EnvKey, PackageDigest};
+
+    fn entry<Id>(id: Id) -> crate::store::Entry<Id> {
+        crate::store::Entry {
+            id,
+            path: "/unused".into(),
+            files: 0,
+            bytes: 0,
+            created: false,
+            timings_ms: BTreeMap::new(),
+        }
+    }
+
+    /// Pinned: an env id must not change unless its encoding's version does (a change
+    /// here means every daemon's cached answers and the Ray plugin's URIs change).
+    #[test]
+    fn env_ids_are_pinned() {
+        let package = EnvPackage {
+            role: PackageRole::WorkingDir,
+            entry: entry(PackageDigest(Digest::of(b"tree"))),
+        };
+        let venv = entry(EnvKey(Digest::of(b"venv")));
+        let vars = BTreeMap::from([
+            ("B".to_string(), "2".to_string()),
+            ("A".to_string(), "1".to_string()),
+        ]);
+        let cases = [
+            (
+                env_id(&[], None, &BTreeMap::new()),
+                "54f056245e3fe07624a8bd1aa64edf33c7015efb653d509fe8fcc864148aae0e",
+            ),
+            (
+                env_id(std::slice::from_ref(&package), None, &BTreeMap::new()),
+                "1b7b46cc602f155314cc3b080891b7330ca61bad4d7be78c1393b6e634c53ce2",
+            ),
+            (
+                env_id(std::slice::from_ref(&package), Some(&venv), &vars),
+                "25d147ef0be1906556feab9bdee3316e30411aa763bc8c1fd6f3fd3047cb8dd2",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got.to_string(), want);
+        }
+    }
+}

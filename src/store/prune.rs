@@ -8,8 +8,8 @@
 //! the store's rules and goes at the next prune or publish. Only names of the store's own
 //! format are touched, and nothing is followed through a symlink.
 //!
-//! Caches that belong to other layers (the installer's wheel cache) are pruned by their
-//! owners; see `crate::maintenance`.
+//! Caches that belong to the layers above (the installer's wheel cache) are pruned by
+//! their owners, after this.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};

@@ -519,3 +519,66 @@ fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
 fn as_os(args: &[OsString]) -> Vec<&OsStr> {
     args.iter().map(OsString::as_os_str).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn description() -> EnvDescription {
+        EnvDescription {
+            version: EnvDescription::VERSION,
+            requirements: vec!["requests==2.26".into(), "numpy>=1.26".into()],
+            install_options: vec![],
+            check: false,
+            installer: Installer::Uv {
+                path: "/ignored/uv".into(),
+                version: "0.13.9".into(),
+            },
+            python: Interpreter {
+                path: "/usr/bin/python3.11".into(),
+                version: "3.11.7".into(),
+                implementation: "cpython".into(),
+                parent_site_packages: vec![],
+            },
+            index: IndexConfig::default(),
+            system_site_packages: false,
+            compile_bytecode: false,
+        }
+    }
+
+    /// Pinned: an env key must not change unless `EnvDescription::VERSION` does (a change
+    /// here orphans every env in every store).
+    #[test]
+    fn env_keys_are_pinned() {
+        let base = description();
+        let mut pip = description();
+        pip.installer = Installer::Pip { pip_version: None };
+        let mut indexed = description();
+        indexed.index.find_links = vec!["/wheels".into()];
+        indexed.system_site_packages = true;
+        let cases = [
+            (
+                base.key(),
+                "f7c2642fe8237c31cbc4b7fa2fe498bbb48657d1b02d3919fd6531469c7c7571",
+            ),
+            (
+                pip.key(),
+                "acac5761ec8e75b494bfa9556350a2c56c632d33b5b2d413f57ea41295bd76de",
+            ),
+            (
+                indexed.key(),
+                "5e65f7146f5eb4a80b5b7a187789c6b93e4ff784e581beb63e6a99aceecca553",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got.to_string(), want);
+        }
+        // Where uv lives is not what the env is.
+        let mut moved = description();
+        moved.installer = Installer::Uv {
+            path: "/elsewhere/uv".into(),
+            version: "0.13.9".into(),
+        };
+        assert_eq!(moved.key(), base.key());
+    }
+}
