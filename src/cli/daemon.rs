@@ -6,8 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{StoreArgs, VenvArgs};
-use crate::daemon::gpus::GpuSpec;
-use crate::daemon::state::ZeroGpus;
+use crate::daemon::gpus::{GpuSpec, ZeroGpus};
 use crate::daemon::{DaemonConfig, serve};
 use crate::env_vars;
 use crate::error::Error;

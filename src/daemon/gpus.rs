@@ -1,4 +1,4 @@
-//! The daemon's GPUs: which exist, and which are handed out.
+//! The daemon's GPUs: which exist, which are handed out, and what a worker given none sees.
 //!
 //! `--gpus auto` reads the node's NVIDIA devices (`nvidia-smi -L`, else
 //! `/proc/driver/nvidia/gpus`), and is an empty set where there are none. A worker asking
@@ -7,6 +7,14 @@
 //! so no count-based request is handed one of them meanwhile.
 
 use std::collections::BTreeSet;
+
+/// Whether a worker given no GPUs sees `CUDA_VISIBLE_DEVICES=""` or the daemon's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ZeroGpus {
+    #[default]
+    Hide,
+    Inherit,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuSpec {

@@ -1,18 +1,36 @@
 //! `renv daemon`: the per-node agent, serving the HTTP API on a Unix socket.
 //!
-//! - [`socket`]: creating the socket safely.
-//! - [`api`]: routes, request shapes, errors; [`workers`]: the worker endpoints.
-//! - [`state`]: envs, references, workers, GPUs and counters.
-//! - [`gpus`]: the node's GPU set and its allocation.
+//! The layers go one way, HTTP on top (an arrow is "uses"; no cycles):
+//!
+//! ```text
+//! mod       serve: the accept loop, peer policy, shutdown; the gc task
+//!           → socket, routes, error, workers, state, gpus; crate::store (gc)
+//! routes    axum handlers: parse a request, call the state, shape the JSON; owns the
+//!           cached get-or-create answers          → error, workers, packages, state
+//! error     ApiError: status, kind, field, message; from StateError and crate::Error
+//!                                                 → state (StateError only)
+//! workers   worker records and lifecycle: start, reap, stop, stop all
+//!                                                 → state, gpus, logs
+//! packages  package uploads into the store, package bytes   → state (StateError only)
+//! state     envs, references, get-or-create, counters; StateError
+//!                                                 → crate::build, crate::store
+//! gpus      the node's GPU set and its allocation
+//! logs      worker log files, created ahead of time
+//! socket    creating the socket safely
+//! ```
+//!
+//! Nothing outside `routes`, `error` and this file knows about HTTP.
 //!
 //! The accept loop is our own (hyper over tokio's `UnixListener`) so that every
 //! connection's peer is checked with SO_PEERCRED before a byte is read, connections are
 //! capped, slow clients are dropped, and running out of file descriptors backs off
 //! instead of spinning.
 
-pub mod api;
+pub mod error;
 pub mod gpus;
 pub mod logs;
+pub mod packages;
+pub mod routes;
 pub mod socket;
 pub mod state;
 pub mod workers;
@@ -28,8 +46,9 @@ use tower::ServiceExt;
 
 use crate::store::Store;
 use crate::venv::VenvPolicy;
-use gpus::{GpuPool, GpuSpec};
-use state::{Daemon, ZeroGpus};
+use gpus::{GpuPool, GpuSpec, ZeroGpus};
+use state::Daemon;
+use workers::Workers;
 
 /// Node policy and limits for one daemon.
 #[derive(Debug, Clone)]
@@ -95,19 +114,18 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
     tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
-    let daemon = Arc::new(Daemon::new(
-        Arc::new(store),
-        policy,
+    let daemon = Arc::new(Daemon::new(Arc::new(store), policy));
+    let workers = Arc::new(Workers::new(
+        Arc::clone(&daemon),
         pool,
         config.zero_gpus,
         config.stop_grace,
-        config.max_json_bytes,
     ));
-    daemon.logs.refill_if_low();
+    workers.refill_logs();
     if let Some(max) = config.max_store_size {
         tokio::spawn(collect_garbage(Arc::clone(&daemon), max, config.gc_min_age));
     }
-    let app = api::router(Arc::clone(&daemon));
+    let app = routes::router(Arc::clone(&daemon), Arc::clone(&workers), config.max_json_bytes);
     let peers = PeerPolicy {
         me: crate::sys::geteuid(),
         uids: config.allow_uids.clone(),
@@ -173,7 +191,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     tracing::info!("shutting down: stopping workers");
     drop(listener);
     let _ = std::fs::remove_file(&config.socket);
-    workers::stop_all(&daemon).await;
+    workers.stop_all().await;
     Ok(())
 }
 
@@ -214,8 +232,7 @@ async fn collect_garbage(daemon: Arc<Daemon>, max: u64, min_age: Duration) {
     }
 }
 
-fn refuse(status: axum::http::StatusCode, kind: &str, message: &str) -> axum::response::Response {
+fn refuse(status: axum::http::StatusCode, kind: &'static str, message: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let body = serde_json::json!({"error": {"kind": kind, "field": null, "message": message}});
-    (status, axum::Json(body)).into_response()
+    error::ApiError::new(status, kind, None, message).into_response()
 }

@@ -1,22 +1,27 @@
-//! What the daemon knows: envs with their references, workers, GPUs, counters.
+//! What the daemon knows about envs: which exist, their references and running workers,
+//! and the counters behind `/metrics`. Nothing here knows about HTTP.
 //!
 //! Get-or-create is single-flight per canonical spec: the first request spawns the build
 //! as its own task and every concurrent request for the same spec waits on a watch
 //! channel for its result — failure included. A waiter that disconnects cancels only its
 //! own wait, never the build. An env's entries stay leased while it has references or
 //! running workers.
+//!
+//! This is the one place the daemon builds envs (`build_env`, `BuiltEnv::lease`,
+//! `BuiltEnv::touch`); [`super::workers`] leases an env for a worker's own process and
+//! [`super::packages`] holds the package upload's store calls.
+//!
+//! Errors are [`StateError`]: what went wrong, with the request field at fault where there
+//! is one; the HTTP layer ([`super::error`]) turns them into statuses and kinds.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::watch;
 
-use super::api::ApiError;
-use super::gpus::GpuPool;
 use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
@@ -24,27 +29,67 @@ use crate::spec::{RuntimeEnvSpec, WorkingDirSpec};
 use crate::store::{Lease, Store};
 use crate::venv::VenvPolicy;
 
-/// Whether a worker given no GPUs sees `CUDA_VISIBLE_DEVICES=""` or the daemon's own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ZeroGpus {
-    #[default]
-    Hide,
-    Inherit,
+/// Why the daemon's state refused or failed a request. `field` names the request field
+/// at fault; [`StateError::Build`] keeps renv's own error (spec, venv, store, archive),
+/// shared, as one build's failure is every waiter's.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error("{message}")]
+    BadRequest { field: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// Out of a resource for now (GPUs): retrying later may succeed.
+    #[error("{message}")]
+    Busy { field: &'static str, message: String },
+    #[error("{0}")]
+    TooLarge(String),
+    /// An uploaded package is not a valid archive.
+    #[error("{0}")]
+    BadArchive(String),
+    #[error("{0}")]
+    Internal(String),
+    /// Building, validating or storing failed in renv itself.
+    #[error(transparent)]
+    Build(Arc<crate::Error>),
 }
 
-pub struct EnvRecord {
-    pub built: Arc<BuiltEnv>,
-    pub refs: u64,
-    pub ref_tags: Vec<String>,
-    pub workers: u64,
-    /// The `POST /v1/envs` answer for an existing env, serialized once.
-    pub response: axum::body::Bytes,
-    pub last_used: f64,
+impl StateError {
+    pub fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
+        StateError::BadRequest {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::Error> for StateError {
+    fn from(e: crate::Error) -> Self {
+        StateError::Build(Arc::new(e))
+    }
+}
+
+struct EnvRecord {
+    built: Arc<BuiltEnv>,
+    refs: u64,
+    ref_tags: Vec<String>,
+    workers: u64,
+    last_used: f64,
     /// Held while `refs + workers > 0`.
     leases: Option<Vec<Lease>>,
 }
 
-pub type BuildResult = Result<Arc<BuiltEnv>, ApiError>;
+/// One env as `GET /v1/envs` lists it.
+pub struct EnvInfo {
+    pub built: Arc<BuiltEnv>,
+    pub refs: u64,
+    pub ref_tags: Vec<String>,
+    pub workers: u64,
+    pub last_used: f64,
+}
+
+pub type BuildResult = Result<Arc<BuiltEnv>, StateError>;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -56,56 +101,18 @@ pub struct Metrics {
     pub workers_started: AtomicU64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerState {
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct WorkerInfo {
-    pub worker_id: String,
-    pub name: Option<String>,
-    pub env_id: String,
-    pub pid: u32,
-    pub state: WorkerState,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub gpus: Vec<u32>,
-    pub started_at: f64,
-    pub ended_at: Option<f64>,
-    pub stdout_log: PathBuf,
-    pub stderr_log: PathBuf,
-    #[serde(skip)]
-    pub stop_requested: bool,
-}
-
 pub struct Daemon {
     pub store: Arc<Store>,
-    pub policy: VenvPolicy,
-    pub zero_gpus: ZeroGpus,
-    pub stop_grace: std::time::Duration,
-    pub base_env: BTreeMap<String, String>,
-    pub gpus: Mutex<GpuPool>,
-    pub envs: Mutex<HashMap<EnvId, EnvRecord>>,
-    pub workers: Mutex<BTreeMap<String, WorkerInfo>>,
-    /// Flips to true when a worker's exit has been recorded (for `?wait=true` and log
-    /// followers, so they learn of it at once instead of polling).
-    pub exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    policy: VenvPolicy,
     pub metrics: Metrics,
-    pub max_json_bytes: usize,
     /// Unix time the daemon started (for `renv_uptime_seconds`).
     pub started_at: f64,
-    pub logs: Arc<super::logs::LogPool>,
     /// Wakes the garbage collector (after builds that created entries).
     pub gc_wakeup: tokio::sync::Notify,
+    envs: Mutex<HashMap<EnvId, EnvRecord>>,
     builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
-    next_worker: AtomicU64,
 }
 
 pub fn now() -> f64 {
@@ -115,34 +122,16 @@ pub fn now() -> f64 {
 }
 
 impl Daemon {
-    pub fn new(
-        store: Arc<Store>,
-        policy: VenvPolicy,
-        gpus: GpuPool,
-        zero_gpus: ZeroGpus,
-        stop_grace: std::time::Duration,
-        max_json_bytes: usize,
-    ) -> Daemon {
-        let logs = super::logs::LogPool::new(store.layout().worker_logs_dir())
-            .expect("the store's log directory is writable");
+    pub fn new(store: Arc<Store>, policy: VenvPolicy) -> Daemon {
         Daemon {
-            logs: Arc::new(logs),
             started_at: now(),
             gc_wakeup: tokio::sync::Notify::new(),
             store,
             policy,
-            zero_gpus,
-            stop_grace,
-            base_env: std::env::vars().collect(),
-            gpus: Mutex::new(gpus),
             envs: Mutex::new(HashMap::new()),
-            workers: Mutex::new(BTreeMap::new()),
-            exits: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
-            max_json_bytes,
             builds: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
-            next_worker: AtomicU64::new(1),
         }
     }
 
@@ -152,7 +141,7 @@ impl Daemon {
     pub async fn get_or_create(
         self: &Arc<Self>,
         runtime_env: &serde_json::value::RawValue,
-    ) -> Result<(Arc<BuiltEnv>, bool), ApiError> {
+    ) -> Result<(Arc<BuiltEnv>, bool), StateError> {
         // The request's exact text: a repeat skips parsing and validation altogether.
         let raw_key = format!("raw:{}", runtime_env.get());
         if let Some(built) = self.cached(&raw_key) {
@@ -160,11 +149,11 @@ impl Daemon {
             return Ok((built, false));
         }
         let runtime_env: serde_json::Value = serde_json::from_str(runtime_env.get())
-            .map_err(|e| ApiError::bad_request("runtime_env", format!("invalid JSON: {e}")))?;
+            .map_err(|e| StateError::bad_request("runtime_env", format!("invalid JSON: {e}")))?;
         let spec =
-            RuntimeEnvSpec::from_value(&runtime_env).map_err(|e| ApiError::from(crate::Error::from(e)))?;
+            RuntimeEnvSpec::from_value(&runtime_env).map_err(|e| StateError::from(crate::Error::from(e)))?;
         if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
-            return Err(ApiError::bad_request(
+            return Err(StateError::bad_request(
                 "working_dir",
                 format!(
                     "{:?} is a local path; the daemon never reads a client's directory. Upload the package \
@@ -199,7 +188,7 @@ impl Daemon {
         let result = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| ApiError::internal("build task vanished"))?;
+            .map_err(|_| StateError::Internal("build task vanished".into()))?;
         let built = result.clone().expect("waited for Some")?;
         let created = built.created();
         Ok((built, created))
@@ -242,7 +231,7 @@ impl Daemon {
             }
         })
         .await
-        .map_err(|e| ApiError::internal(format!("build panicked: {e}")))?;
+        .map_err(|e| StateError::Internal(format!("build panicked: {e}")))?;
         let m = &self.metrics;
         match result {
             Ok((built, leases)) => {
@@ -263,18 +252,17 @@ impl Daemon {
                 );
                 let built = Arc::new(built);
                 let mut envs = self.envs.lock().unwrap();
-                let response = axum::body::Bytes::from(super::api::env_json(&built, false).to_string());
                 let record = envs.entry(built.env_id).or_insert_with(|| EnvRecord {
                     built: Arc::clone(&built),
                     refs: 0,
                     ref_tags: Vec::new(),
                     workers: 0,
-                    response: response.clone(),
                     last_used: now(),
                     leases: None,
                 });
+                // A rebuild replaces the record's env: answers cached for the old one are
+                // recognised as stale by pointer (see `routes::envs`).
                 record.built = Arc::clone(&built);
-                record.response = response;
                 if record.leases.is_none() {
                     record.leases = Some(leases);
                 }
@@ -288,23 +276,48 @@ impl Daemon {
             Err(e) => {
                 m.build_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "env build failed");
-                Err(ApiError::from(e))
+                Err(StateError::from(e))
             }
         }
     }
 
-    /// Adds a reference (`workers: false`) or a running worker (`true`) to an env, and
-    /// returns the env's cached answer.
-    pub fn hold(
-        &self,
-        env_id: EnvId,
-        tag: Option<String>,
-        worker: bool,
-    ) -> Result<axum::body::Bytes, ApiError> {
+    /// The env with this id, if the daemon has built it.
+    pub fn env(&self, env_id: EnvId) -> Option<Arc<BuiltEnv>> {
+        self.envs
+            .lock()
+            .unwrap()
+            .get(&env_id)
+            .map(|record| Arc::clone(&record.built))
+    }
+
+    /// Every env the daemon knows, with its references and workers.
+    pub fn envs(&self) -> Vec<EnvInfo> {
+        self.envs
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| EnvInfo {
+                built: Arc::clone(&r.built),
+                refs: r.refs,
+                ref_tags: r.ref_tags.clone(),
+                workers: r.workers,
+                last_used: r.last_used,
+            })
+            .collect()
+    }
+
+    /// All references held, and the number of envs known.
+    pub fn reference_counts(&self) -> (u64, usize) {
+        let envs = self.envs.lock().unwrap();
+        (envs.values().map(|r| r.refs).sum::<u64>(), envs.len())
+    }
+
+    /// Adds a reference (`workers: false`) or a running worker (`true`) to an env.
+    pub fn hold(&self, env_id: EnvId, tag: Option<String>, worker: bool) -> Result<(), StateError> {
         let mut envs = self.envs.lock().unwrap();
         let record = envs
             .get_mut(&env_id)
-            .ok_or_else(|| ApiError::not_found(format!("no env {env_id}")))?;
+            .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
         if worker {
             record.workers += 1;
         } else {
@@ -315,19 +328,20 @@ impl Daemon {
         if record.leases.is_none() {
             record.leases = record.built.lease(&self.store).ok().flatten();
         }
-        Ok(record.response.clone())
+        Ok(())
     }
 
-    /// Drops a reference or a worker; the leases go with the last of them.
-    pub fn release(&self, env_id: EnvId, worker: bool) -> Result<(), ApiError> {
+    /// Drops a reference or a worker; the leases go with the last of them. Returns the
+    /// references left.
+    pub fn release(&self, env_id: EnvId, worker: bool) -> Result<u64, StateError> {
         let mut envs = self.envs.lock().unwrap();
         let record = envs
             .get_mut(&env_id)
-            .ok_or_else(|| ApiError::not_found(format!("no env {env_id}")))?;
+            .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
         if worker {
             record.workers = record.workers.saturating_sub(1);
         } else if record.refs == 0 {
-            return Err(ApiError::conflict(format!(
+            return Err(StateError::Conflict(format!(
                 "env {env_id} has no reference to release"
             )));
         } else {
@@ -338,10 +352,6 @@ impl Daemon {
         if record.refs == 0 && record.workers == 0 {
             record.leases = None;
         }
-        Ok(())
-    }
-
-    pub fn new_worker_id(&self) -> String {
-        format!("w{:06}", self.next_worker.fetch_add(1, Ordering::Relaxed))
+        Ok(record.refs)
     }
 }

@@ -1,0 +1,114 @@
+//! `/v1/envs`: get-or-create (taking a reference), release, list.
+//!
+//! The common answer to `POST /v1/envs` is an env that already exists; its body is
+//! serialized once per env and kept in [`Answers`], so a cached get-or-create costs the
+//! in-memory lookup in [`Daemon::get_or_create`](crate::daemon::state::Daemon::get_or_create),
+//! the reference, and a copy of a reference-counted buffer.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiResult, AppState};
+use crate::build::BuiltEnv;
+use crate::daemon::error::ApiError;
+use crate::digest::EnvId;
+
+/// The `POST /v1/envs` answer (`"created": false`) per env, serialized once. Each is kept
+/// with the env it describes: when the daemon rebuilds an env it holds a new `BuiltEnv`,
+/// so an answer whose env is not that same one is stale and is made again.
+#[derive(Default)]
+pub(super) struct Answers(Mutex<HashMap<EnvId, (Arc<BuiltEnv>, Bytes)>>);
+
+impl Answers {
+    fn existing(&self, built: &Arc<BuiltEnv>) -> Bytes {
+        if let Some((env, body)) = self.0.lock().unwrap().get(&built.env_id)
+            && Arc::ptr_eq(env, built)
+        {
+            return body.clone();
+        }
+        let body = Bytes::from(env_json(built, false).to_string());
+        self.0
+            .lock()
+            .unwrap()
+            .insert(built.env_id, (Arc::clone(built), body.clone()));
+        body
+    }
+}
+
+fn env_json(built: &BuiltEnv, created: bool) -> Value {
+    let (working_dir_bytes, venv_bytes) = built.bytes();
+    json!({
+        "env_id": built.env_id.to_string(),
+        "python": built.context.python,
+        "cwd": built.context.cwd,
+        "env": built.context.env,
+        "working_dir": built.working_dir_path(),
+        "venv": built.venv.as_ref().map(|e| e.path.clone()),
+        "bytes": working_dir_bytes + venv_bytes,
+        "created": created,
+        "timings_ms": built.timings_ms,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateEnv {
+    /// Kept as sent: its exact text is the key of the in-memory fast path.
+    runtime_env: Box<serde_json::value::RawValue>,
+    #[serde(rename = "ref")]
+    tag: Option<String>,
+}
+
+pub(super) async fn create(State(app): AppState, body: Bytes) -> ApiResult<Response> {
+    app.daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let request: CreateEnv = app.parse_json(&body)?;
+    let (built, created) = app.daemon.get_or_create(&request.runtime_env).await?;
+    app.daemon.hold(built.env_id, request.tag, false)?;
+    let body = if created {
+        Bytes::from(env_json(&built, true).to_string())
+    } else {
+        app.answers.existing(&built)
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub(super) async fn release(State(app): AppState, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
+    let env_id: EnvId = env_id
+        .parse()
+        .map_err(|_| ApiError::bad_request("env_id", "expected 64 lowercase hex digits"))?;
+    let refs = app.daemon.release(env_id, false)?;
+    Ok(Json(json!({"env_id": env_id.to_string(), "refs": refs})))
+}
+
+pub(super) async fn list(State(app): AppState) -> Json<Value> {
+    let mut list: Vec<Value> = app
+        .daemon
+        .envs()
+        .into_iter()
+        .map(|r| {
+            let (working_dir_bytes, venv_bytes) = r.built.bytes();
+            json!({
+                "env_id": r.built.env_id.to_string(),
+                "refs": r.refs,
+                "ref_tags": r.ref_tags,
+                "workers": r.workers,
+                "working_dir": r.built.working_dir_path(),
+                "python": r.built.context.python,
+                "bytes": working_dir_bytes + venv_bytes,
+                "working_dir_bytes": working_dir_bytes,
+                "venv_bytes": venv_bytes,
+                "last_used": r.last_used,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["env_id"].as_str().cmp(&b["env_id"].as_str()));
+    Json(json!({"envs": list}))
+}

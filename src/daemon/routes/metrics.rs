@@ -1,0 +1,60 @@
+//! `/metrics`: the daemon's counters and gauges in Prometheus' text format.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+
+use super::AppState;
+use crate::daemon::packages::package_bytes;
+use crate::daemon::state::now;
+
+pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
+    let daemon = &app.daemon;
+    let m = &daemon.metrics;
+    let (refs, envs) = daemon.reference_counts();
+    let live = app.workers.live();
+    let store_bytes = package_bytes(&daemon.store);
+    let gauges: BTreeMap<&str, f64> = BTreeMap::from([
+        ("renv_builds_total", m.builds.load(Ordering::Relaxed) as f64),
+        (
+            "renv_build_failures_total",
+            m.build_failures.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_build_seconds_total",
+            m.build_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        ),
+        (
+            "renv_cache_hits_total",
+            m.cache_hits.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_env_requests_total",
+            m.requests.load(Ordering::Relaxed) as f64,
+        ),
+        ("renv_env_references", refs as f64),
+        ("renv_envs_known", envs as f64),
+        (
+            "renv_workers_started_total",
+            m.workers_started.load(Ordering::Relaxed) as f64,
+        ),
+        ("renv_workers_live", live as f64),
+        ("renv_store_package_bytes", store_bytes as f64),
+        ("renv_uptime_seconds", now() - daemon.started_at),
+    ]);
+    let mut text = String::new();
+    for (name, value) in gauges {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        text.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+}
