@@ -51,6 +51,11 @@ pub enum SourceError {
         expected: PackageDigest,
         actual: PackageDigest,
     },
+    #[error("package upload exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// The upload's body could not be read (the client went away, a bad chunk).
+    #[error("reading the upload: {0}")]
+    Body(String),
     #[error(transparent)]
     Package(#[from] PackageError),
     /// A zip that cannot be used (named by its path; an upload has none).
@@ -69,7 +74,10 @@ impl SourceError {
     /// True when the input is at fault (exit code 2), false for an internal failure.
     pub fn is_user_error(&self) -> bool {
         match self {
-            SourceError::NotFound(_) | SourceError::DigestMismatch { .. } => true,
+            SourceError::NotFound(_)
+            | SourceError::DigestMismatch { .. }
+            | SourceError::TooLarge { .. }
+            | SourceError::Body(_) => true,
             SourceError::Package(e) => e.is_user_error(),
             SourceError::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
             SourceError::Store(_) | SourceError::Io(_) => false,

@@ -1,11 +1,15 @@
-//! A zip uploaded to the daemon (`PUT /v1/packages/<digest>`): the body is streamed into
-//! a staging dir by the daemon (capped there), then unpacked beside it and committed only
+//! A zip uploaded to the daemon (`PUT /v1/packages/<digest>`), as a stream of chunks:
+//! written into a staging dir, capped at the store's unpack limit (on the declared length
+//! first, then on the bytes actually received), then unpacked beside it and committed only
 //! if what it unpacks to is exactly the digest the upload claimed; else nothing is kept.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::{Stream, StreamExt};
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 
 use super::{SourceError, during};
 use crate::digest::PackageDigest;
@@ -13,13 +17,55 @@ use crate::package;
 use crate::progress::Progress;
 use crate::store::{PackageEntry, Staging, Store};
 
-/// Where in its staging dir the daemon writes the upload's bytes.
-pub fn zip_path(staging: &Staging) -> std::path::PathBuf {
+/// Receives an upload that claims to be package `expected`. `declared` is the length the
+/// client announced, if any. A package already stored is answered at once, without
+/// reading the body.
+pub async fn receive<B, E>(
+    store: &Arc<Store>,
+    expected: PackageDigest,
+    declared: Option<u64>,
+    body: impl Stream<Item = Result<B, E>>,
+) -> Result<PackageEntry, SourceError>
+where
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    if let Some(hit) = store.find(expected)? {
+        return Ok(hit);
+    }
+    let limit = store.options().unpack_limits.max_bytes;
+    if declared.is_some_and(|len| len > limit) {
+        return Err(SourceError::TooLarge { limit });
+    }
+    let staging = store.stage()?;
+    let zip = zip_path(&staging);
+    let mut file = tokio::fs::File::create(&zip).await?;
+    let mut body = std::pin::pin!(body);
+    let mut received = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| SourceError::Body(e.to_string()))?;
+        let chunk = chunk.as_ref();
+        received += chunk.len() as u64;
+        if received > limit {
+            return Err(SourceError::TooLarge { limit });
+        }
+        file.write_all(chunk).await?;
+    }
+    file.flush().await?;
+    drop(file);
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || commit(&store, staging, expected))
+        .await
+        .map_err(|e| SourceError::Io(std::io::Error::other(format!("unpacking the upload: {e}"))))?
+}
+
+/// Where in its staging dir an upload's bytes are written.
+fn zip_path(staging: &Staging) -> std::path::PathBuf {
     staging.work_dir().join("upload.zip")
 }
 
 /// Unpacks the upload in `staging` (written at [`zip_path`]) and commits it as `expected`.
-pub fn commit(store: &Store, staging: Staging, expected: PackageDigest) -> Result<PackageEntry, SourceError> {
+fn commit(store: &Store, staging: Staging, expected: PackageDigest) -> Result<PackageEntry, SourceError> {
     if let Some(hit) = store.find(expected)? {
         return Ok(hit);
     }
