@@ -110,6 +110,9 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 /// Serves until SIGTERM or SIGINT, then stops accepting, stops workers and removes the
 /// socket.
 pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Result<(), DaemonError> {
+    // Handlers first: a stop that comes as soon as the socket exists still removes it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let listener = socket::bind(&config.socket, !config.allow_gids.is_empty())?;
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
@@ -133,8 +136,6 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     };
     let slots = Arc::new(Semaphore::new(config.max_connections));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -56,10 +56,25 @@ pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixL
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
+    // Bound (and listening) under a private name, then renamed into place: a client that
+    // waits for the socket to appear can connect at once, never before anyone listens.
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staged = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
     // The umask is process-wide; the daemon binds before it starts any other work.
-    let listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(path))?;
-    if group_access {
-        fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(&staged))?;
+    let placed = (|| {
+        if group_access {
+            fs_err::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        }
+        fs_err::rename(&staged, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e.into());
     }
     listener.set_nonblocking(true)?;
     Ok(listener)

@@ -940,3 +940,40 @@ fn a_workers_lease_outlives_the_daemon() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(prune()["removed"].as_array().unwrap().len(), 1);
 }
+
+/// A client that waits for the socket file to appear (the SDK, the Ray plugin, scripts)
+/// can connect at once: the daemon listens before the name exists.
+#[test]
+fn the_socket_appears_only_once_it_accepts_connections() {
+    let ws = setup();
+    let socket = ws.path("run/renv.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    for _ in 0..10 {
+        let mut child = ws
+            .renv()
+            .args(["daemon", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while socket.symlink_metadata().is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+            assert!(start.elapsed() < Duration::from_secs(30), "daemon did not start");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        UnixStream::connect(&socket).expect("the socket accepts as soon as it exists");
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        child.wait().unwrap();
+        assert!(
+            socket.symlink_metadata().is_err(),
+            "a clean stop removes the socket"
+        );
+        assert_eq!(
+            list_dir(socket.parent().unwrap()),
+            Vec::<String>::new(),
+            "no staged socket names are left behind"
+        );
+    }
+}
