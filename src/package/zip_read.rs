@@ -8,7 +8,7 @@
 //! - repeats a name, or lives under a name that is a file or a symlink in the archive
 //!   (that is how "symlink out, then write through it" attacks work);
 //! - is a FIFO, socket or device, is encrypted, or is a symlink leaving the tree
-//!   (the rule in [`symlink`](super::symlink));
+//!   (the rule in [`super::symlink`]);
 //! - would push the entry count or the bytes *actually written* past the limits
 //!   (declared sizes are checked first as a cheap early exit, but headers lie).
 //!

@@ -8,7 +8,7 @@
 //! - [`usage`]: last use, leases, holders, and the listing `renv ls` prints.
 //! - [`prune`]: LRU / age eviction, orphans, old logs.
 //! - [`verify`]: re-checking committed entries.
-//! - [`lock`]: kernel file locks with deadlines.
+//! - `lock`: kernel file locks with deadlines.
 //!
 //! # Invariants
 //!
