@@ -197,7 +197,7 @@ pub fn plan(
     };
     let description = json!({
         "version": 1,
-        "requirements": packages.requirements.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        "requirements": packages.requirements.iter().map(|r| r.canonical()).collect::<Vec<_>>(),
         "install_options": packages.install_options,
         "check": packages.check,
         "installer": installer,
@@ -306,7 +306,7 @@ fn build_with_uv(
         plan.packages
             .requirements
             .iter()
-            .map(|r| OsString::from(r.as_str())),
+            .map(|r| OsString::from(r.canonical())),
     );
     // Offline first: a warm cache needs no index at all. Only a miss goes online.
     let mut offline = install.clone();
@@ -369,7 +369,7 @@ fn build_with_pip(
         plan.packages
             .requirements
             .iter()
-            .map(|r| OsString::from(r.as_str())),
+            .map(|r| OsString::from(r.canonical())),
     );
     sandbox.run("pip install", &python, &as_os(&pip(&packages)), &env)?;
     if plan.packages.check {
