@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
-pub use requirement::{Requirement, normalize_name};
+pub use requirement::Requirement;
 
 use crate::digest::PackageDigest;
 
@@ -46,6 +46,11 @@ pub mod limits {
     pub const MAX_PATTERN_BYTES: usize = 4096;
     pub const MAX_PACKAGES: usize = 1000;
     pub const MAX_REQUIREMENT_BYTES: usize = 4096;
+    /// Comparisons in one requirement's environment marker (the marker algebra's cost
+    /// grows exponentially with them for some shapes).
+    pub const MAX_MARKER_COMPARISONS: usize = 12;
+    /// Parenthesis depth in one requirement (the marker parser recurses per level).
+    pub const MAX_MARKER_NESTING: usize = 16;
 }
 
 /// The default for `config.setup_timeout_seconds`, as in Ray.
@@ -238,7 +243,7 @@ impl RuntimeEnvSpec {
         }
         if let Some(p) = &self.packages {
             let packages = match &p.packages {
-                PackageList::Listed(reqs) => reqs.iter().map(|r| r.as_str()).collect::<Vec<_>>().into(),
+                PackageList::Listed(reqs) => reqs.iter().map(|r| r.canonical()).collect::<Vec<_>>().into(),
                 PackageList::RequirementsFile(path) => Value::from(path.display().to_string()),
             };
             let mut m = Map::new();
@@ -526,11 +531,10 @@ fn parse_installer_version(value: &Value, path: &str, tool: &str) -> Result<Opti
         }
     };
     // Ray writes these as a bare specifier (`==22.0.2;python_version=='3.8'`): it is
-    // valid exactly when `<tool><specifier>` is a valid requirement.
-    let starts_with_operator = version.starts_with(['=', '<', '>', '!', '~']);
-    match Requirement::parse(&format!("{tool}{version}")) {
-        Ok(req) if starts_with_operator => Ok(Some(req.as_str()[tool.len()..].to_string())),
-        _ => Err(SpecError::new(
+    // valid exactly when `<tool><specifier>` is a valid requirement with specifiers.
+    match requirement::installer_specifier(tool, version) {
+        Some(spec) => Ok(Some(spec)),
+        None => Err(SpecError::new(
             path,
             format!("expected a version specifier such as \"==23.2.1\", got {version:?}"),
         )),
@@ -600,11 +604,12 @@ impl fmt::Display for RuntimeEnvSpec {
     }
 }
 
-/// Ray keeps the first of duplicate requirements; so does renv.
+/// Ray keeps the first of duplicate requirements; so does renv, comparing canonical
+/// forms (`requests==2.26` and `Requests == 2.26.0` are duplicates).
 pub fn dedup_requirements(reqs: &[Requirement]) -> Vec<Requirement> {
     let mut seen = BTreeSet::new();
     reqs.iter()
-        .filter(|r| seen.insert(r.as_str().to_string()))
+        .filter(|r| seen.insert(r.canonical().to_string()))
         .cloned()
         .collect()
 }

@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use serde_json::json;
 
 fn err(json: &str) -> String {
     RuntimeEnvSpec::from_json(json).unwrap_err().to_string()
@@ -71,6 +72,22 @@ fn validation_errors_name_the_field() {
         (
             r#"{"uv": ["ok", "./local"]}"#,
             "uv[1]: local paths are not allowed in requirements (\"./local\")",
+        ),
+        (
+            r#"{"pip": ["foo==abc"]}"#,
+            "pip[0]: expected version to start with a number, but no leading ASCII digits were found at position 3 in requirement \"foo==abc\"",
+        ),
+        (
+            r#"{"pip": {"packages": ["ok", "foo==1.0.*.1"]}}"#,
+            "pip.packages[1]: wildcards in versions must be at the end",
+        ),
+        (
+            r#"{"uv": ["x @ file:///tmp/x.whl"]}"#,
+            "uv[0]: file:// requirements are not allowed (\"x @ file:///tmp/x.whl\")",
+        ),
+        (
+            r#"{"pip": {"packages": ["a"], "pip_version": "==abc"}}"#,
+            "pip.pip_version: expected a version specifier such as \"==23.2.1\", got \"==abc\"",
         ),
         (
             r#"{"env_vars": {"CUDA_VISIBLE_DEVICES": "0"}}"#,
@@ -147,9 +164,11 @@ fn accepts_ray_forms() {
     assert_eq!(spec.working_dir, Some(WorkingDirSpec::Local("./".into())));
     assert_eq!(spec.config.setup_timeout_seconds, None);
     let pkgs = spec.packages.unwrap();
+    // As the marker algebra prints it: `python_version` has two components, so
+    // `python_version == '3.8.11'` is never true.
     assert_eq!(
         pkgs.installer_version.as_deref(),
-        Some("==22.0.2; python_version == \"3.8.11\"")
+        Some("==22.0.2 ; python_version < '0'")
     );
     assert!(RuntimeEnvSpec::from_json(r#"{"uv": "requirements.txt"}"#).is_ok());
     assert!(RuntimeEnvSpec::from_json(r#"{"pip": null, "uv": ["a"]}"#).is_ok());
@@ -165,6 +184,27 @@ fn list_and_dict_forms_are_the_same_spec() {
     let c = RuntimeEnvSpec::from_json(r#"{"config": {"setup_timeout_seconds": 600}}"#).unwrap();
     let d = RuntimeEnvSpec::from_json("{}").unwrap();
     assert_eq!(c.canonical_json(), d.canonical_json());
+}
+
+#[test]
+fn equal_versions_are_one_requirement() {
+    let a = RuntimeEnvSpec::from_json(r#"{"pip": ["requests==2.26"]}"#).unwrap();
+    let b = RuntimeEnvSpec::from_json(r#"{"pip": ["requests==2.26.0"]}"#).unwrap();
+    assert_eq!(a.canonical_json(), b.canonical_json());
+    assert_eq!(a.canonical_json()["pip"]["packages"], json!(["requests==2.26"]));
+    // `packaging` accepts a trailing comma.
+    assert!(RuntimeEnvSpec::from_json(r#"{"pip": ["foo==1.0,"]}"#).is_ok());
+
+    // Duplicates by canonical form: the first spelling is kept, as Ray keeps the first.
+    let reqs: Vec<Requirement> = ["Requests==2.26.0", "numpy", "requests == 2.26", "requests==2.27"]
+        .iter()
+        .map(|r| Requirement::parse(r).unwrap())
+        .collect();
+    let kept = dedup_requirements(&reqs);
+    let given: Vec<&str> = kept.iter().map(Requirement::given).collect();
+    assert_eq!(given, ["Requests==2.26.0", "numpy", "requests==2.27"]);
+    let canonical: Vec<&str> = kept.iter().map(Requirement::canonical).collect();
+    assert_eq!(canonical, ["requests==2.26", "numpy", "requests==2.27"]);
 }
 
 fn env_map() -> impl Strategy<Value = Vec<(String, String)>> {

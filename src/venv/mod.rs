@@ -240,7 +240,7 @@ pub fn plan(
         requirements: packages
             .requirements
             .iter()
-            .map(|r| r.as_str().to_string())
+            .map(|r| r.canonical().to_string())
             .collect(),
         install_options: packages.install_options.clone(),
         check: packages.check,
@@ -389,7 +389,7 @@ fn build_with_uv(
         plan.packages
             .requirements
             .iter()
-            .map(|r| OsString::from(r.as_str())),
+            .map(|r| OsString::from(r.canonical())),
     );
     // Offline first: a warm cache needs no index at all. Only a miss goes online.
     let mut offline = install.clone();
@@ -452,7 +452,7 @@ fn build_with_pip(
         plan.packages
             .requirements
             .iter()
-            .map(|r| OsString::from(r.as_str())),
+            .map(|r| OsString::from(r.canonical())),
     );
     sandbox.run("pip install", &python, &as_os(&pip(&packages)), &env)?;
     if plan.packages.check {

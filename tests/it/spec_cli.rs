@@ -1,5 +1,7 @@
 //! Spec validation as a user sees it: exit code 2 and a message naming the field.
 
+use std::path::Path;
+
 use serde_json::{Value, json};
 
 use crate::common::Workspace;
@@ -148,6 +150,32 @@ fn hostile_requirements_are_rejected_naming_the_entry() {
         stderr.contains("pip (bad-requirements.txt:4): options are not allowed"),
         "{stderr}"
     );
+}
+
+#[test]
+fn equal_versions_share_an_env_and_invalid_versions_exit_2() {
+    let ws = Workspace::new();
+    let wheels = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hello/wheels");
+    let flags = ["--no-index", "--find-links", wheels.to_str().unwrap()];
+    let build = |name: &str, requirement: &str| -> Value {
+        let spec = ws.spec(name, &json!({"pip": [requirement]}));
+        ws.build_with(&spec, &flags)
+    };
+    let short = build("short.json", "hello_greeting==1.0");
+    let long = build("long.json", "Hello-Greeting == 1.0.0");
+    assert_eq!(short["env_id"], long["env_id"]);
+    assert_eq!(short["venv"]["key"], long["venv"]["key"]);
+    assert_eq!(long["venv"]["created"], false);
+
+    for (requirement, want) in [
+        ("foo==abc", "pip[0]: expected version to start with a number"),
+        ("foo==1.0.*.1", "pip[0]: wildcards in versions must be at the end"),
+    ] {
+        let spec = ws.spec("bad.json", &json!({"pip": [requirement]}));
+        let (code, stderr) = ws.build_fails(&spec, &flags);
+        assert_eq!(code, 2, "{requirement}: {stderr}");
+        assert!(stderr.contains(want), "{requirement}: {stderr}");
+    }
 }
 
 #[test]
