@@ -25,6 +25,15 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl From<crate::resolve::ResolveError> for Error {
+    fn from(e: crate::resolve::ResolveError) -> Self {
+        match e {
+            crate::resolve::ResolveError::Spec(e) => Error::Spec(e),
+            crate::resolve::ResolveError::Package(e) => Error::Package(e),
+        }
+    }
+}
+
 /// Exit codes: 0 success, 1 internal failure, 2 invalid input.
 pub const EXIT_INTERNAL: u8 = 1;
 pub const EXIT_INVALID_INPUT: u8 = 2;

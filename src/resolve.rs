@@ -6,13 +6,21 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::Error;
 use crate::package::{self, PackageError};
 use crate::progress::Progress;
 use crate::sources::PackageSource;
 use crate::spec::{
     self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError, WorkingDirSpec,
 };
+
+/// Why a spec's local parts cannot be resolved: the spec itself, or the tree it names.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Package(#[from] PackageError),
+}
 
 /// The `pip`/`uv` field with its requirement list read and de-duplicated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +34,7 @@ pub struct ResolvedPackages {
 
 /// Resolves `pip`/`uv`: reads a requirements file (relative to `base_dir`) if given.
 /// `None` when the spec asks for no packages.
-pub fn resolve_packages(spec: &PackageSpec, base_dir: &Path) -> Result<Option<ResolvedPackages>, Error> {
+pub fn resolve_packages(spec: &PackageSpec, base_dir: &Path) -> Result<Option<ResolvedPackages>, ResolveError> {
     let field = spec.field.as_str();
     let requirements = match &spec.packages {
         PackageList::Listed(reqs) => spec::dedup_requirements(reqs),
@@ -70,7 +78,7 @@ pub fn resolve_working_dir(
     threads: usize,
     hash_cache_dir: Option<&Path>,
     progress: &Progress,
-) -> Result<Option<PackageSource>, Error> {
+) -> Result<Option<PackageSource>, ResolveError> {
     let Some(wd) = &spec.working_dir else {
         return Ok(None);
     };
@@ -101,7 +109,7 @@ pub fn resolve_working_dir(
     }))
 }
 
-fn existing_zip(path: &Path) -> Result<PathBuf, Error> {
+fn existing_zip(path: &Path) -> Result<PathBuf, ResolveError> {
     match fs_err::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
         Ok(_) => Err(PackageError::NotADirectory(path.to_path_buf()).into()),
