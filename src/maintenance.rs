@@ -2,18 +2,36 @@
 //! it: the store's own eviction and checks, plus what belongs to the layers above it (the
 //! installer's wheel cache, what makes an env sound).
 
-use crate::store::prune::{PrunePolicy, PruneReport};
+use serde::Serialize;
+
+use crate::store::prune::PrunePolicy;
 use crate::store::verify::VerifyReport;
 use crate::store::{Store, StoreError};
 use crate::venv;
 
-/// Evicts entries under `policy`, then prunes the uv cache if no build is using it.
+/// What a prune did, as `renv prune --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct PruneReport {
+    #[serde(flatten)]
+    pub store: crate::store::prune::PruneReport,
+    /// What happened to the installer's wheel cache.
+    pub uv_cache: String,
+}
+
+/// Evicts entries under `policy`, then prunes the uv cache if no build is using it; one
+/// prune at a time.
 pub fn prune(store: &Store, policy: &PrunePolicy) -> Result<PruneReport, StoreError> {
-    let mut report = store.prune(policy)?;
-    if !policy.dry_run {
-        report.uv_cache = venv::uv_cache::prune(store);
-    }
-    Ok(report)
+    let pruning = store.prune_lock()?;
+    let report = store.prune(&pruning, policy)?;
+    let uv_cache = if policy.dry_run {
+        String::new()
+    } else {
+        venv::uv_cache::prune(store)
+    };
+    Ok(PruneReport {
+        store: report,
+        uv_cache,
+    })
 }
 
 /// Re-checks every entry: packages against their digests, envs as `venv::verify` says.

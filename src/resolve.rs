@@ -34,7 +34,10 @@ pub struct ResolvedPackages {
 
 /// Resolves `pip`/`uv`: reads a requirements file (relative to `base_dir`) if given.
 /// `None` when the spec asks for no packages.
-pub fn resolve_packages(spec: &PackageSpec, base_dir: &Path) -> Result<Option<ResolvedPackages>, ResolveError> {
+pub fn resolve_packages(
+    spec: &PackageSpec,
+    base_dir: &Path,
+) -> Result<Option<ResolvedPackages>, ResolveError> {
     let field = spec.field.as_str();
     let requirements = match &spec.packages {
         PackageList::Listed(reqs) => spec::dedup_requirements(reqs),

@@ -111,21 +111,25 @@ pub fn prune(args: PruneArgs) -> Result<(), Error> {
         ));
     }
     let mut out = String::new();
-    let verb = if report.dry_run { "would remove" } else { "removed" };
-    for d in &report.removed {
+    let verb = if report.store.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for d in &report.store.removed {
         line(&mut out, &d.entry, &format!("  [{verb}: {}]", d.reason));
     }
-    for d in report.kept.iter().filter(|d| d.reason != "within policy") {
+    for d in report.store.kept.iter().filter(|d| d.reason != "within policy") {
         line(&mut out, &d.entry, &format!("  [kept: {}]", d.reason));
     }
     let _ = writeln!(
         out,
         "{verb} {} entries, {} freed ({} before){}",
-        report.removed.len(),
-        super::build::human_bytes(report.bytes_freed),
-        super::build::human_bytes(report.bytes_before),
-        if report.orphans_removed > 0 {
-            format!(", {} orphaned directories", report.orphans_removed)
+        report.store.removed.len(),
+        super::build::human_bytes(report.store.bytes_freed),
+        super::build::human_bytes(report.store.bytes_before),
+        if report.store.orphans_removed > 0 {
+            format!(", {} orphaned directories", report.store.orphans_removed)
         } else {
             String::new()
         }

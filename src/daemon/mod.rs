@@ -222,8 +222,8 @@ async fn collect_garbage(daemon: Arc<Daemon>, max: u64, min_age: Duration) {
         .await;
         match result {
             Ok(Ok(Some(report))) => tracing::info!(
-                removed = report.removed.len(),
-                bytes_freed = report.bytes_freed,
+                removed = report.store.removed.len(),
+                bytes_freed = report.store.bytes_freed,
                 "store over --max-store-size: pruned"
             ),
             Ok(Ok(None)) => {}

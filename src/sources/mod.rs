@@ -1,11 +1,16 @@
-//! Where packages come from. Each source fills a store transaction its own way and the
-//! store commits it; adding a source (an object store, an https URL) is one new module
-//! here and one variant of [`PackageSource`], not an edit of the store or the pipeline.
+//! Where packages come from. Each source fills a staging dir of the store its own way and
+//! the store commits it: through a transaction (`Store::begin`) when the source knows the
+//! package's digest before it writes anything, or `Store::stage` + `Store::commit_staged`
+//! when it learns the digest by unpacking. Adding a source (an object store, an https URL)
+//! is one new module here and one variant of [`PackageSource`], not an edit of the store
+//! or the pipeline.
 //!
 //! - [`tree`]: a local directory, scanned and hashed by `package::scan`, then copied.
 //! - [`zip`]: a zip file on this machine, recognized by the digest of its bytes.
-//! - [`upload`]: a zip streamed to the daemon, claiming a digest it must unpack to.
 //! - [`stored`]: `pkg://<digest>`, which must already be committed.
+//! - [`upload`]: a zip streamed to the daemon, claiming a digest it must unpack to. Not a
+//!   [`PackageSource`]: nothing in a `runtime_env` names it; the daemon's upload route
+//!   calls it.
 
 pub mod stored;
 pub mod tree;

@@ -6,8 +6,8 @@
 //! of them reads the entry itself. A marker that does not parse was never completely
 //! written and reads as absent.
 //!
-//! Markers written before they were typed spelled the id `digest` (packages) or `key`
-//! (envs); both still read.
+//! The id is spelled `digest` in a package's marker and `key` in an env's, as every renv
+//! using `store-v1` has written them, so renv versions sharing a store read each other's.
 
 use std::io::Write;
 use std::path::Path;
@@ -17,16 +17,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::StoreError;
-use super::layout::EntryKind;
+use super::layout::{EntryId, EntryKind};
 use crate::digest::{Digest, PackageDigest};
 
 /// The completion marker of a committed entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Marker {
     pub kind: EntryKind,
-    /// The entry's digest (its directory name).
-    #[serde(alias = "digest", alias = "key")]
-    pub id: String,
+    /// A package's digest (its directory name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    /// An env's key (its directory name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
     pub created_unix: u64,
     /// Bytes of its files (for envs, hardlinks into the uv cache counted in full).
     #[serde(default)]
@@ -41,6 +44,36 @@ pub struct Marker {
     /// store; kept for `renv verify` and for people reading the store.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub description: Value,
+}
+
+impl Marker {
+    pub fn new(id: EntryId, bytes: u64, files: u64, source: Value, description: Value) -> Marker {
+        let digest = Some(id.digest.to_string());
+        let (digest, key) = match id.kind {
+            EntryKind::Package => (digest, None),
+            EntryKind::Env => (None, digest),
+        };
+        Marker {
+            kind: id.kind,
+            digest,
+            key,
+            created_unix: unix_now(),
+            bytes,
+            files,
+            source,
+            description,
+        }
+    }
+
+    /// Whether this is the marker of `id` (a marker renamed to another entry's name is
+    /// not that entry's).
+    pub fn is_of(&self, id: EntryId) -> bool {
+        let named = match self.kind {
+            EntryKind::Package => &self.digest,
+            EntryKind::Env => &self.key,
+        };
+        self.kind == id.kind && named.as_ref().is_some_and(|d| *d == id.digest.to_string())
+    }
 }
 
 /// `meta/zip-<zip digest>.json`: the package a zip's bytes unpacked to.
@@ -113,22 +146,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_of_either_spelling_read() {
+    fn markers_read_as_every_store_v1_renv_wrote_them() {
         let old_package = r#"{"kind": "package", "digest": "ab", "files": 2, "bytes": 10,
                               "created_unix": 5, "source": "dir:/x"}"#;
         let marker: Marker = serde_json::from_str(old_package).unwrap();
         assert_eq!(
-            (marker.kind, marker.id.as_str(), marker.files),
+            (marker.kind, marker.digest.as_deref().unwrap(), marker.files),
             (EntryKind::Package, "ab", 2)
         );
         let old_env = r#"{"kind": "env", "key": "cd", "created_unix": 5, "bytes": 7,
                           "description": {"requirements": ["a"]}}"#;
         let marker: Marker = serde_json::from_str(old_env).unwrap();
         assert_eq!(
-            (marker.kind, marker.id.as_str(), marker.bytes),
+            (marker.kind, marker.key.as_deref().unwrap(), marker.bytes),
             (EntryKind::Env, "cd", 7)
         );
         assert_eq!(marker.description["requirements"][0], "a");
         assert!(serde_json::from_str::<Marker>(r#"{"kind": "zip"}"#).is_err());
+    }
+
+    #[test]
+    fn markers_name_their_entry_in_the_kind_s_own_field() {
+        let digest = Digest::of(b"x");
+        let package = EntryId::from(PackageDigest(digest));
+        let env = EntryId::from(crate::digest::EnvKey(digest));
+        let written = serde_json::to_value(Marker::new(package, 1, 1, Value::Null, Value::Null)).unwrap();
+        assert_eq!(
+            (written["digest"].as_str(), written.get("key")),
+            (Some(digest.to_string().as_str()), None)
+        );
+        let marker: Marker = serde_json::from_value(written).unwrap();
+        assert!(marker.is_of(package) && !marker.is_of(env));
+        let written = serde_json::to_value(Marker::new(env, 1, 1, Value::Null, Value::Null)).unwrap();
+        assert_eq!(written["key"].as_str(), Some(digest.to_string().as_str()));
+        let marker: Marker = serde_json::from_value(written).unwrap();
+        assert!(marker.is_of(env) && !marker.is_of(package));
+        assert!(!marker.is_of(EntryId::from(crate::digest::EnvKey(Digest::of(b"y")))));
     }
 }

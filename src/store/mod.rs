@@ -1,6 +1,10 @@
 //! The content-addressed store: where entries live, how they get in, who uses them, how
 //! they go. It stores what its callers build and knows nothing of how they build it: no
-//! installer, no zip format, no HTTP.
+//! installer, no sources, no HTTP. Of a package it knows only its manifest (to sync what
+//! was written, and to re-hash it in `verify`).
+//!
+//! Locks are `flock`s: the store must be on a local filesystem (on NFS or Lustre `flock`
+//! is emulated per process, and threads of one process would not exclude each other).
 //!
 //! - [`layout`]: every path and lock name, derived from an entry's kind and digest.
 //! - [`marker`]: completion markers and zip aliases, as types.
@@ -8,7 +12,8 @@
 //! - [`usage`]: last use, leases, holders, and the listing `renv ls` prints.
 //! - [`prune`]: LRU / age eviction, orphans, old logs.
 //! - [`verify`]: re-checking committed entries.
-//! - `lock`: kernel file locks with deadlines.
+//! - `lock`: kernel file locks with deadlines; `single_flight`: one build per entry in a
+//!   process.
 //!
 //! # Invariants
 //!
@@ -27,12 +32,15 @@ pub mod layout;
 mod lock;
 pub mod marker;
 pub mod prune;
+mod single_flight;
 pub mod transaction;
 pub mod usage;
 pub mod verify;
 
+use std::any::Any;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use layout::{EntryId, EntryKind, EntryName, LAYOUT_DIR, Layout, LockName};
@@ -40,6 +48,8 @@ pub use lock::{LockFile, LockMode};
 pub use marker::Marker;
 pub use transaction::{Begin, Commit, Contents, Entry, Staging, Transaction};
 pub use usage::{EntryInfo, Lease};
+
+use single_flight::SingleFlight;
 
 use crate::digest::{EnvKey, PackageDigest};
 use crate::package::zip_read::UnpackLimits;
@@ -91,6 +101,8 @@ impl Default for StoreOptions {
 pub struct Store {
     layout: Layout,
     options: StoreOptions,
+    /// In-process builds by entry; values are the builders' own result types.
+    flights: SingleFlight<EntryId, Arc<dyn Any + Send + Sync>>,
 }
 
 impl Store {
@@ -104,7 +116,11 @@ impl Store {
         // Absolute, so paths handed to installers (which run in their own cwd) hold.
         let layout = Layout::new(&fs_err::canonicalize(dir)?);
         layout.create().map_err(unusable)?;
-        let store = Store { layout, options };
+        let store = Store {
+            layout,
+            options,
+            flights: SingleFlight::default(),
+        };
         store.sweep()?;
         Ok(store)
     }
@@ -134,6 +150,23 @@ impl Store {
 
     fn lock_exclusive(&self, name: LockName<'_>) -> Result<LockFile, StoreError> {
         self.lock(name, LockMode::Exclusive)
+    }
+
+    /// Runs `build` for `id` unless this process is already building it, in which case
+    /// it waits for that build and returns its result — failure included (see
+    /// `single_flight`). Each caller for an entry kind uses one result type.
+    pub fn single_flight<V: Clone + Send + Sync + 'static>(
+        &self,
+        id: impl Into<EntryId>,
+        build: impl FnOnce() -> V,
+    ) -> V {
+        let (value, _leader) = self
+            .flights
+            .run(id.into(), || Arc::new(build()) as Arc<dyn Any + Send + Sync>);
+        value
+            .downcast_ref::<V>()
+            .expect("every caller for an entry kind uses one result type")
+            .clone()
     }
 
     /// The node's bytecode cache, created on demand (see [`Layout::pycache_dir`]).

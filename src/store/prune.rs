@@ -45,23 +45,29 @@ pub struct PruneReport {
     pub bytes_before: u64,
     pub bytes_freed: u64,
     pub orphans_removed: usize,
-    /// What happened to the installer's wheel cache (filled in by its owner).
-    pub uv_cache: String,
     /// Build and worker logs removed (untouched for longer than `--older-than`, else 7 days).
     pub logs_removed: usize,
 }
 
+/// `locks/prune.lock`, held for a whole prune (the store's and its owners' caches').
+pub struct PruneLock {
+    _lock: LockFile,
+}
+
 impl Store {
+    /// Takes the prune lock, or says another prune holds it.
+    pub fn prune_lock(&self) -> Result<PruneLock, StoreError> {
+        match LockFile::try_acquire(&self.layout.lock_path(LockName::Prune), LockMode::Exclusive)? {
+            Some(lock) => Ok(PruneLock { _lock: lock }),
+            None => Err(StoreError::Busy(
+                "another renv prune is already running on this store".into(),
+            )),
+        }
+    }
+
     /// Evicts least-recently-used entries under `policy`. Returns what was removed and
     /// what was kept, and why.
-    pub fn prune(&self, policy: &PrunePolicy) -> Result<PruneReport, StoreError> {
-        let Some(_pruning) =
-            LockFile::try_acquire(&self.layout.lock_path(LockName::Prune), LockMode::Exclusive)?
-        else {
-            return Err(StoreError::Busy(
-                "another renv prune is already running on this store".into(),
-            ));
-        };
+    pub fn prune(&self, _held: &PruneLock, policy: &PrunePolicy) -> Result<PruneReport, StoreError> {
         let now = unix_now();
         let entries = self.list_entries()?;
         let mut report = PruneReport {

@@ -15,8 +15,9 @@
 //!    process may have published while we waited.
 //! 3. The caller fills `staging/<id>/entry` (same filesystem, so the final step is a rename).
 //!    The staging dir's own lock is held for the whole build, so a sweep never takes it.
-//! 4. Commit: clear leftovers (a directory without its marker is a crashed publish and goes
-//!    to trash; a marker alone is stale), fdatasync the staged files and fsync its
+//! 4. Commit: clear leftovers (a directory without its marker is a crashed publish, and a
+//!    committed entry the caller found unusable — `begin_checked` — is being replaced: the
+//!    marker goes first, then the directory to trash), fdatasync the staged files and fsync its
 //!    directories, rename into place, fsync the parent, make the root read-only, then
 //!    write the marker (tmp file, fsync, rename, fsync `meta/`). The marker is last: a
 //!    directory without it is garbage, never served.
@@ -36,7 +37,7 @@ use serde_json::Value;
 
 use super::layout::{EntryId, EntryName, LockName};
 use super::lock::{LockFile, LockMode};
-use super::marker::{Marker, unix_now, write_json_atomic};
+use super::marker::{Marker, write_json_atomic};
 use super::{Store, StoreError, fsync_dir, remove_tree};
 use crate::package::{self, Manifest};
 use crate::progress::Progress;
@@ -95,6 +96,16 @@ pub struct Commit<'a> {
 impl Store {
     /// The committed entry `id`, if there is one (a use: its last-use time is refreshed).
     pub fn find<Id: EntryName>(&self, id: Id) -> Result<Option<Entry<Id>>, StoreError> {
+        self.find_usable(id, |_| true)
+    }
+
+    /// [`Store::find`], for entries that can go stale outside the store: one that is not
+    /// `usable` is absent (and its last use is not refreshed, so it can age out).
+    pub fn find_usable<Id: EntryName>(
+        &self,
+        id: Id,
+        usable: impl Fn(&Entry<Id>) -> bool,
+    ) -> Result<Option<Entry<Id>>, StoreError> {
         let entry_id: EntryId = id.into();
         let Some(marker) = self.read_marker(entry_id)? else {
             return Ok(None);
@@ -103,15 +114,19 @@ impl Store {
         if !path.is_dir() {
             return Ok(None);
         }
-        self.touch(entry_id);
-        Ok(Some(Entry {
+        let entry = Entry {
             id,
             path,
             files: marker.files,
             bytes: marker.bytes,
             created: false,
             timings_ms: BTreeMap::new(),
-        }))
+        };
+        if !usable(&entry) {
+            return Ok(None);
+        }
+        self.touch(entry_id);
+        Ok(Some(entry))
     }
 
     /// Steps 1–3 of the protocol: the committed entry, or a transaction to build it in.
@@ -127,7 +142,7 @@ impl Store {
         id: Id,
         usable: impl Fn(&Entry<Id>) -> bool,
     ) -> Result<Begin<'_, Id>, StoreError> {
-        let find = || -> Result<Option<Entry<Id>>, StoreError> { Ok(self.find(id)?.filter(&usable)) };
+        let find = || self.find_usable(id, &usable);
         if let Some(hit) = find()? {
             return Ok(Begin::Committed(hit));
         }
@@ -175,8 +190,8 @@ impl Store {
         })
     }
 
-    /// Publishes a filled staging dir as `id` (steps 2 and 4). If `id` was committed
-    /// meanwhile, that entry is returned and the staging dir dropped.
+    /// Publishes a filled staging dir as `id` (steps 1, 2 and 4). If `id` is committed
+    /// already, or was meanwhile, that entry is returned and the staging dir dropped.
     pub fn commit_staged<Id: EntryName>(
         &self,
         staging: Staging,
@@ -184,6 +199,11 @@ impl Store {
         commit: Commit<'_>,
         progress: &Progress,
     ) -> Result<Entry<Id>, StoreError> {
+        // Checked before the lock: a committed entry may be leased for as long as its
+        // users run, and a new zip of the same tree must not wait for them.
+        if let Some(hit) = self.find(id)? {
+            return Ok(hit);
+        }
         let _lock = self.lock_exclusive(LockName::Entry(id.into()))?;
         match self.find(id)? {
             Some(hit) => Ok(hit),
@@ -203,11 +223,12 @@ impl Store {
         let path = self.layout.entry_path(entry_id);
         let marker_path = self.layout.marker_path(entry_id);
         let mut timings = commit.timings_ms;
-        if path.symlink_metadata().is_ok() {
-            self.discard(&path, &entry_id.to_string())?;
-        }
+        // Marker first, as prune does: from then on nobody serves what was there.
         if marker_path.exists() {
             fs_err::remove_file(&marker_path)?;
+        }
+        if path.symlink_metadata().is_ok() {
+            self.discard(&path, &entry_id.to_string())?;
         }
 
         let start = Instant::now();
@@ -235,15 +256,7 @@ impl Store {
         fs_err::rename(&staged, &path)?;
         fsync_dir(&self.layout.entries_dir(entry_id.kind))?;
         set_mode(&path, package::tree::DIR_MODE)?;
-        let marker = Marker {
-            kind: entry_id.kind,
-            id: entry_id.digest.to_string(),
-            created_unix: unix_now(),
-            bytes,
-            files,
-            source: commit.source,
-            description: commit.description,
-        };
+        let marker = Marker::new(entry_id, bytes, files, commit.source, commit.description);
         write_json_atomic(&marker_path, &marker)?;
         drop(staging);
         timings.insert("publish", ms(start));

@@ -59,7 +59,7 @@ impl Lease {
 
 impl Store {
     pub(super) fn read_marker(&self, id: EntryId) -> std::io::Result<Option<Marker>> {
-        Ok(read_json::<Marker>(&self.layout.marker_path(id))?.filter(|m| m.kind == id.kind))
+        Ok(read_json::<Marker>(&self.layout.marker_path(id))?.filter(|m| m.is_of(id)))
     }
 
     /// Records a use of the entry (at most once a minute).
@@ -121,7 +121,11 @@ impl Store {
                     created_unix: marker.created_unix,
                     last_used_unix: last_used,
                     holders: self.holders(id),
-                    source: marker.source.clone(),
+                    source: match (&marker.source, kind) {
+                        // Env markers from before `source` was written: their requirements.
+                        (Value::Null, EntryKind::Env) => marker.description["requirements"].clone(),
+                        (source, _) => source.clone(),
+                    },
                     entry: id,
                     marker,
                 });

@@ -73,6 +73,9 @@ pub enum VenvError {
     },
     #[error(transparent)]
     Store(#[from] Box<StoreError>),
+    /// The same failure, shared by every caller that waited on one build.
+    #[error(transparent)]
+    Shared(std::sync::Arc<VenvError>),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -86,13 +89,16 @@ impl From<StoreError> for VenvError {
 impl VenvError {
     /// Input the request or the operator got wrong (exit 2), versus an internal failure.
     pub fn is_user_error(&self) -> bool {
-        matches!(
-            self,
-            VenvError::NoInterpreter(_)
-                | VenvError::OptionNotAllowed { .. }
-                | VenvError::Unsupported { .. }
-                | VenvError::Failed { .. }
-        )
+        match self {
+            VenvError::Shared(e) => e.is_user_error(),
+            _ => matches!(
+                self,
+                VenvError::NoInterpreter(_)
+                    | VenvError::OptionNotAllowed { .. }
+                    | VenvError::Unsupported { .. }
+                    | VenvError::Failed { .. }
+            ),
+        }
     }
 }
 
@@ -294,12 +300,32 @@ fn check_install_options(packages: &ResolvedPackages, policy: &VenvPolicy) -> Re
 /// The committed env `key`, if it is usable: its interpreter link must still resolve (a
 /// removed base Python means a rebuild). The cheap check every hit pays.
 pub fn find(store: &Store, key: EnvKey) -> Result<Option<EnvEntry>, StoreError> {
-    Ok(store.find(key)?.filter(|entry| entry.python().exists()))
+    store.find_usable(key, |entry| entry.python().exists())
 }
 
-/// Ensures the planned env is committed: built in a store transaction if it is new.
+/// Ensures the planned env is committed: built in a store transaction if it is new, once
+/// per process however many callers ask at the same time (they share its failure too).
 /// On failure the build log stays (the error names it) and the staging dir goes.
 pub fn ensure(
+    plan: &VenvPlan,
+    store: &Store,
+    timeout: Option<Duration>,
+    progress: &Progress,
+) -> Result<EnvEntry, VenvError> {
+    if let Some(hit) = find(store, plan.key)? {
+        return Ok(hit);
+    }
+    store
+        .single_flight(plan.key, || {
+            ensure_once(plan, store, timeout, progress).map_err(std::sync::Arc::new)
+        })
+        .map_err(|e| match std::sync::Arc::try_unwrap(e) {
+            Ok(e) => e,
+            Err(shared) => VenvError::Shared(shared),
+        })
+}
+
+fn ensure_once(
     plan: &VenvPlan,
     store: &Store,
     timeout: Option<Duration>,

@@ -226,6 +226,35 @@ fn fifty_concurrent_requests_share_one_build_and_one_failure() {
             &json!({"runtime_env": {"pip": ["late-package==1.0"]}}),
         )
         .unwrap();
+
+    // Different specs (their env_vars differ) that need one env share its failing build
+    // too, instead of each waiter building it again.
+    let builds_before = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("venv"))
+        .count();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let spec = json!({"pip": ["never-package==1.0"], "env_vars": {"N": i.to_string()}});
+                let daemon = &daemon;
+                s.spawn(move || daemon.post("/v1/envs", &json!({"runtime_env": spec})))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        results
+            .into_iter()
+            .all(|r| api_error(r).3.contains("never-package"))
+    );
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let builds = log.lines().filter(|l| l.starts_with("venv")).count() - builds_before;
+    assert!(
+        builds < 4,
+        "8 requests for one failing env made {builds} builds: {log}"
+    );
 }
 
 #[test]

@@ -194,3 +194,53 @@ fn package_without_output_puts_the_tree_in_the_store() {
     let built = ws.build(&ws.spec("pkg.json", &json!({"working_dir": uri})));
     assert_eq!(built["package"]["uri"], uri);
 }
+
+/// A new zip (other bytes) of a tree that is committed and in use is recognized without
+/// waiting for the users' leases to end.
+#[test]
+fn a_new_zip_of_a_leased_package_does_not_wait_for_its_users() {
+    let ws = Workspace::new();
+    write_project(&ws);
+    let deflated = package_zip(&ws, "deflated.zip", &["--compression", "deflated"]);
+    let stored = package_zip(&ws, "stored.zip", &["--compression", "stored"]);
+    assert_eq!(deflated["digest"], stored["digest"], "one tree");
+    assert_ne!(
+        std::fs::read(ws.path("deflated.zip")).unwrap(),
+        std::fs::read(ws.path("stored.zip")).unwrap(),
+        "two zips"
+    );
+    let first = ws.spec("first.json", &json!({"working_dir": "deflated.zip"}));
+    let ready = ws.path("ready");
+    /// Stops `renv run` (which forwards the SIGTERM to its command), even if the test fails.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+    let user = Stop(
+        ws.renv()
+            .arg("run")
+            .arg(&first)
+            .args(["--", "sh", "-c", &format!("touch {}; sleep 60", ready.display())])
+            .spawn()
+            .unwrap(),
+    );
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "renv run did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = ws.spec(
+        "second.json",
+        &json!({"working_dir": "stored.zip", "config": {"setup_timeout_seconds": 5}}),
+    );
+    let built = ws.build(&second);
+    drop(user);
+    assert_eq!(built["package"]["digest"], deflated["digest"]);
+    assert_eq!(built["package"]["created"], false);
+}
