@@ -1,11 +1,18 @@
-//! Load generator for `scripts/bench` (its daemon section): drives a renv daemon over its socket with
-//! renv's own client, from N threads, and prints one JSON line of results.
+//! Load generator for `scripts/bench` (its daemon section): drives a renv daemon over its
+//! socket from N threads and prints one JSON line of results.
+//!
+//! `rate` writes each request by hand on a connection of its own and reads until the daemon
+//! closes it, as `wrk` would: a load generator should cost as little per request as it
+//! can, so that the rates are the daemon's and not a client's. `workers` uses renv's own
+//! client on one keep-alive session, as a scheduler's agent would.
 //!
 //! ```text
 //! loadgen rate SOCKET METHOD PATH BODY CLIENTS SECONDS
 //! loadgen workers SOCKET ENV_ID ITERATIONS
 //! ```
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,11 +36,20 @@ fn rate(socket: &Path, method: &str, path: &str, body: &str, clients: usize, sec
             .map(|_| {
                 let body = body.clone();
                 s.spawn(move || {
-                    let client = Client::new(socket);
+                    let request = raw_request(method, path, body.as_ref());
+                    let mut answer = Vec::with_capacity(4096);
                     let mut mine = Vec::new();
                     while Instant::now() < deadline {
                         let t = Instant::now();
-                        client.json(method, path, body.as_ref()).expect("request");
+                        let mut stream = UnixStream::connect(socket).expect("connect");
+                        stream.write_all(&request).expect("send");
+                        answer.clear();
+                        stream.read_to_end(&mut answer).expect("answer");
+                        assert!(
+                            answer.starts_with(b"HTTP/1.1 2"),
+                            "{}",
+                            String::from_utf8_lossy(&answer)
+                        );
                         mine.push(t.elapsed());
                     }
                     mine
@@ -50,6 +66,18 @@ fn rate(socket: &Path, method: &str, path: &str, body: &str, clients: usize, sec
         "p50_ms": percentile(&latencies, 0.50),
         "p99_ms": percentile(&latencies, 0.99),
     })
+}
+
+/// One HTTP/1.1 request that asks the daemon to close the connection after answering.
+fn raw_request(method: &str, path: &str, body: Option<&Value>) -> Vec<u8> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: renv\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    request
 }
 
 fn workers(socket: &Path, env_id: &str, iterations: usize) -> Value {

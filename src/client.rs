@@ -5,14 +5,15 @@
 //! logs of `renv logs --follow`, HEAD answers without a body, keep-alive — is the same code
 //! on both ends rather than a second, hand-written parser that has to agree with it.
 //!
-//! The CLI is synchronous, so the client is too. Each connection gets a current-thread
-//! tokio runtime of its own, owned with the connection by the [`Response`] or [`Session`]
-//! that uses it: the connection's task is spawned on that runtime and makes progress
-//! whenever the caller blocks on it (sending a request, or [`Read`]ing a response body).
-//! Nothing is shared between connections, so threads that each follow a stream (stdout and
-//! stderr of a job) never wait on each other, and dropping a [`Response`] closes its
-//! connection. A runtime without worker threads costs a few descriptors (epoll, eventfd).
-//! Not for use from async code: it blocks, and a runtime cannot start inside another.
+//! The CLI is synchronous, so the client is too. Each thread has one current-thread tokio
+//! runtime for its connections, made on first use: a connection's task is spawned on its
+//! thread's runtime and makes progress whenever the caller blocks on it (sending a
+//! request, or [`Read`]ing a response body). Threads share nothing, so threads that each
+//! follow a stream (stdout and stderr of a job) never wait on each other; a connection
+//! holds its runtime by `Rc`, so it cannot leave its thread (where nothing would drive
+//! it). Reusing the runtime matters: making one (epoll, eventfd, timer) costs more than a
+//! request to the daemon. Dropping a [`Response`] or [`Session`] closes its connection at
+//! once. Not for use from async code: it blocks, and a runtime cannot start inside another.
 //!
 //! A request body is read from the caller's [`Read`] in chunks and handed to hyper over a
 //! small channel (`UploadBody`), so a package upload is never in memory whole. hyper
@@ -31,6 +32,7 @@
 use std::io::{self, IoSlice, Read};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
@@ -120,9 +122,7 @@ impl Client {
     }
 
     fn connect(&self) -> Result<Conn, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()?;
+        let runtime = thread_runtime()?;
         let hung_up = Arc::new(AtomicBool::new(false));
         let sender = runtime.block_on(async {
             let stream = UnixStream::connect(&self.socket)
@@ -139,13 +139,14 @@ impl Client {
                 .await
                 .map_err(hyper_error)?;
             // The connection's own errors reach the request or body in flight.
-            tokio::spawn(connection);
-            Ok::<_, ClientError>(sender)
+            Ok::<_, ClientError>((sender, tokio::spawn(connection)))
         })?;
+        let (sender, task) = sender;
         Ok(Conn {
             runtime,
             sender,
             hung_up,
+            task,
         })
     }
 }
@@ -193,12 +194,45 @@ impl Session {
     }
 }
 
+thread_local! {
+    /// This thread's runtime for its connections (see the module doc).
+    static RUNTIME: std::cell::RefCell<Option<Rc<Runtime>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn thread_runtime() -> io::Result<Rc<Runtime>> {
+    RUNTIME.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if let Some(runtime) = cell.as_ref() {
+            return Ok(Rc::clone(runtime));
+        }
+        let runtime = Rc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?,
+        );
+        *cell = Some(Rc::clone(&runtime));
+        Ok(runtime)
+    })
+}
+
 /// One connection: the runtime its task runs on, and the handle requests are sent with.
 struct Conn {
-    runtime: Runtime,
+    runtime: Rc<Runtime>,
     sender: SendRequest<UploadBody>,
     /// Set by [`Socket`] when the daemon hung up on a write.
     hung_up: Arc<AtomicBool>,
+    /// The connection itself, driven by the runtime.
+    task: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Cancelled and driven to the end here, so the socket closes now, not whenever
+        // this thread next uses its runtime.
+        self.task.abort();
+        let task = &mut self.task;
+        let _ = self.runtime.block_on(task);
+    }
 }
 
 impl Conn {
@@ -242,6 +276,7 @@ impl Conn {
             runtime,
             sender,
             hung_up,
+            ..
         } = self;
         runtime.block_on(async move {
             sender.ready().await.map_err(hyper_error)?;

@@ -164,7 +164,7 @@ def working_dir_section(page, wd, ray, plots):
 def daemon_section(page, daemon, plots):
     page.add("## Daemon", "",
              "Cached get-or-create (`POST /v1/envs` of an existing env with a venv and a working_dir) against "
-             "`GET /healthz` (the transport floor), from N client threads of renv's own client (one "
+             "`GET /healthz` (the transport floor), from N client threads (raw HTTP/1.1, one "
              "connection per request) sharing the machine with the daemon.", "")
     body = []
     for r in daemon["rate"]:

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-const SPARE_PREFIX: &str = ".spare-";
+use crate::store::layout::SPARE_LOG_PREFIX as SPARE_PREFIX;
 const LOW_WATER: usize = 16;
 const HIGH_WATER: usize = 64;
 

@@ -37,6 +37,10 @@ use crate::digest::{Digest, EnvKey, PackageDigest};
 /// The layout version; bump it (and the directory name) for any on-disk format change.
 pub const LAYOUT_DIR: &str = "store-v1";
 
+/// Empty files kept ready in [`Layout::worker_logs_dir`] to become a worker's logs by
+/// rename; always fresh, and never pruned as old logs.
+pub const SPARE_LOG_PREFIX: &str = ".spare-";
+
 /// The kinds of committed entry. Everything about an entry's place on disk derives from
 /// its kind and digest ([`EntryId`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

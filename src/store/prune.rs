@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::layout::{EntryId, EntryKind, LockName};
+use super::layout::{EntryId, EntryKind, LockName, SPARE_LOG_PREFIX};
 use super::lock::{LockFile, LockMode};
 use super::marker::{ZipAlias, read_json, unix_now};
 use super::usage::EntryInfo;
@@ -165,7 +165,8 @@ impl Store {
                     .ok()
                     .and_then(|t| now.duration_since(t).ok())
                     .is_some_and(|age| age > keep);
-                if meta.is_file() && old && !entry.file_name().to_string_lossy().starts_with(".spare-") {
+                if meta.is_file() && old && !entry.file_name().to_string_lossy().starts_with(SPARE_LOG_PREFIX)
+                {
                     fs_err::remove_file(entry.path())?;
                     removed += 1;
                 }
