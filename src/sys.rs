@@ -2,7 +2,8 @@
 //!
 //! This is the only module allowed `unsafe` (the crate root denies it). Most wrappers are
 //! plain rustix calls and need none; what is left is what rustix does not offer
-//! (`sync_file_range`, querying a signal's disposition), each with its reason.
+//! (`sync_file_range`, querying a signal's disposition) and `pre_exec` (changing a child's
+//! identity between fork and exec), each with its reason.
 
 #![allow(unsafe_code)]
 
@@ -16,6 +17,11 @@ use rustix::process::{Pid, Signal};
 /// The effective user id of this process.
 pub fn geteuid() -> u32 {
     rustix::process::geteuid().as_raw()
+}
+
+/// The effective group id of this process.
+pub fn getegid() -> u32 {
+    rustix::process::getegid().as_raw()
 }
 
 /// Runs `f` with the process's umask set to `mask`, then puts the previous one back.
@@ -67,6 +73,74 @@ pub fn kill_group(pgid: i32, sig: libc::c_int) -> io::Result<()> {
 pub fn dup_inheritable(fd: impl AsFd) -> io::Result<OwnedFd> {
     // rustix's `dup` is dup(2), which never sets FD_CLOEXEC on the new descriptor.
     Ok(rustix::io::dup(fd)?)
+}
+
+/// Makes `cmd`'s child run as `uid`, `gid` and exactly the supplementary `groups`, set in
+/// the child between fork and exec: groups first, then the gid, then the uid (after which
+/// nothing else could be changed), so nothing of this process's identity is left. Needs
+/// root; as another user the child fails to start (`EPERM`).
+pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: &[u32]) {
+    use rustix::process::{Gid, Uid};
+    use rustix::thread::{set_thread_gid, set_thread_groups, set_thread_uid};
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe work is allowed: it makes three raw system calls (rustix's thread
+    // calls, the kernel's per-thread setgroups/setgid/setuid — the child has one thread) on
+    // values prepared before the fork, and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            set_thread_groups(&groups)?;
+            set_thread_gid(gid)?;
+            set_thread_uid(uid)?;
+            Ok(())
+        });
+    }
+}
+
+/// Grants the users `uids` and the groups `gids` read and write access to `path` through
+/// its POSIX access ACL (`system.posix_acl_access`), the owner keeping read and write and
+/// everyone else nothing. For a socket, write access is what `connect` needs.
+pub fn grant_read_write(path: &std::path::Path, uids: &[u32], gids: &[u32]) -> io::Result<()> {
+    // The kernel's xattr form of an ACL: a version, then (tag, permissions, id) entries,
+    // sorted by tag and then by id.
+    const VERSION: u32 = 2;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const RW: u16 = 0o6;
+    const NO_ID: u32 = u32::MAX;
+    let mut value = VERSION.to_le_bytes().to_vec();
+    let mut entry = |tag: u16, perm: u16, id: u32| {
+        value.extend_from_slice(&tag.to_le_bytes());
+        value.extend_from_slice(&perm.to_le_bytes());
+        value.extend_from_slice(&id.to_le_bytes());
+    };
+    let sorted = |ids: &[u32]| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    entry(USER_OBJ, RW, NO_ID);
+    for uid in sorted(uids) {
+        entry(USER, RW, uid);
+    }
+    entry(GROUP_OBJ, 0, NO_ID);
+    for gid in sorted(gids) {
+        entry(GROUP, RW, gid);
+    }
+    entry(MASK, RW, NO_ID);
+    entry(OTHER, 0, NO_ID);
+    Ok(rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &value,
+        rustix::fs::XattrFlags::empty(),
+    )?)
 }
 
 /// Starts writing `file`'s dirty pages to disk without waiting for them

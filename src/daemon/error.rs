@@ -124,6 +124,9 @@ impl From<StateError> for ApiError {
             StateError::BadRequest { field, message } => ApiError::bad_request(field, message),
             StateError::NotFound(message) => ApiError::not_found(message),
             StateError::Conflict(message) => ApiError::conflict(message),
+            StateError::Forbidden(message) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", None, message)
+            }
             StateError::Busy { field, message } => ApiError::busy(field, message),
             StateError::TooLarge(message) => ApiError::too_large(message),
             StateError::BadArchive(message) => {

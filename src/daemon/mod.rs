@@ -30,6 +30,7 @@ pub mod error;
 pub mod gpus;
 pub mod logs;
 pub mod packages;
+pub mod peer;
 pub mod routes;
 pub mod socket;
 pub mod state;
@@ -77,43 +78,17 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
-/// Who may talk to the daemon: its own uid, root, and the configured uids and gids.
-#[derive(Debug, Clone)]
-struct PeerPolicy {
-    me: u32,
-    uids: Vec<u32>,
-    gids: Vec<u32>,
-}
-
-impl PeerPolicy {
-    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        uid == self.me
-            || uid == 0
-            || self.uids.contains(&uid)
-            || self.gids.contains(&gid)
-            || pid.is_some_and(|pid| supplementary_groups(pid).iter().any(|g| self.gids.contains(g)))
-    }
-}
-
-/// The peer's supplementary groups, from /proc (empty if unreadable).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        })
-        .unwrap_or_default()
-}
-
 /// Serves until SIGTERM or SIGINT, then stops accepting, stops workers and removes the
 /// socket.
 pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Result<(), DaemonError> {
     // Handlers first: a stop that comes as soon as the socket exists still removes it.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let listener = socket::bind(&config.socket, !config.allow_gids.is_empty())?;
+    let access = socket::Access {
+        uids: config.allow_uids.clone(),
+        gids: config.allow_gids.clone(),
+    };
+    let listener = socket::bind(&config.socket, &access)?;
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
     tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
@@ -129,7 +104,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         tokio::spawn(collect_garbage(Arc::clone(&daemon), max, config.gc_min_age));
     }
     let app = routes::router(Arc::clone(&daemon), Arc::clone(&workers), config.max_json_bytes);
-    let peers = PeerPolicy {
+    let peers = peer::PeerPolicy {
         me: crate::sys::geteuid(),
         uids: config.allow_uids.clone(),
         gids: config.allow_gids.clone(),
@@ -151,11 +126,15 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
                 continue;
             }
         };
-        let allowed = match stream.peer_cred() {
-            Ok(cred) => peers.allows(cred.uid(), cred.gid(), cred.pid()),
-            Err(_) => false,
+        let caller = match stream.peer_cred() {
+            Ok(cred) => peers.admit(cred.uid(), cred.gid(), cred.pid()).map(Arc::new),
+            Err(_) => None,
         };
-        let permit = Arc::clone(&slots).try_acquire_owned().ok();
+        // A refused peer never holds a slot.
+        let permit = match &caller {
+            Some(_) => Arc::clone(&slots).try_acquire_owned().ok(),
+            None => None,
+        };
         let app = app.clone();
         let timeout = config.header_timeout;
         tokio::spawn(async move {
@@ -163,14 +142,15 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
                 hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let app = app.clone();
                     let busy = permit.is_none();
+                    let caller = caller.clone();
                     async move {
-                        if !allowed {
+                        let Some(caller) = caller else {
                             return Ok::<_, std::convert::Infallible>(refuse(
                                 axum::http::StatusCode::FORBIDDEN,
                                 "forbidden",
                                 "this user may not use the renv daemon; ask for --allow-uid or --allow-gid",
                             ));
-                        }
+                        };
                         if busy {
                             return Ok(refuse(
                                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -178,7 +158,8 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
                                 "too many connections",
                             ));
                         }
-                        let request = request.map(axum::body::Body::new);
+                        let mut request = request.map(axum::body::Body::new);
+                        request.extensions_mut().insert(caller);
                         Ok(app.oneshot(request).await.unwrap_or_else(|never| match never {}))
                     }
                 });

@@ -3,7 +3,11 @@
 //! Refuse a directory that others can write without the sticky bit, or that belongs to
 //! another user (someone else could swap the socket). An existing path is replaced only
 //! if it is a stale socket of ours (nothing answers on it). The socket is bound under a
-//! umask that makes it 0600 from its first moment; `--allow-gid` then widens it to 0660.
+//! umask that makes it 0600 from its first moment, under a private name; the users and
+//! groups of `--allow-uid`/`--allow-gid` are then granted access by a POSIX ACL naming
+//! exactly them (never a world-writable socket), and only then is it renamed into place.
+//! Where the filesystem has no ACLs, a single `--allow-gid` group gets the socket's group
+//! ownership (0660) instead; anything more is refused with the reason.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -19,11 +23,23 @@ pub enum SocketError {
     NotASocket(String),
     #[error("{0}: another daemon is already serving on this socket")]
     InUse(String),
+    #[error(
+        "{dir}: cannot grant the allowed users and groups access to the socket: {reason}; \
+         put the socket (--socket) on a filesystem with POSIX ACLs, or allow a single group (--allow-gid) only"
+    )]
+    NoAcl { dir: String, reason: std::io::Error },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixListener, SocketError> {
+/// Who besides the daemon's own user (and root) may connect.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+pub fn bind(path: &Path, access: &Access) -> Result<std::os::unix::net::UnixListener, SocketError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -66,16 +82,34 @@ pub fn bind(path: &Path, group_access: bool) -> Result<std::os::unix::net::UnixL
     let _ = std::fs::remove_file(&staged);
     // The umask is process-wide; the daemon binds before it starts any other work.
     let listener = crate::sys::with_umask(0o177, || std::os::unix::net::UnixListener::bind(&staged))?;
-    let placed = (|| {
-        if group_access {
-            fs_err::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
-        }
-        fs_err::rename(&staged, path)
-    })();
+    let placed = grant(&staged, access, dir).and_then(|()| Ok(fs_err::rename(&staged, path)?));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&staged);
-        return Err(e.into());
+        return Err(e);
     }
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// Grants `access` on the (still private) socket at `staged`.
+fn grant(staged: &Path, access: &Access, dir: &Path) -> Result<(), SocketError> {
+    if access.uids.is_empty() && access.gids.is_empty() {
+        return Ok(());
+    }
+    match crate::sys::grant_read_write(staged, &access.uids, &access.gids) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                && access.uids.is_empty()
+                && access.gids.len() == 1 =>
+        {
+            std::os::unix::fs::lchown(staged, None, Some(access.gids[0]))?;
+            fs_err::set_permissions(staged, std::fs::Permissions::from_mode(0o660))?;
+            Ok(())
+        }
+        Err(reason) => Err(SocketError::NoAcl {
+            dir: dir.display().to_string(),
+            reason,
+        }),
+    }
 }

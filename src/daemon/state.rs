@@ -22,6 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use super::peer::Caller;
 use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
@@ -40,6 +41,9 @@ pub enum StateError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The caller may not do this here (what it asks for would need more than its uid).
+    #[error("{0}")]
+    Forbidden(String),
     /// Out of a resource for now (GPUs): retrying later may succeed.
     #[error("{message}")]
     Busy { field: &'static str, message: String },
@@ -72,15 +76,32 @@ impl From<crate::Error> for StateError {
 
 struct EnvRecord {
     built: Arc<BuiltEnv>,
-    refs: u64,
-    ref_tags: Vec<String>,
-    workers: u64,
+    /// References, in the order they were taken: (owner uid, tag).
+    refs: Vec<(u32, Option<String>)>,
+    /// The owner uid of each running worker.
+    workers: Vec<u32>,
     last_used: f64,
-    /// Held while `refs + workers > 0`.
+    /// Held while there are references or workers.
     leases: Option<Vec<Lease>>,
 }
 
-/// One env as `GET /v1/envs` lists it.
+impl EnvRecord {
+    /// Whether `caller` may see this env: it holds a reference or runs a worker in it.
+    fn visible_to(&self, caller: &Caller) -> bool {
+        caller.admin
+            || self.refs.iter().any(|(uid, _)| *uid == caller.uid)
+            || self.workers.contains(&caller.uid)
+    }
+}
+
+/// What holds an env: a reference (with its tag) or a running worker.
+pub enum Hold {
+    Reference(Option<String>),
+    Worker,
+}
+
+/// One env as `GET /v1/envs` lists it, seen by one caller (its own references and
+/// workers, or everyone's for the daemon's user and root).
 pub struct EnvInfo {
     pub built: Arc<BuiltEnv>,
     pub refs: u64,
@@ -254,9 +275,8 @@ impl Daemon {
                 let mut envs = self.envs.lock().unwrap();
                 let record = envs.entry(built.env_id).or_insert_with(|| EnvRecord {
                     built: Arc::clone(&built),
-                    refs: 0,
-                    ref_tags: Vec::new(),
-                    workers: 0,
+                    refs: Vec::new(),
+                    workers: Vec::new(),
                     last_used: now(),
                     leases: None,
                 });
@@ -281,27 +301,38 @@ impl Daemon {
         }
     }
 
-    /// The env with this id, if the daemon has built it.
-    pub fn env(&self, env_id: EnvId) -> Option<Arc<BuiltEnv>> {
+    /// The env with this id, if the daemon has built it and `caller` may use it (it
+    /// holds a reference or runs a worker in it; the daemon's user and root, any env).
+    pub fn env(&self, env_id: EnvId, caller: &Caller) -> Option<Arc<BuiltEnv>> {
         self.envs
             .lock()
             .unwrap()
             .get(&env_id)
+            .filter(|record| record.visible_to(caller))
             .map(|record| Arc::clone(&record.built))
     }
 
-    /// Every env the daemon knows, with its references and workers.
-    pub fn envs(&self) -> Vec<EnvInfo> {
+    /// The envs `caller` may see, with the references and workers it may see.
+    pub fn envs(&self, caller: &Caller) -> Vec<EnvInfo> {
         self.envs
             .lock()
             .unwrap()
             .values()
-            .map(|r| EnvInfo {
-                built: Arc::clone(&r.built),
-                refs: r.refs,
-                ref_tags: r.ref_tags.clone(),
-                workers: r.workers,
-                last_used: r.last_used,
+            .filter(|r| r.visible_to(caller))
+            .map(|r| {
+                let refs: Vec<&Option<String>> = r
+                    .refs
+                    .iter()
+                    .filter(|(uid, _)| caller.may_see(*uid))
+                    .map(|(_, tag)| tag)
+                    .collect();
+                EnvInfo {
+                    built: Arc::clone(&r.built),
+                    refs: refs.len() as u64,
+                    ref_tags: refs.into_iter().flatten().cloned().collect(),
+                    workers: r.workers.iter().filter(|uid| caller.may_see(**uid)).count() as u64,
+                    last_used: r.last_used,
+                }
             })
             .collect()
     }
@@ -309,20 +340,21 @@ impl Daemon {
     /// All references held, and the number of envs known.
     pub fn reference_counts(&self) -> (u64, usize) {
         let envs = self.envs.lock().unwrap();
-        (envs.values().map(|r| r.refs).sum::<u64>(), envs.len())
+        (
+            envs.values().map(|r| r.refs.len() as u64).sum::<u64>(),
+            envs.len(),
+        )
     }
 
-    /// Adds a reference (`workers: false`) or a running worker (`true`) to an env.
-    pub fn hold(&self, env_id: EnvId, tag: Option<String>, worker: bool) -> Result<(), StateError> {
+    /// Adds a reference or a running worker of `owner` to an env.
+    pub fn hold(&self, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
         let mut envs = self.envs.lock().unwrap();
         let record = envs
             .get_mut(&env_id)
             .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-        if worker {
-            record.workers += 1;
-        } else {
-            record.refs += 1;
-            record.ref_tags.extend(tag);
+        match hold {
+            Hold::Worker => record.workers.push(owner),
+            Hold::Reference(tag) => record.refs.push((owner, tag)),
         }
         record.last_used = now();
         if record.leases.is_none() {
@@ -331,27 +363,46 @@ impl Daemon {
         Ok(())
     }
 
-    /// Drops a reference or a worker; the leases go with the last of them. Returns the
-    /// references left.
-    pub fn release(&self, env_id: EnvId, worker: bool) -> Result<u64, StateError> {
+    /// Drops the last reference `caller` took (the daemon's user and root: the last one
+    /// anyone took). Returns the references left that `caller` may see.
+    pub fn release_reference(&self, env_id: EnvId, caller: &Caller) -> Result<u64, StateError> {
         let mut envs = self.envs.lock().unwrap();
         let record = envs
             .get_mut(&env_id)
+            .filter(|record| record.visible_to(caller))
             .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-        if worker {
-            record.workers = record.workers.saturating_sub(1);
-        } else if record.refs == 0 {
-            return Err(StateError::Conflict(format!(
-                "env {env_id} has no reference to release"
-            )));
-        } else {
-            record.refs -= 1;
-            record.ref_tags.pop();
-        }
+        let at = record
+            .refs
+            .iter()
+            .rposition(|(uid, _)| *uid == caller.uid)
+            .or_else(|| caller.admin.then(|| record.refs.len().checked_sub(1)).flatten())
+            .ok_or_else(|| {
+                StateError::Conflict(format!("env {env_id} has no reference of yours to release"))
+            })?;
+        record.refs.remove(at);
         record.last_used = now();
-        if record.refs == 0 && record.workers == 0 {
-            record.leases = None;
+        record.drop_leases_if_unheld();
+        Ok(record.refs.iter().filter(|(uid, _)| caller.may_see(*uid)).count() as u64)
+    }
+
+    /// Drops a running worker of `owner` (its exit was recorded, or it never started).
+    pub fn release_worker(&self, env_id: EnvId, owner: u32) {
+        let mut envs = self.envs.lock().unwrap();
+        if let Some(record) = envs.get_mut(&env_id) {
+            if let Some(at) = record.workers.iter().position(|uid| *uid == owner) {
+                record.workers.remove(at);
+            }
+            record.last_used = now();
+            record.drop_leases_if_unheld();
         }
-        Ok(record.refs)
+    }
+}
+
+impl EnvRecord {
+    /// The leases go with the last reference or worker.
+    fn drop_leases_if_unheld(&mut self) {
+        if self.refs.is_empty() && self.workers.is_empty() {
+            self.leases = None;
+        }
     }
 }

@@ -1,6 +1,12 @@
 //! Workers: argv in an env's context, in their own process group, output to per-worker
 //! log files, GPUs held exclusively and the env leased until they exit.
 //!
+//! A worker runs as its caller: with the caller's uid, gid and supplementary groups when
+//! the daemon is root, as the daemon's own user when that is the caller (or root asks a
+//! daemon that is not); any other request would give the worker more than its caller and
+//! is refused. Its logs are the caller's alone (0600, owned by the caller), and only its
+//! caller (and the daemon's user and root) sees, follows or stops it.
+//!
 //! [`Workers`] keeps the worker records and runs their lifecycle: start (GPUs, logs, the
 //! env's hold and inherited lease, the spawn), the reaper that records each exit and gives
 //! everything back, stop (SIGTERM to the group, SIGKILL after the grace) and stop-all at
@@ -19,7 +25,8 @@ use tokio::sync::watch;
 
 use super::gpus::{GpuPool, ZeroGpus};
 use super::logs::LogPool;
-use super::state::{Daemon, StateError, now};
+use super::peer::Caller;
+use super::state::{Daemon, Hold, StateError, now};
 use crate::build::BuiltEnv;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -35,6 +42,8 @@ pub enum WorkerState {
 pub struct WorkerInfo {
     pub worker_id: String,
     pub name: Option<String>,
+    /// Who started it (and whose rights it runs with).
+    pub uid: u32,
     pub env_id: String,
     pub pid: u32,
     pub state: WorkerState,
@@ -47,6 +56,24 @@ pub struct WorkerInfo {
     pub stderr_log: PathBuf,
     #[serde(skip)]
     pub stop_requested: bool,
+}
+
+/// Who a worker of `caller` runs as: `None` for the daemon's own identity, else (uid,
+/// gid, groups) to switch to. Never more than the caller has.
+fn identity_for(caller: &Caller) -> Result<Option<(u32, u32, Vec<u32>)>, StateError> {
+    let me = crate::sys::geteuid();
+    if caller.uid == me || (caller.uid == 0 && me != 0) {
+        // The daemon's own user, or root asking a daemon that has less than root.
+        return Ok(None);
+    }
+    if me == 0 {
+        return Ok(Some((caller.uid, caller.gid, caller.groups.clone())));
+    }
+    Err(StateError::Forbidden(format!(
+        "this daemon runs as uid {me} and cannot start a worker as uid {}: the worker would have \
+         the daemon's rights, not yours. Run the daemon as root to serve other users' workers",
+        caller.uid
+    )))
 }
 
 /// The GPUs a worker asks for.
@@ -108,7 +135,9 @@ impl Workers {
         argv: &[String],
         gpus: GpuRequest,
         name: Option<String>,
+        caller: &Caller,
     ) -> Result<WorkerInfo, StateError> {
+        let run_as = identity_for(caller)?;
         let gpus = {
             let mut pool = self.gpus.lock().unwrap();
             match gpus {
@@ -137,15 +166,23 @@ impl Workers {
             };
             let mut cmd = crate::worker::command(&built.context, &self.base_env, argv, gpu_env)
                 .map_err(|e| StateError::bad_request("argv", e.to_string()))?;
+            // The caller's alone: a worker's output is nobody else's to read.
             let log = |name: String| {
-                self.logs
-                    .create(&name)
-                    .map_err(|e| StateError::Internal(format!("worker log: {e}")))
+                let file = self.logs.create(&name)?;
+                if let Some((uid, gid, _)) = &run_as {
+                    std::os::unix::fs::fchown(&file, Some(*uid), Some(*gid))?;
+                }
+                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                Ok::<_, std::io::Error>(file)
             };
+            let log = |name: String| log(name).map_err(|e| StateError::Internal(format!("worker log: {e}")));
             let out = log(format!("{worker_id}.stdout"))?;
             let err = log(format!("{worker_id}.stderr"))?;
             cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            if let Some((uid, gid, groups)) = &run_as {
+                crate::sys::run_as(&mut cmd, *uid, *gid, groups);
+            }
             tokio::process::Command::from(cmd)
                 .kill_on_drop(false)
                 .spawn()
@@ -154,20 +191,35 @@ impl Workers {
         // The env stays leased from before the spawn until the worker's exit is recorded, and
         // the worker itself inherits a lease, so its env stays protected even if this daemon
         // dies and restarts while it runs.
-        daemon.hold(built.env_id, None, true)?;
-        let own_leases = built.lease(&daemon.store)?.unwrap_or_default();
-        let inherited = own_leases
-            .iter()
-            .map(|lease| lease.inheritable())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StateError::Internal(format!("lease: {e}")));
-        let spawned = inherited.and_then(|_inherited| spawn());
-        drop(own_leases);
+        let owner = caller.uid;
+        if let Err(e) = daemon.hold(built.env_id, owner, Hold::Worker) {
+            give_back(self);
+            return Err(e);
+        }
+        // Every failure from here on gives back what was taken: GPUs and the hold.
+        let spawned = built
+            .lease(&daemon.store)
+            .map_err(StateError::from)
+            .and_then(|leases| {
+                // An entry that vanished since the build cannot be leased: say so rather
+                // than start a worker nothing protects.
+                leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
+            })
+            .and_then(|own_leases| {
+                let inherited = own_leases
+                    .iter()
+                    .map(|lease| lease.inheritable())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StateError::Internal(format!("lease: {e}")))?;
+                let child = spawn();
+                drop(inherited);
+                child
+            });
         let mut child = match spawned {
             Ok(child) => child,
             Err(e) => {
                 give_back(self);
-                let _ = daemon.release(built.env_id, true);
+                daemon.release_worker(built.env_id, owner);
                 return Err(e);
             }
         };
@@ -176,6 +228,7 @@ impl Workers {
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             name,
+            uid: owner,
             env_id: built.env_id.to_string(),
             pid,
             state: WorkerState::Running,
@@ -225,22 +278,31 @@ impl Workers {
                 tracing::info!(worker_id = %worker_id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "worker ended");
             }
             reaper.gpus.lock().unwrap().release(&gpus);
-            let _ = reaper.daemon.release(env_id, true);
+            reaper.daemon.release_worker(env_id, owner);
             let _ = exited.send(true);
         });
         Ok(info)
     }
 
-    /// Every worker, running or ended, by id.
-    pub fn list(&self) -> Vec<WorkerInfo> {
-        self.workers.lock().unwrap().values().cloned().collect()
+    /// The workers `caller` may see, running or ended, by id.
+    pub fn list(&self, caller: &Caller) -> Vec<WorkerInfo> {
+        self.workers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|w| caller.may_see(w.uid))
+            .cloned()
+            .collect()
     }
 
-    pub fn find(&self, id: &str) -> Result<WorkerInfo, StateError> {
+    /// The worker `id`, if `caller` may see it (another user's is "not found", so its
+    /// existence does not leak either).
+    pub fn find(&self, id: &str, caller: &Caller) -> Result<WorkerInfo, StateError> {
         self.workers
             .lock()
             .unwrap()
             .get(id)
+            .filter(|w| caller.may_see(w.uid))
             .cloned()
             .ok_or_else(|| StateError::NotFound(format!("no worker {id:?}")))
     }
@@ -272,11 +334,12 @@ impl Workers {
     }
 
     /// SIGTERM to the worker's process group, SIGKILL after the grace period.
-    pub fn stop(self: &Arc<Self>, id: &str) -> Result<WorkerInfo, StateError> {
+    pub fn stop(self: &Arc<Self>, id: &str, caller: &Caller) -> Result<WorkerInfo, StateError> {
         let pid = {
             let mut workers = self.workers.lock().unwrap();
             let w = workers
                 .get_mut(id)
+                .filter(|w| caller.may_see(w.uid))
                 .ok_or_else(|| StateError::NotFound(format!("no worker {id:?}")))?;
             if w.state != WorkerState::Running {
                 return Err(StateError::Conflict(format!(
@@ -297,7 +360,7 @@ impl Workers {
                 signal_group(pid, libc::SIGKILL);
             }
         });
-        self.find(id)
+        self.find(id, caller)
     }
 
     /// Stops every running worker (daemon shutdown): SIGTERM, then SIGKILL after the grace.

@@ -360,10 +360,28 @@ fn the_socket_is_private_and_other_users_are_refused() {
     daemon.shutdown();
     assert!(!daemon.socket.exists(), "the socket goes with the daemon");
 
+    // Allowed users and groups connect with no chmod: the daemon grants exactly them
+    // access (a POSIX ACL), and everyone else still cannot even connect.
     let daemon = Daemon::start(&ws, &["--allow-uid", "65534", "--allow-gid", "65534"]);
-    assert_eq!(mode(&daemon.socket), 0o660);
-    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(mode(&daemon.socket), 0o660, "group bits show the ACL's mask");
     assert!(as_nobody("GET", "/healthz", "").contains("\"ok\":true"));
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=1001",
+            "--regid=1001",
+            "--clear-groups",
+            "curl",
+            "-s",
+            "--unix-socket",
+        ])
+        .arg(&daemon.socket)
+        .arg("http://renv/healthz")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "uid 1001 is not allowed to connect"
+    );
 }
 
 #[test]
@@ -1004,5 +1022,250 @@ fn the_socket_appears_only_once_it_accepts_connections() {
             Vec::<String>::new(),
             "no staged socket names are left behind"
         );
+    }
+}
+
+/// An HTTP request to the daemon as another user (`setpriv` to `uid`, no groups): the
+/// answer's status and JSON body.
+fn as_user(socket: &Path, uid: u32, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+    ])
+    .args(["curl", "-s", "-w", "\n%{http_code}", "--unix-socket"])
+    .arg(socket)
+    .args(["-X", method, &format!("http://renv{path}")]);
+    if let Some(body) = body {
+        cmd.args(["-d", &body.to_string()]);
+    }
+    let out = cmd.output().expect("setpriv");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status = status
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no answer as uid {uid}: {text:?}"));
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The uid is the boundary: a caller's workers run as that caller, its logs are its own,
+/// and it can neither see nor touch another user's workers, logs or references.
+#[test]
+fn callers_act_as_themselves_and_see_only_their_own() {
+    let ws = setup();
+    // Only the socket's directory is opened up (as an operator's /run/renv would be).
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Daemon::start(
+        &ws,
+        &["--gpus", "none", "--allow-uid", "1000", "--allow-uid", "1001"],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = daemon.socket.clone();
+    let secret = ws.write("secret", "root only\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // uid 1000's worker runs as uid 1000, with uid 1000's rights only.
+    let env = json!({"env_vars": {"TENANT": "a"}});
+    let script = format!("id -u; id -g; id -G; cat {} || echo refused", secret.display());
+    let (status, w) = as_user(
+        &socket,
+        1000,
+        "POST",
+        "/v1/workers",
+        Some(&json!({"runtime_env": env, "argv": ["sh", "-c", script]})),
+    );
+    assert_eq!(status, 200, "{w}");
+    assert_eq!(w["uid"], 1000);
+    let id = w["worker_id"].as_str().unwrap().to_string();
+    let (_, done) = as_user(&socket, 1000, "GET", &format!("/v1/workers/{id}?wait=true"), None);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = logs(&daemon, &id, "stdout");
+    assert_eq!(
+        out, "1000\n1000\n1000\nrefused\n",
+        "uid, gid, groups; the secret stays unread"
+    );
+    let log = Path::new(w["stdout_log"].as_str().unwrap());
+    let meta = std::fs::metadata(log).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (1000, 0o600),
+        "the log is the caller's alone"
+    );
+
+    // Root's worker and reference are invisible and untouchable for uid 1001.
+    let root_env = daemon
+        .post(
+            "/v1/envs",
+            &json!({"runtime_env": {"env_vars": {"TENANT": "root"}}, "ref": "mine"}),
+        )
+        .unwrap();
+    let root_env_id = root_env["env_id"].as_str().unwrap();
+    let root_worker = start_worker(&daemon, json!({"env_id": root_env_id, "argv": ["sleep", "30"]})).unwrap();
+    let root_id = root_worker["worker_id"].as_str().unwrap();
+    assert_eq!(root_worker["uid"], 0);
+    let (_, listed) = as_user(&socket, 1001, "GET", "/v1/workers", None);
+    assert_eq!(
+        listed["workers"],
+        json!([]),
+        "uid 1001 sees no one else's workers"
+    );
+    for (method, path) in [
+        ("GET", format!("/v1/workers/{root_id}")),
+        ("GET", format!("/v1/workers/{root_id}/logs")),
+        ("DELETE", format!("/v1/workers/{root_id}")),
+        ("DELETE", format!("/v1/envs/{root_env_id}")),
+    ] {
+        let (status, answer) = as_user(&socket, 1001, method, &path, None);
+        assert_eq!(status, 404, "{method} {path}: {answer}");
+    }
+    let (status, answer) = as_user(
+        &socket,
+        1001,
+        "POST",
+        "/v1/workers",
+        Some(&json!({"env_id": root_env_id, "argv": ["env"]})),
+    );
+    assert_eq!(
+        status, 404,
+        "another user's env (and its env_vars) is not lent by id: {answer}"
+    );
+    let (_, envs) = as_user(&socket, 1001, "GET", "/v1/envs", None);
+    assert_eq!(envs["envs"], json!([]));
+    assert_eq!(
+        daemon.get(&format!("/v1/workers/{root_id}"))["state"],
+        "running",
+        "nothing was stopped"
+    );
+
+    // References are per caller: uid 1001 takes and releases its own on the same env, and
+    // cannot release root's.
+    let (status, _) = as_user(
+        &socket,
+        1001,
+        "POST",
+        "/v1/envs",
+        Some(&json!({"runtime_env": {"env_vars": {"TENANT": "root"}}, "ref": "theirs"})),
+    );
+    assert_eq!(status, 200);
+    let (_, envs) = as_user(&socket, 1001, "GET", "/v1/envs", None);
+    assert_eq!(
+        (
+            envs["envs"][0]["refs"].clone(),
+            envs["envs"][0]["ref_tags"].clone()
+        ),
+        (json!(1), json!(["theirs"]))
+    );
+    let release = format!("/v1/envs/{root_env_id}");
+    assert_eq!(as_user(&socket, 1001, "DELETE", &release, None).0, 200);
+    assert_eq!(
+        as_user(&socket, 1001, "DELETE", &release, None).0,
+        404,
+        "its reference gone, the env is not its to see"
+    );
+    let all = daemon.get("/v1/envs");
+    let root_view = all["envs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["env_id"] == root_env_id)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (root_view["refs"].clone(), root_view["ref_tags"].clone()),
+        (json!(1), json!(["mine"]))
+    );
+
+    // Root sees everyone's workers.
+    let everyone = daemon.get("/v1/workers");
+    let owners: Vec<&Value> = everyone["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| &w["uid"])
+        .collect();
+    assert!(
+        owners.contains(&&json!(1000)) && owners.contains(&&json!(0)),
+        "{everyone}"
+    );
+    daemon
+        .client()
+        .json("DELETE", &format!("/v1/workers/{root_id}"), None)
+        .unwrap();
+}
+
+/// A daemon that is not root cannot give another user's worker that user's identity, so
+/// it refuses rather than lend its own rights; its own user and root still run workers
+/// (as the daemon's user).
+#[test]
+fn a_daemon_without_root_never_lends_its_rights() {
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = ws.path("owner");
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(1000), Some(1000)).unwrap();
+    let socket = home.join("renv.sock");
+    let mut child = ws
+        .renv()
+        .env("RENV_STORE", home.join("store"))
+        .env("HOME", &home)
+        .current_dir(&home)
+        .args(["daemon", "--gpus", "none", "--allow-uid", "1001", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn_as(1000);
+    let start = Instant::now();
+    while UnixStream::connect(&socket).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+        assert!(start.elapsed() < Duration::from_secs(30), "daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let worker = json!({"runtime_env": {"env_vars": {"A": "1"}}, "argv": ["id", "-u"]});
+    let (status, answer) = as_user(&socket, 1001, "POST", "/v1/workers", Some(&worker));
+    assert_eq!(
+        (status, answer["error"]["kind"].as_str()),
+        (403, Some("forbidden")),
+        "{answer}"
+    );
+    let (_, listed) = as_user(&socket, 1001, "GET", "/v1/workers", None);
+    assert_eq!(listed["workers"], json!([]), "nothing was started");
+    let own = Client::new(&socket)
+        .json("POST", "/v1/workers", Some(&worker))
+        .unwrap();
+    assert_eq!(own["uid"], 0, "root asked");
+    let id = own["worker_id"].as_str().unwrap();
+    Client::new(&socket)
+        .json("GET", &format!("/v1/workers/{id}?wait=true"), None)
+        .unwrap();
+    let mut out = String::new();
+    Client::new(&socket)
+        .send("GET", &format!("/v1/workers/{id}/logs"), None)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(
+        out, "1000\n",
+        "it runs with the daemon's rights, less than its caller's"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Spawning a command as another user, with no supplementary groups.
+trait SpawnAs {
+    fn spawn_as(&mut self, uid: u32) -> Child;
+}
+
+impl SpawnAs for Command {
+    fn spawn_as(&mut self, uid: u32) -> Child {
+        use std::os::unix::process::CommandExt;
+        self.uid(uid).gid(uid).spawn().unwrap()
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use super::{ApiResult, AppState};
 use crate::build::BuiltEnv;
 use crate::daemon::error::ApiError;
+use crate::daemon::peer::Caller;
+use crate::daemon::state::Hold;
 use crate::digest::EnvId;
 
 /// The `POST /v1/envs` answer (`"created": false`) per env, serialized once. Each is kept
@@ -67,11 +69,16 @@ struct CreateEnv {
     tag: Option<String>,
 }
 
-pub(super) async fn create(State(app): AppState, body: Bytes) -> ApiResult<Response> {
+pub(super) async fn create(
+    State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
+    body: Bytes,
+) -> ApiResult<Response> {
     app.daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = app.parse_json(&body)?;
     let (built, created) = app.daemon.get_or_create(&request.runtime_env).await?;
-    app.daemon.hold(built.env_id, request.tag, false)?;
+    app.daemon
+        .hold(built.env_id, caller.uid, Hold::Reference(request.tag))?;
     let body = if created {
         Bytes::from(env_json(&built, true).to_string())
     } else {
@@ -80,18 +87,25 @@ pub(super) async fn create(State(app): AppState, body: Bytes) -> ApiResult<Respo
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-pub(super) async fn release(State(app): AppState, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
+/// Releases the last reference the caller took (the daemon's user and root: anyone's).
+pub(super) async fn release(
+    State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let env_id: EnvId = env_id
         .parse()
         .map_err(|_| ApiError::bad_request("env_id", "expected 64 lowercase hex digits"))?;
-    let refs = app.daemon.release(env_id, false)?;
+    let refs = app.daemon.release_reference(env_id, &caller)?;
     Ok(Json(json!({"env_id": env_id.to_string(), "refs": refs})))
 }
 
-pub(super) async fn list(State(app): AppState) -> Json<Value> {
+/// The envs the caller holds references to or runs workers in (the daemon's user and
+/// root: every env).
+pub(super) async fn list(State(app): AppState, Extension(caller): Extension<Arc<Caller>>) -> Json<Value> {
     let mut list: Vec<Value> = app
         .daemon
-        .envs()
+        .envs(&caller)
         .into_iter()
         .map(|r| {
             let (working_dir_bytes, venv_bytes) = r.built.bytes();

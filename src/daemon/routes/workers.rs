@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiResult, AppState};
 use crate::daemon::error::ApiError;
+use crate::daemon::peer::Caller;
 use crate::daemon::workers::{GpuRequest, WorkerInfo};
 use crate::digest::EnvId;
 
@@ -26,7 +27,11 @@ struct StartWorker {
     name: Option<String>,
 }
 
-pub(super) async fn start(State(app): AppState, body: Bytes) -> ApiResult<Json<Value>> {
+pub(super) async fn start(
+    State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let request: StartWorker = app.parse_json(&body)?;
     if request.argv.is_empty() {
         return Err(ApiError::bad_request(
@@ -41,7 +46,7 @@ pub(super) async fn start(State(app): AppState, body: Bytes) -> ApiResult<Json<V
                 .parse()
                 .map_err(|_| ApiError::bad_request("env_id", "expected 64 lowercase hex digits"))?;
             app.daemon
-                .env(id)
+                .env(id, &caller)
                 .ok_or_else(|| ApiError::not_found(format!("no env {id}; create it with POST /v1/envs")))?
         }
         _ => {
@@ -59,12 +64,15 @@ pub(super) async fn start(State(app): AppState, body: Bytes) -> ApiResult<Json<V
         (None, Some(n)) => GpuRequest::Count(n),
         (None, None) => GpuRequest::None,
     };
-    let info = app.workers.start(&built, &request.argv, gpus, request.name)?;
+    let info = app
+        .workers
+        .start(&built, &request.argv, gpus, request.name, &caller)?;
     Ok(Json(serde_json::to_value(&info).expect("serializable")))
 }
 
-pub(super) async fn list(State(app): AppState) -> Json<Value> {
-    Json(json!({"workers": app.workers.list()}))
+/// The caller's workers (the daemon's user and root: everyone's).
+pub(super) async fn list(State(app): AppState, Extension(caller): Extension<Arc<Caller>>) -> Json<Value> {
+    Json(json!({"workers": app.workers.list(&caller)}))
 }
 
 #[derive(Deserialize)]
@@ -75,18 +83,24 @@ pub(super) struct InspectQuery {
 
 pub(super) async fn inspect(
     State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
     Query(query): Query<InspectQuery>,
 ) -> ApiResult<Json<WorkerInfo>> {
+    app.workers.find(&id, &caller)?;
     if query.wait.unwrap_or(false) {
         app.workers.wait_exit(&id).await;
     }
-    Ok(Json(app.workers.find(&id)?))
+    Ok(Json(app.workers.find(&id, &caller)?))
 }
 
 /// SIGTERM to the worker's process group, SIGKILL after the grace period.
-pub(super) async fn stop(State(app): AppState, Path(id): Path<String>) -> ApiResult<Json<WorkerInfo>> {
-    Ok(Json(app.workers.stop(&id)?))
+pub(super) async fn stop(
+    State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<WorkerInfo>> {
+    Ok(Json(app.workers.stop(&id, &caller)?))
 }
 
 #[derive(Deserialize)]
@@ -99,12 +113,13 @@ pub(super) struct LogQuery {
 /// and everything it wrote has been sent.
 pub(super) async fn logs(
     State(app): AppState,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     use tokio::io::AsyncReadExt;
-    let info = app.workers.find(&id)?;
+    let info = app.workers.find(&id, &caller)?;
     let path = match query.stream.as_deref().unwrap_or("stdout") {
         "stdout" => info.stdout_log.clone(),
         "stderr" => info.stderr_log.clone(),

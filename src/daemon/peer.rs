@@ -1,0 +1,74 @@
+//! Who is calling. Every connection's peer is read with SO_PEERCRED when it is accepted
+//! (its supplementary groups from `/proc/<pid>/status`), checked against the daemon's
+//! policy before it may hold a connection slot, and handed to the handlers as a
+//! [`Caller`]: the uid is the boundary. A caller acts as itself (its workers run with its
+//! uid, gid and groups) and sees and controls only its own workers and references; the
+//! daemon's own user and root see and control everything.
+
+use std::sync::Arc;
+
+/// The peer of one connection, as the kernel reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Root or the daemon's own user: sees and controls everything.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The daemon acting for itself (internal work, tests of the state layer).
+    pub fn daemon() -> Arc<Caller> {
+        Arc::new(Caller {
+            uid: crate::sys::geteuid(),
+            gid: crate::sys::getegid(),
+            groups: Vec::new(),
+            admin: true,
+        })
+    }
+
+    /// Whether this caller may see and control what `owner` started or holds.
+    pub fn may_see(&self, owner: u32) -> bool {
+        self.admin || self.uid == owner
+    }
+}
+
+/// Who may talk to the daemon: its own uid, root, and the configured uids and gids.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    pub me: u32,
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    /// The caller behind a connection's credentials, if the policy lets it in.
+    pub fn admit(&self, uid: u32, gid: u32, pid: Option<i32>) -> Option<Caller> {
+        let groups = pid.map(supplementary_groups).unwrap_or_default();
+        let allowed = uid == self.me
+            || uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g));
+        allowed.then_some(Caller {
+            uid,
+            gid,
+            groups,
+            admin: uid == 0 || uid == self.me,
+        })
+    }
+}
+
+/// The peer's supplementary groups, from /proc (empty if unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
