@@ -28,6 +28,8 @@ pub const RENV_FIND_LINKS: &str = "RENV_FIND_LINKS";
 pub const RENV_NO_INDEX: &str = "RENV_NO_INDEX";
 /// Install options requests may use, comma-separated (`--allow-install-option`).
 pub const RENV_ALLOW_INSTALL_OPTIONS: &str = "RENV_ALLOW_INSTALL_OPTIONS";
+/// Let direct-URL requirements bypass a configured index (`--allow-direct-urls`).
+pub const RENV_ALLOW_DIRECT_URLS: &str = "RENV_ALLOW_DIRECT_URLS";
 /// The daemon's socket (`--socket`), for `renv daemon` and its clients. Default:
 /// `renv.sock` in the store directory.
 pub const RENV_SOCKET: &str = "RENV_SOCKET";

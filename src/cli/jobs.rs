@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::package::zip_write::{Compression, write_zip};
 use crate::package::{scan_dir, worker_threads};
 use crate::progress::Progress;
-use crate::spec::{RuntimeEnvSpec, WorkingDirSpec};
+use crate::spec::{PackageList, RuntimeEnvSpec, WorkingDirSpec};
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -118,6 +118,28 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
         runtime_env["working_dir"] = Value::String(format!("pkg://{digest}"));
         if let Some(map) = runtime_env.as_object_mut() {
             map.remove("excludes");
+        }
+    }
+    // A requirements file is read here, with the user's rights: the daemon never reads a
+    // client's files.
+    if let Some(packages) = &spec.packages
+        && let PackageList::RequirementsFile(_) = packages.packages
+    {
+        let listed: Vec<String> = crate::resolve::resolve_packages(packages, &base_dir)?
+            .map(|resolved| {
+                resolved
+                    .requirements
+                    .iter()
+                    .map(|r| r.canonical().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let field = packages.field.as_str();
+        match &mut runtime_env[field] {
+            Value::Object(options) => {
+                options.insert("packages".into(), json!(listed));
+            }
+            other => *other = json!(listed),
         }
     }
     let mut request = json!({"runtime_env": runtime_env, "argv": args.command, "name": args.name});

@@ -102,6 +102,9 @@ struct VenvArgs {
     /// An install option requests may use in pip_install_options / uv_pip_install_options (repeatable).
     #[arg(long = "allow-install-option", env = env_vars::RENV_ALLOW_INSTALL_OPTIONS, value_name = "OPTION", value_delimiter = ',')]
     allowed_install_options: Vec<String>,
+    /// Let `name @ https://…` requirements bypass --no-index / --index-url.
+    #[arg(long, env = env_vars::RENV_ALLOW_DIRECT_URLS)]
+    allow_direct_urls: bool,
     /// Let venvs see the base interpreter's site-packages (e.g. so Ray workers can import ray).
     #[arg(long, env = env_vars::RENV_SYSTEM_SITE_PACKAGES)]
     system_site_packages: bool,
@@ -128,6 +131,7 @@ impl VenvArgs {
                 no_index: self.no_index,
             },
             allowed_install_options: self.allowed_install_options.clone(),
+            allow_direct_urls: self.allow_direct_urls,
             system_site_packages: self.system_site_packages,
             compile_bytecode: self.compile_bytecode,
         }

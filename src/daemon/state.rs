@@ -26,7 +26,7 @@ use super::peer::Caller;
 use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
-use crate::spec::{RuntimeEnvSpec, WorkingDirSpec};
+use crate::spec::{PackageList, PackageSpec, RuntimeEnvSpec, WorkingDirSpec};
 use crate::store::{Lease, Store};
 use crate::venv::VenvPolicy;
 
@@ -182,6 +182,22 @@ impl Daemon {
                     path.display().to_string()
                 ),
             ));
+        }
+        if let Some(PackageSpec {
+            field,
+            packages: PackageList::RequirementsFile(file),
+            ..
+        }) = &spec.packages
+        {
+            // Read with the daemon's rights, a path would let any caller read any file.
+            return Err(StateError::BadRequest {
+                field: field.as_str(),
+                message: format!(
+                    "{:?} is a requirements file path; the daemon never reads a client's files. \
+                     List the requirements instead (renv submit and the SDK read the file for you)",
+                    file.display().to_string()
+                ),
+            });
         }
         let key = spec.canonical_json().to_string();
         if let Some(built) = self.cached(&key) {

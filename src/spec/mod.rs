@@ -46,6 +46,9 @@ pub mod limits {
     pub const MAX_PATTERN_BYTES: usize = 4096;
     pub const MAX_PACKAGES: usize = 1000;
     pub const MAX_REQUIREMENT_BYTES: usize = 4096;
+    /// `config.setup_timeout_seconds`: a year; beyond it, deadlines overflow clocks
+    /// (`-1` is the way to ask for none).
+    pub const MAX_SETUP_TIMEOUT_SECONDS: i64 = 365 * 86_400;
     /// Comparisons in one requirement's environment marker (the marker algebra's cost
     /// grows exponentially with them for some shapes).
     pub const MAX_MARKER_COMPARISONS: usize = 12;
@@ -572,6 +575,15 @@ fn parse_config(value: &Value) -> Result<Config, SpecError> {
             "setup_timeout_seconds" => {
                 config.setup_timeout_seconds = match v.as_i64() {
                     Some(-1) => None,
+                    Some(n) if n > limits::MAX_SETUP_TIMEOUT_SECONDS && v.is_i64() => {
+                        return Err(SpecError::new(
+                            path,
+                            format!(
+                                "must be at most {} (a year), or -1 for no deadline, got {n}",
+                                limits::MAX_SETUP_TIMEOUT_SECONDS
+                            ),
+                        ));
+                    }
                     Some(n) if n > 0 && v.is_i64() => Some(n as u64),
                     _ => {
                         return Err(SpecError::new(

@@ -62,6 +62,8 @@ pub struct Requirement {
     /// The user's text, trimmed.
     given: String,
     canonical: String,
+    /// `name @ https://…`: fetched from that URL, not from an index.
+    direct_url: bool,
 }
 
 impl Requirement {
@@ -79,6 +81,11 @@ impl Requirement {
     /// the env key, and what the installer is given.
     pub fn canonical(&self) -> &str {
         &self.canonical
+    }
+
+    /// Whether it names its own URL (`name @ https://…`) instead of an index's versions.
+    pub fn is_direct_url(&self) -> bool {
+        self.direct_url
     }
 
     /// Validates `raw` against the grammar and renv's policy, or says what is wrong.
@@ -132,6 +139,7 @@ impl Requirement {
             name: parsed.name.to_string(),
             given: raw.trim().to_string(),
             canonical,
+            direct_url: matches!(parsed.version_or_url, Some(VersionOrUrl::Url(_))),
         })
     }
 }

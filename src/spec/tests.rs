@@ -18,6 +18,10 @@ fn validation_errors_name_the_field() {
             "config.setup_timeout_seconds: must be an integer > 0 or -1, got 0",
         ),
         (
+            r#"{"config": {"setup_timeout_seconds": 9223372036854775807}}"#,
+            "config.setup_timeout_seconds: must be at most 31536000 (a year), or -1 for no deadline, got 9223372036854775807",
+        ),
+        (
             r#"{"config": {"setup_timeout_seconds": 1.5}}"#,
             "config.setup_timeout_seconds: must be an integer > 0 or -1, got 1.5",
         ),

@@ -150,6 +150,9 @@ pub struct VenvPolicy {
     pub index: IndexConfig,
     /// Install options a request may use (`--allow-install-option`).
     pub allowed_install_options: Vec<String>,
+    /// Whether `name @ https://…` requirements may bypass a configured index
+    /// (`--no-index` or `--index-url`) (`--allow-direct-urls`).
+    pub allow_direct_urls: bool,
     pub system_site_packages: bool,
     /// Compile all bytecode at build time (`--compile-bytecode`), instead of lazily into
     /// the per-env bytecode cache.
@@ -213,6 +216,7 @@ pub fn plan(
     timeout: Option<Duration>,
 ) -> Result<VenvPlan, VenvError> {
     check_install_options(packages, policy)?;
+    check_direct_urls(packages, policy)?;
     let python = interpreter::find(policy.python.as_deref(), Some(&store.layout().probe_cache_dir()))?;
     let installer = match (packages.field, &packages.installer_version) {
         (InstallerField::Pip, Some(version)) => Installer::Pip {
@@ -267,6 +271,26 @@ pub fn plan(
         compile_bytecode: policy.compile_bytecode,
         description,
     })
+}
+
+/// A direct URL fetches from wherever it points: with an index policy configured (`--no-index`,
+/// `--index-url`), it is the operator's to allow.
+fn check_direct_urls(packages: &ResolvedPackages, policy: &VenvPolicy) -> Result<(), VenvError> {
+    let index_policy = policy.index.no_index || policy.index.index_url.is_some();
+    if !index_policy || policy.allow_direct_urls {
+        return Ok(());
+    }
+    match packages.requirements.iter().find(|r| r.is_direct_url()) {
+        None => Ok(()),
+        Some(requirement) => Err(VenvError::Unsupported {
+            field: packages.field.as_str().to_string(),
+            message: format!(
+                "{:?} names its own URL, which would bypass this node's package index \
+                 (--no-index / --index-url); the operator can allow that with --allow-direct-urls",
+                requirement.given()
+            ),
+        }),
+    }
 }
 
 fn check_install_options(packages: &ResolvedPackages, policy: &VenvPolicy) -> Result<(), VenvError> {

@@ -1269,3 +1269,34 @@ impl SpawnAs for Command {
         self.uid(uid).gid(uid).spawn().unwrap()
     }
 }
+
+/// A requirements file is the client's: the daemon refuses a path (it would read it with
+/// its own rights), and `renv submit` reads the file itself and sends the list.
+#[test]
+fn requirements_files_are_read_by_the_client_never_by_the_daemon() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    let secret = ws.write("secret.txt", "root-only-line==1.0\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for spec in [json!({"pip": secret}), json!({"uv": {"packages": secret}})] {
+        let (status, _, field, message) = api_error(daemon.post("/v1/envs", &json!({"runtime_env": spec})));
+        assert_eq!(status, 400);
+        assert!(matches!(field.as_deref(), Some("pip" | "uv")), "{field:?}");
+        assert!(
+            message.contains("requirements file") && !message.contains("root-only-line"),
+            "{message}"
+        );
+    }
+    assert!(daemon.get("/v1/envs")["envs"].as_array().unwrap().is_empty());
+
+    ws.write("reqs.txt", "# pinned\ntinypkg==1.0\n");
+    let out = ws
+        .renv()
+        .env("RENV_SOCKET", &daemon.socket)
+        .args(["submit", "--runtime-env-json", r#"{"pip": "reqs.txt"}"#])
+        .args(["--", "python", "-c", "import tinypkg; print(tinypkg.VERSION)"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.0\n");
+}

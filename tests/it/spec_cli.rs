@@ -230,3 +230,30 @@ fn working_dir_env_puts_the_package_first_on_pythonpath() {
     );
     assert!(built["timings_ms"]["total"].is_u64());
 }
+
+/// `name @ https://…` would fetch from wherever it points: with `--no-index` or
+/// `--index-url` configured, that is the operator's to allow (`--allow-direct-urls`).
+#[test]
+fn direct_urls_follow_the_operators_index_policy() {
+    let ws = Workspace::new();
+    let spec = ws.spec(
+        "direct.json",
+        &json!({"pip": ["tinypkg @ https://127.0.0.1:9/tinypkg-1.0-py3-none-any.whl"]}),
+    );
+    for policy in [
+        &["--no-index"][..],
+        &["--index-url", "https://127.0.0.1:9/simple"][..],
+    ] {
+        let (code, stderr) = ws.build_fails(&spec, policy);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains("pip:") && stderr.contains("--allow-direct-urls") && stderr.contains("tinypkg @"),
+            "{stderr}"
+        );
+        assert!(ws.leftovers().is_empty());
+    }
+    // Allowed, the URL is used (and here, unreachable: the installer's own failure).
+    let (_, stderr) = ws.build_fails(&spec, &["--no-index", "--allow-direct-urls"]);
+    assert!(!stderr.contains("--allow-direct-urls"), "{stderr}");
+    assert!(stderr.contains("uv pip install"), "{stderr}");
+}
