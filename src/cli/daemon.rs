@@ -41,12 +41,20 @@ pub struct DaemonArgs {
     /// The daemon's collector never removes entries younger than this.
     #[arg(long, value_parser = crate::units::parse_duration, default_value = "10m", value_name = "DURATION")]
     gc_min_age: Duration,
-    /// Seconds a connection may take to send a request's headers before it is dropped.
+    /// Seconds a connection may take to send a request's headers, or an upload may send
+    /// nothing, before it is dropped.
     #[arg(long, default_value_t = 10)]
     header_timeout_seconds: u64,
     /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_grace_seconds: u64,
+    /// Ended workers remembered for status and logs; the oldest beyond are forgotten.
+    #[arg(long, default_value_t = 1000)]
+    max_ended_workers: usize,
+    /// Envs with no reference or worker remembered for the fast path; the least recently
+    /// used beyond are forgotten (the store keeps them).
+    #[arg(long, default_value_t = 4096)]
+    max_idle_envs: usize,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -76,6 +84,8 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         max_store_size: args.max_store_size,
         gc_min_age: args.gc_min_age,
+        max_ended_workers: args.max_ended_workers,
+        max_idle_envs: args.max_idle_envs,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -61,13 +61,19 @@ pub struct DaemonConfig {
     pub zero_gpus: ZeroGpus,
     pub max_connections: usize,
     pub max_json_bytes: usize,
-    /// A connection that sends no complete request headers for this long is dropped.
+    /// A connection that sends no complete request headers for this long is dropped, and
+    /// an upload that sends nothing for this long.
     pub header_timeout: Duration,
     pub stop_grace: Duration,
     /// Keep the store under this size (`--max-store-size`): above it, prune down to 90%.
     pub max_store_size: Option<u64>,
     /// Entries younger than this are never collected (a CLI build holds no lease).
     pub gc_min_age: Duration,
+    /// Ended workers remembered for status and logs (the oldest beyond are forgotten).
+    pub max_ended_workers: usize,
+    /// Envs nothing holds remembered for the fast path (the least recently used beyond
+    /// are forgotten; the store keeps them).
+    pub max_idle_envs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,18 +98,23 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
     tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
-    let daemon = Arc::new(Daemon::new(Arc::new(store), policy));
+    let daemon = Arc::new(Daemon::new(Arc::new(store), policy, config.max_idle_envs));
     let workers = Arc::new(Workers::new(
         Arc::clone(&daemon),
         pool,
         config.zero_gpus,
         config.stop_grace,
+        config.max_ended_workers,
     ));
     workers.refill_logs();
     if let Some(max) = config.max_store_size {
         tokio::spawn(collect_garbage(Arc::clone(&daemon), max, config.gc_min_age));
     }
-    let app = routes::router(Arc::clone(&daemon), Arc::clone(&workers), config.max_json_bytes);
+    let limits = routes::Limits {
+        max_json_bytes: config.max_json_bytes,
+        idle: config.header_timeout,
+    };
+    let app = routes::router(Arc::clone(&daemon), Arc::clone(&workers), limits);
     let peers = peer::PeerPolicy {
         me: crate::sys::geteuid(),
         uids: config.allow_uids.clone(),

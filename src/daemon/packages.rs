@@ -34,12 +34,13 @@ pub async fn put<B, E>(
     digest: PackageDigest,
     declared: Option<u64>,
     body: impl Stream<Item = Result<B, E>>,
+    idle: std::time::Duration,
 ) -> Result<Uploaded, StateError>
 where
     B: AsRef<[u8]>,
     E: std::fmt::Display,
 {
-    let entry = upload::receive(store, digest, declared, body)
+    let entry = upload::receive(store, digest, declared, body, idle)
         .await
         .map_err(|e| match e {
             SourceError::TooLarge { .. } => StateError::TooLarge(e.to_string()),

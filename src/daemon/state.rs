@@ -134,7 +134,14 @@ pub struct Daemon {
     builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
+    /// Envs with no reference and no worker kept in memory (for the fast path); beyond
+    /// this, the least recently used are forgotten (the store keeps their entries).
+    max_idle_envs: usize,
 }
+
+/// Entries of the fast path's request-text map beyond which it starts over (a cache:
+/// many spellings of one spec must not grow memory without bound).
+const MAX_RESOLVED: usize = 65_536;
 
 pub fn now() -> f64 {
     SystemTime::now()
@@ -143,8 +150,9 @@ pub fn now() -> f64 {
 }
 
 impl Daemon {
-    pub fn new(store: Arc<Store>, policy: VenvPolicy) -> Daemon {
+    pub fn new(store: Arc<Store>, policy: VenvPolicy, max_idle_envs: usize) -> Daemon {
         Daemon {
+            max_idle_envs,
             started_at: now(),
             gc_wakeup: tokio::sync::Notify::new(),
             store,
@@ -302,8 +310,15 @@ impl Daemon {
                 if record.leases.is_none() {
                     record.leases = Some(leases);
                 }
+                let forgotten = forget_idle(&mut envs, self.max_idle_envs, built.env_id);
                 drop(envs);
                 let mut resolved = self.resolved.lock().unwrap();
+                if !forgotten.is_empty() {
+                    resolved.retain(|_, id| !forgotten.contains(id));
+                }
+                if resolved.len() + keys.len() > MAX_RESOLVED {
+                    resolved.clear();
+                }
                 for key in keys {
                     resolved.insert(key, built.env_id);
                 }
@@ -412,6 +427,26 @@ impl Daemon {
             record.drop_leases_if_unheld();
         }
     }
+}
+
+/// Forgets the least recently used envs that nothing holds, beyond `max` of them (never
+/// `keep`, the one just built). Returns the forgotten ids.
+fn forget_idle(envs: &mut HashMap<EnvId, EnvRecord>, max: usize, keep: EnvId) -> Vec<EnvId> {
+    let mut idle: Vec<(f64, EnvId)> = envs
+        .iter()
+        .filter(|(id, r)| **id != keep && r.refs.is_empty() && r.workers.is_empty())
+        .map(|(id, r)| (r.last_used, *id))
+        .collect();
+    if idle.len() <= max {
+        return Vec::new();
+    }
+    idle.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let excess = idle.len() - max;
+    let forgotten: Vec<EnvId> = idle.into_iter().take(excess).map(|(_, id)| id).collect();
+    for id in &forgotten {
+        envs.remove(id);
+    }
+    forgotten
 }
 
 impl EnvRecord {

@@ -99,10 +99,19 @@ pub struct Workers {
     /// followers, so they learn of it at once instead of polling).
     exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
     next_worker: AtomicU64,
+    /// Ended workers kept for `status` and logs; the oldest beyond this are forgotten
+    /// (their log files stay until `renv prune` removes old logs).
+    max_ended: usize,
 }
 
 impl Workers {
-    pub fn new(daemon: Arc<Daemon>, gpus: GpuPool, zero_gpus: ZeroGpus, stop_grace: Duration) -> Workers {
+    pub fn new(
+        daemon: Arc<Daemon>,
+        gpus: GpuPool,
+        zero_gpus: ZeroGpus,
+        stop_grace: Duration,
+        max_ended: usize,
+    ) -> Workers {
         let logs = LogPool::new(daemon.store.layout().worker_logs_dir())
             .expect("the store's log directory is writable");
         Workers {
@@ -115,6 +124,26 @@ impl Workers {
             workers: Mutex::new(BTreeMap::new()),
             exits: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
+            max_ended,
+        }
+    }
+
+    /// Forgets the oldest ended workers beyond `max_ended`.
+    fn forget_ended(&self) {
+        let mut workers = self.workers.lock().unwrap();
+        let mut ended: Vec<(f64, String)> = workers
+            .values()
+            .filter_map(|w| w.ended_at.map(|t| (t, w.worker_id.clone())))
+            .collect();
+        if ended.len() <= self.max_ended {
+            return;
+        }
+        ended.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let excess = ended.len() - self.max_ended;
+        let mut exits = self.exits.lock().unwrap();
+        for (_, id) in ended.into_iter().take(excess) {
+            workers.remove(&id);
+            exits.remove(&id);
         }
     }
 
@@ -280,6 +309,7 @@ impl Workers {
             reaper.gpus.lock().unwrap().release(&gpus);
             reaper.daemon.release_worker(env_id, owner);
             let _ = exited.send(true);
+            reaper.forget_ended();
         });
         Ok(info)
     }

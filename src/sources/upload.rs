@@ -18,13 +18,15 @@ use crate::progress::Progress;
 use crate::store::{PackageEntry, Staging, Store};
 
 /// Receives an upload that claims to be package `expected`. `declared` is the length the
-/// client announced, if any. A package already stored is answered at once, without
-/// reading the body.
+/// client announced, if any; an upload that sends nothing for `idle` is dropped (a client
+/// that stops must not hold its connection and staging dir forever). A package already
+/// stored is answered at once, without reading the body.
 pub async fn receive<B, E>(
     store: &Arc<Store>,
     expected: PackageDigest,
     declared: Option<u64>,
     body: impl Stream<Item = Result<B, E>>,
+    idle: std::time::Duration,
 ) -> Result<PackageEntry, SourceError>
 where
     B: AsRef<[u8]>,
@@ -42,7 +44,14 @@ where
     let mut file = tokio::fs::File::create(&zip).await?;
     let mut body = std::pin::pin!(body);
     let mut received = 0u64;
-    while let Some(chunk) = body.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
+            return Err(SourceError::Body(format!(
+                "nothing received for {} s",
+                idle.as_secs()
+            )));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| SourceError::Body(e.to_string()))?;
         let chunk = chunk.as_ref();
         received += chunk.len() as u64;

@@ -1300,3 +1300,102 @@ fn requirements_files_are_read_by_the_client_never_by_the_daemon() {
     assert_success(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1.0\n");
 }
+
+/// What a request leaves behind is bounded: labels are capped, ended workers and envs
+/// nothing holds are forgotten beyond their limits, and a stalled upload is dropped with
+/// nothing kept.
+#[test]
+fn memory_and_time_a_request_can_take_are_bounded() {
+    let ws = setup();
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--max-ended-workers",
+            "3",
+            "--max-idle-envs",
+            "2",
+            "--header-timeout-seconds",
+            "1",
+        ],
+    );
+    let long = "x".repeat(300);
+    let (status, _, field, _) = api_error(daemon.post(
+        "/v1/envs",
+        &json!({"runtime_env": {"env_vars": {"A": "1"}}, "ref": long}),
+    ));
+    assert_eq!((status, field.as_deref()), (400, Some("ref")));
+    let (status, _, field, _) = api_error(start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["true"], "name": long}),
+    ));
+    assert_eq!((status, field.as_deref()), (400, Some("name")));
+
+    // Six ended workers, three remembered: the newest.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let w = start_worker(&daemon, json!({"runtime_env": {}, "argv": ["true"]})).unwrap();
+        let id = w["worker_id"].as_str().unwrap().to_string();
+        wait_for_end(&daemon, &id);
+        ids.push(id);
+    }
+    let listed: Vec<String> = daemon.get("/v1/workers")["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, ids[3..].to_vec());
+
+    // Five envs taken and released: the least recently used idle ones are forgotten, and
+    // asking again finds the env in the store.
+    let mut env_ids = Vec::new();
+    for i in 0..5 {
+        let env = daemon
+            .post(
+                "/v1/envs",
+                &json!({"runtime_env": {"env_vars": {"N": i.to_string()}}}),
+            )
+            .unwrap();
+        let id = env["env_id"].as_str().unwrap().to_string();
+        daemon
+            .client()
+            .json("DELETE", &format!("/v1/envs/{id}"), None)
+            .unwrap();
+        env_ids.push(id);
+    }
+    let known: Vec<String> = daemon.get("/v1/envs")["envs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["env_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(known.len() <= 3 && !known.contains(&env_ids[0]), "{known:?}");
+    let again = daemon
+        .post("/v1/envs", &json!({"runtime_env": {"env_vars": {"N": "0"}}}))
+        .unwrap();
+    assert_eq!(again["env_id"], env_ids[0].as_str());
+
+    // An upload that stalls after a few bytes is dropped, and leaves nothing behind.
+    let digest = "0".repeat(64);
+    let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
+    stalled
+        .write_all(
+            format!(
+                "PUT /v1/packages/{digest} HTTP/1.1\r\nHost: renv\r\nContent-Length: 100000\r\n\r\nPK\x03\x04"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = Vec::new();
+    let _ = stalled.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("nothing received"),
+        "{answer}"
+    );
+    assert_eq!(ws.leftovers(), Vec::<String>::new());
+    assert_eq!(daemon.get("/healthz")["ok"], true);
+}

@@ -26,6 +26,8 @@ use crate::digest::EnvId;
 /// The `POST /v1/envs` answer (`"created": false`) per env, serialized once. Each is kept
 /// with the env it describes: when the daemon rebuilds an env it holds a new `BuiltEnv`,
 /// so an answer whose env is not that same one is stale and is made again.
+const MAX_ANSWERS: usize = 16_384;
+
 #[derive(Default)]
 pub(super) struct Answers(Mutex<HashMap<EnvId, (Arc<BuiltEnv>, Bytes)>>);
 
@@ -37,10 +39,13 @@ impl Answers {
             return body.clone();
         }
         let body = Bytes::from(env_json(built, false).to_string());
-        self.0
-            .lock()
-            .unwrap()
-            .insert(built.env_id, (Arc::clone(built), body.clone()));
+        let mut answers = self.0.lock().unwrap();
+        // A cache of what the state layer remembers: when it has forgotten many envs,
+        // start over rather than keep their answers.
+        if answers.len() >= MAX_ANSWERS {
+            answers.clear();
+        }
+        answers.insert(built.env_id, (Arc::clone(built), body.clone()));
         body
     }
 }
@@ -76,6 +81,7 @@ pub(super) async fn create(
 ) -> ApiResult<Response> {
     app.daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = app.parse_json(&body)?;
+    super::check_label("ref", request.tag.as_deref())?;
     let (built, created) = app.daemon.get_or_create(&request.runtime_env).await?;
     app.daemon
         .hold(built.env_id, caller.uid, Hold::Reference(request.tag))?;

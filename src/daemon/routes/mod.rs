@@ -27,6 +27,21 @@ use super::state::Daemon;
 use super::workers::Workers;
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Longest `ref` tag or worker `name`: labels are kept in memory for as long as what
+/// they label, so they are bounded.
+const MAX_LABEL_BYTES: usize = 256;
+
+/// A label (a reference's tag, a worker's name) within [`MAX_LABEL_BYTES`].
+fn check_label(field: &'static str, label: Option<&str>) -> ApiResult<()> {
+    match label {
+        Some(label) if label.len() > MAX_LABEL_BYTES => Err(ApiError::bad_request(
+            field,
+            format!("at most {MAX_LABEL_BYTES} bytes, got {}", label.len()),
+        )),
+        _ => Ok(()),
+    }
+}
 type AppState = State<Arc<App>>;
 
 /// What the handlers share: the daemon's state, and what belongs to HTTP alone.
@@ -35,15 +50,24 @@ struct App {
     workers: Arc<Workers>,
     /// Pre-serialized `POST /v1/envs` answers for existing envs.
     answers: envs::Answers,
-    max_json_bytes: usize,
+    limits: Limits,
 }
 
-pub fn router(daemon: Arc<Daemon>, workers: Arc<Workers>, max_json_bytes: usize) -> axum::Router {
+/// What one request may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest JSON request body.
+    pub max_json_bytes: usize,
+    /// How long a request body may send nothing.
+    pub idle: std::time::Duration,
+}
+
+pub fn router(daemon: Arc<Daemon>, workers: Arc<Workers>, limits: Limits) -> axum::Router {
     let app = Arc::new(App {
         daemon,
         workers,
         answers: envs::Answers::default(),
-        max_json_bytes,
+        limits,
     });
     axum::Router::new()
         .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
@@ -64,11 +88,11 @@ pub fn router(daemon: Arc<Daemon>, workers: Arc<Workers>, max_json_bytes: usize)
 impl App {
     /// Parses a JSON body, with errors in the API's shape.
     fn parse_json<T: serde::de::DeserializeOwned>(&self, body: &Bytes) -> ApiResult<T> {
-        if body.len() > self.max_json_bytes {
+        if body.len() > self.limits.max_json_bytes {
             return Err(ApiError::too_large(format!(
                 "request body is {} bytes; the limit is {}",
                 body.len(),
-                self.max_json_bytes
+                self.limits.max_json_bytes
             )));
         }
         serde_json::from_slice(body).map_err(|e| {

@@ -42,7 +42,14 @@ pub(super) async fn put(
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let uploaded = packages::put(&app.daemon.store, digest, declared, body.into_data_stream()).await?;
+    let uploaded = packages::put(
+        &app.daemon.store,
+        digest,
+        declared,
+        body.into_data_stream(),
+        app.limits.idle,
+    )
+    .await?;
     Ok(Json(
         json!({"digest": digest.to_string(), "created": uploaded.created, "files": uploaded.files}),
     ))

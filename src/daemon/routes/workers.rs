@@ -33,6 +33,7 @@ pub(super) async fn start(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let request: StartWorker = app.parse_json(&body)?;
+    super::check_label("name", request.name.as_deref())?;
     if request.argv.is_empty() {
         return Err(ApiError::bad_request(
             "argv",
