@@ -377,19 +377,34 @@ impl Daemon {
         )
     }
 
-    /// Adds a reference or a running worker of `owner` to an env.
-    pub fn hold(&self, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
-        let mut envs = self.envs.lock().unwrap();
-        let record = envs
-            .get_mut(&env_id)
-            .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-        match hold {
-            Hold::Worker => record.workers.push(owner),
-            Hold::Reference(tag) => record.refs.push((owner, tag)),
-        }
-        record.last_used = now();
-        if record.leases.is_none() {
-            record.leases = record.built.lease(&self.store).ok().flatten();
+    /// Adds a reference or a running worker of `owner` to an env. If the env's entries
+    /// are not leased yet, the leases are taken on the blocking pool (another process may
+    /// hold an entry's lock for as long as it likes; the event loop never waits for it).
+    pub async fn hold(&self, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
+        let unleased = {
+            let mut envs = self.envs.lock().unwrap();
+            let record = envs
+                .get_mut(&env_id)
+                .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
+            match hold {
+                Hold::Worker => record.workers.push(owner),
+                Hold::Reference(tag) => record.refs.push((owner, tag)),
+            }
+            record.last_used = now();
+            record.leases.is_none().then(|| Arc::clone(&record.built))
+        };
+        if let Some(built) = unleased {
+            let store = Arc::clone(&self.store);
+            let leases = tokio::task::spawn_blocking(move || built.lease(&store).ok().flatten())
+                .await
+                .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?;
+            let mut envs = self.envs.lock().unwrap();
+            if let Some(record) = envs.get_mut(&env_id)
+                && record.leases.is_none()
+                && !(record.refs.is_empty() && record.workers.is_empty())
+            {
+                record.leases = leases;
+            }
         }
         Ok(())
     }

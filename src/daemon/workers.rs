@@ -158,9 +158,9 @@ impl Workers {
 
     /// Starts `argv` in `built`'s context with the GPUs asked for; the env is held and its
     /// GPUs taken until the worker's exit is recorded.
-    pub fn start(
+    pub async fn start(
         self: &Arc<Self>,
-        built: &BuiltEnv,
+        built: Arc<BuiltEnv>,
         argv: &[String],
         gpus: GpuRequest,
         name: Option<String>,
@@ -221,14 +221,17 @@ impl Workers {
         // the worker itself inherits a lease, so its env stays protected even if this daemon
         // dies and restarts while it runs.
         let owner = caller.uid;
-        if let Err(e) = daemon.hold(built.env_id, owner, Hold::Worker) {
+        if let Err(e) = daemon.hold(built.env_id, owner, Hold::Worker).await {
             give_back(self);
             return Err(e);
         }
-        // Every failure from here on gives back what was taken: GPUs and the hold.
-        let spawned = built
-            .lease(&daemon.store)
-            .map_err(StateError::from)
+        // Every failure from here on gives back what was taken: GPUs and the hold. The
+        // leases are taken on the blocking pool: another process may hold an entry's lock.
+        let (store, leasing) = (Arc::clone(&daemon.store), Arc::clone(&built));
+        let spawned = tokio::task::spawn_blocking(move || leasing.lease(&store))
+            .await
+            .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))
+            .and_then(|leased| leased.map_err(StateError::from))
             .and_then(|leases| {
                 // An entry that vanished since the build cannot be leased: say so rather
                 // than start a worker nothing protects.

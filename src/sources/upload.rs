@@ -39,7 +39,13 @@ where
     if declared.is_some_and(|len| len > limit) {
         return Err(SourceError::TooLarge { limit });
     }
-    let staging = store.stage()?;
+    // Off the event loop: a sweep by another process may hold the staging lock.
+    let staging = {
+        let store = Arc::clone(store);
+        tokio::task::spawn_blocking(move || store.stage())
+            .await
+            .map_err(|e| SourceError::Io(std::io::Error::other(format!("staging the upload: {e}"))))??
+    };
     let zip = zip_path(&staging);
     let mut file = tokio::fs::File::create(&zip).await?;
     let mut body = std::pin::pin!(body);

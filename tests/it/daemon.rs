@@ -1399,3 +1399,65 @@ fn memory_and_time_a_request_can_take_are_bounded() {
     assert_eq!(ws.leftovers(), Vec::<String>::new());
     assert_eq!(daemon.get("/healthz")["ok"], true);
 }
+
+/// Another process holding an entry's lock (a build, a prune, or a tenant with a file
+/// descriptor) stalls only the requests that need that entry, never the event loop.
+#[test]
+fn a_held_entry_lock_never_freezes_the_daemon() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    let spec = json!({"pip": ["tinypkg==1.0"]});
+    let env = daemon.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
+    let env_id = env["env_id"].as_str().unwrap().to_string();
+    daemon
+        .client()
+        .json("DELETE", &format!("/v1/envs/{env_id}"), None)
+        .unwrap();
+    let key = Path::new(env["venv"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let lock = ws.store_v1("locks").join(format!("env-{key}.lock"));
+    let locked = ws.path("locked");
+    let mut locker = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); \
+             open(sys.argv[2], 'w').close(); time.sleep(8)",
+        ])
+        .arg(&lock)
+        .arg(&locked)
+        .spawn()
+        .unwrap();
+    while !locked.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::scope(|s| {
+        // This request needs the env's lease, so it waits for the lock...
+        let waiting = s.spawn(|| start_worker(&daemon, json!({"env_id": env_id, "argv": ["true"]})));
+        std::thread::sleep(Duration::from_millis(300));
+        // ...and everything else is served meanwhile.
+        assert_eq!(daemon.get("/healthz")["ok"], true);
+        daemon
+            .post("/v1/envs", &json!({"runtime_env": {"env_vars": {"B": "2"}}}))
+            .unwrap();
+        assert!(
+            daemon.get("/v1/workers")["workers"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            locker.try_wait().unwrap().is_none(),
+            "all of that was answered while the lock was still held"
+        );
+        locker.wait().unwrap();
+        let worker = waiting.join().unwrap().unwrap();
+        assert_eq!(
+            wait_for_end(&daemon, worker["worker_id"].as_str().unwrap())["state"],
+            "succeeded"
+        );
+    });
+}

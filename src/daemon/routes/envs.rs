@@ -84,7 +84,8 @@ pub(super) async fn create(
     super::check_label("ref", request.tag.as_deref())?;
     let (built, created) = app.daemon.get_or_create(&request.runtime_env).await?;
     app.daemon
-        .hold(built.env_id, caller.uid, Hold::Reference(request.tag))?;
+        .hold(built.env_id, caller.uid, Hold::Reference(request.tag))
+        .await?;
     let body = if created {
         Bytes::from(env_json(&built, true).to_string())
     } else {

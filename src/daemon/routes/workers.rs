@@ -67,7 +67,8 @@ pub(super) async fn start(
     };
     let info = app
         .workers
-        .start(&built, &request.argv, gpus, request.name, &caller)?;
+        .start(built, &request.argv, gpus, request.name, &caller)
+        .await?;
     Ok(Json(serde_json::to_value(&info).expect("serializable")))
 }
 
