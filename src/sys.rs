@@ -98,6 +98,21 @@ pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: &[u32
     }
 }
 
+/// Makes `cmd`'s child move itself into the cgroup whose `cgroup.procs` is open as
+/// `procs`, between fork and exec (before any identity change: the file is the daemon's),
+/// so nothing the child ever starts runs outside it.
+pub fn join_cgroup(cmd: &mut std::process::Command, procs: File) {
+    // SAFETY: the closure runs in the forked child before exec and makes one raw write(2)
+    // to a descriptor opened before the fork (close-on-exec, so the program never sees
+    // it); it allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            rustix::io::write(&procs, b"0")?;
+            Ok(())
+        });
+    }
+}
+
 /// Grants the users `uids` and the groups `gids` read and write access to `path` through
 /// its POSIX access ACL (`system.posix_acl_access`), the owner keeping read and write and
 /// everyone else nothing. For a socket, write access is what `connect` needs.

@@ -34,6 +34,7 @@ pub mod peer;
 pub mod routes;
 pub mod socket;
 pub mod state;
+pub mod tree;
 pub mod workers;
 
 use std::path::PathBuf;

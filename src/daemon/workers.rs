@@ -27,6 +27,7 @@ use super::gpus::{GpuPool, ZeroGpus};
 use super::logs::LogPool;
 use super::peer::Caller;
 use super::state::{Daemon, Hold, StateError, now};
+use super::tree::{Cgroups, Tree};
 use crate::build::BuiltEnv;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -102,6 +103,10 @@ pub struct Workers {
     /// Ended workers kept for `status` and logs; the oldest beyond this are forgotten
     /// (their log files stay until `renv prune` removes old logs).
     max_ended: usize,
+    /// Where workers' cgroups are made, if the node allows (see [`super::tree`]).
+    cgroups: Option<Cgroups>,
+    /// The process trees of workers whose end is not yet complete.
+    trees: Mutex<HashMap<String, Arc<Tree>>>,
 }
 
 impl Workers {
@@ -125,7 +130,24 @@ impl Workers {
             exits: Mutex::new(HashMap::new()),
             next_worker: AtomicU64::new(1),
             max_ended,
+            cgroups: match Cgroups::detect() {
+                Ok(cgroups) => Some(cgroups),
+                Err(reason) => {
+                    tracing::warn!(
+                        %reason,
+                        "no cgroup per worker: a worker's tree is its process group, and processes that leave it \
+                         (setsid) outlive a stop"
+                    );
+                    None
+                }
+            },
+            trees: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether workers get a cgroup each (for `/metrics`).
+    pub fn uses_cgroups(&self) -> bool {
+        self.cgroups.is_some()
     }
 
     /// Forgets the oldest ended workers beyond `max_ended`.
@@ -187,6 +209,16 @@ impl Workers {
         let logs = self.logs.dir();
         let stdout_log = logs.join(format!("{worker_id}.stdout"));
         let stderr_log = logs.join(format!("{worker_id}.stderr"));
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => match cgroups.create(&worker_id) {
+                Ok(cgroup) => Some(cgroup),
+                Err(e) => {
+                    give_back(self);
+                    return Err(StateError::Internal(format!("the worker's cgroup: {e}")));
+                }
+            },
+            None => None,
+        };
         let spawn = || -> Result<tokio::process::Child, StateError> {
             let gpu_env = if gpus.is_empty() && self.zero_gpus == ZeroGpus::Inherit {
                 None
@@ -209,6 +241,13 @@ impl Workers {
             let err = log(format!("{worker_id}.stderr"))?;
             cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            // Into its cgroup first: the cgroup's files are the daemon's, not the caller's.
+            if let Some(cgroup) = &cgroup {
+                let procs = cgroup
+                    .procs()
+                    .map_err(|e| StateError::Internal(format!("the worker's cgroup: {e}")))?;
+                crate::sys::join_cgroup(&mut cmd, procs);
+            }
             if let Some((uid, gid, groups)) = &run_as {
                 crate::sys::run_as(&mut cmd, *uid, *gid, groups);
             }
@@ -252,11 +291,22 @@ impl Workers {
             Err(e) => {
                 give_back(self);
                 daemon.release_worker(built.env_id, owner);
+                if let Some(cgroup) = &cgroup {
+                    cgroup.kill_and_remove().await;
+                }
                 return Err(e);
             }
         };
         self.logs.refill_if_low();
         let pid = child.id().unwrap_or(0);
+        let tree = Arc::new(match cgroup {
+            Some(cgroup) => Tree::Cgroup(cgroup),
+            None => Tree::Group(pid as i32),
+        });
+        self.trees
+            .lock()
+            .unwrap()
+            .insert(worker_id.clone(), Arc::clone(&tree));
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             name,
@@ -286,6 +336,11 @@ impl Workers {
         let env_id = built.env_id;
         tokio::spawn(async move {
             let status = child.wait().await;
+            // Whatever the leader left running goes with it. Only then is the worker
+            // ended: its state, its GPUs and `?wait=true` all say that nothing is left.
+            tree.end().await;
+            reaper.trees.lock().unwrap().remove(&worker_id);
+            reaper.gpus.lock().unwrap().release(&gpus);
             {
                 let mut workers = reaper.workers.lock().unwrap();
                 if let Some(w) = workers.get_mut(&worker_id) {
@@ -309,7 +364,6 @@ impl Workers {
             if let Some(w) = reaper.workers.lock().unwrap().get(&worker_id) {
                 tracing::info!(worker_id = %worker_id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "worker ended");
             }
-            reaper.gpus.lock().unwrap().release(&gpus);
             reaper.daemon.release_worker(env_id, owner);
             let _ = exited.send(true);
             reaper.forget_ended();
@@ -390,7 +444,7 @@ impl Workers {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             if watcher.is_running(&watched) {
-                signal_group(pid, libc::SIGKILL);
+                watcher.kill_tree(&watched, pid);
             }
         });
         self.find(id, caller)
@@ -413,14 +467,30 @@ impl Workers {
             signal_group(*pid, libc::SIGTERM);
         }
         let deadline = tokio::time::Instant::now() + self.stop_grace;
-        while tokio::time::Instant::now() < deadline {
-            if self.live() == 0 {
-                return;
-            }
+        while self.live() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for pid in running {
-            signal_group(pid, libc::SIGKILL);
+        // Whatever is left after the grace — leaders that ignored SIGTERM, and what any
+        // leader left behind — is killed; the reapers end each tree (and remove its
+        // cgroup); then the daemon's own cgroup directory goes.
+        let left: Vec<Arc<Tree>> = self.trees.lock().unwrap().values().cloned().collect();
+        for tree in &left {
+            tree.kill();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.trees.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove();
+        }
+    }
+
+    /// SIGKILL to all of a worker's tree (its process group if it has no tree on record).
+    fn kill_tree(&self, id: &str, pid: i32) {
+        match self.trees.lock().unwrap().get(id) {
+            Some(tree) => tree.kill(),
+            None => signal_group(pid, libc::SIGKILL),
         }
     }
 }

@@ -1461,3 +1461,104 @@ fn a_held_entry_lock_never_freezes_the_daemon() {
         );
     });
 }
+
+/// Command lines of the live processes that run `sleep <secs>`.
+fn sleeping(secs: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Zombies are already dead; only their parent has not reaped them.
+            cmdline == format!("sleep\0{secs}\0").as_bytes() && !stat.contains(") Z ")
+        })
+        .collect()
+}
+
+/// A worker is its whole process tree: stopping one that ignores SIGTERM in a child and
+/// starts another in a new session leaves nothing running, and its GPU is free only then.
+/// A leader that exits takes what it left running with it.
+#[test]
+fn a_stopped_worker_leaves_nothing_behind() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "0"]);
+    let mut metrics = String::new();
+    daemon
+        .client()
+        .send("GET", "/metrics", None)
+        .unwrap()
+        .read_to_string(&mut metrics)
+        .unwrap();
+    let cgroups = metrics.contains("renv_worker_cgroups 1");
+    let script = "(trap '' TERM; exec sleep 311) & setsid sleep 312 & echo started; wait";
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["sh", "-c", script], "num_gpus": 1}),
+    )
+    .unwrap();
+    let id = w["worker_id"].as_str().unwrap();
+    let start = Instant::now();
+    while sleeping("311").is_empty() || sleeping("312").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker's children did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, ..) = api_error(start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["true"], "num_gpus": 1}),
+    ));
+    assert_eq!(status, 503, "its GPU is taken");
+    daemon
+        .client()
+        .json("DELETE", &format!("/v1/workers/{id}"), None)
+        .unwrap();
+    assert_eq!(wait_for_end(&daemon, id)["state"], "stopped");
+    assert_eq!(
+        sleeping("311"),
+        Vec::<u32>::new(),
+        "the child that ignored SIGTERM is gone"
+    );
+    if cgroups {
+        assert_eq!(
+            sleeping("312"),
+            Vec::<u32>::new(),
+            "the child in its own session is gone"
+        );
+    } else {
+        // Without a cgroup per worker only the process group can be reached; the daemon
+        // says so at start. Clean up what escaped.
+        for pid in sleeping("312") {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+    let again = start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["true"], "num_gpus": 1}),
+    )
+    .unwrap();
+    assert_eq!(again["gpus"], json!([0]), "the GPU is back");
+    wait_for_end(&daemon, again["worker_id"].as_str().unwrap());
+
+    // A leader that exits takes its leftovers with it.
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["sh", "-c", "sleep 313 & setsid sleep 314 & exit 0"]}),
+    )
+    .unwrap();
+    assert_eq!(
+        wait_for_end(&daemon, w["worker_id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+    assert_eq!(sleeping("313"), Vec::<u32>::new());
+    if cgroups {
+        assert_eq!(sleeping("314"), Vec::<u32>::new());
+    } else {
+        for pid in sleeping("314") {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}

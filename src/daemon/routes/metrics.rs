@@ -41,6 +41,12 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
             m.workers_started.load(Ordering::Relaxed) as f64,
         ),
         ("renv_workers_live", live as f64),
+        // 1 when each worker gets a cgroup (its whole tree is stopped), 0 when a worker's
+        // tree is its process group.
+        (
+            "renv_worker_cgroups",
+            f64::from(u8::from(app.workers.uses_cgroups())),
+        ),
         ("renv_store_package_bytes", store_bytes as f64),
         ("renv_uptime_seconds", now() - daemon.started_at),
     ]);
