@@ -98,6 +98,35 @@ pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: &[u32
     }
 }
 
+/// Lets `cmd`'s child inherit `fds`, which stay close-on-exec in this process (so no
+/// other child, started meanwhile by another thread, gets them): their flag is cleared in
+/// the child between fork and exec. They are closed here when `cmd` is dropped.
+pub fn inherit_in_child(cmd: &mut std::process::Command, fds: Vec<OwnedFd>) {
+    // SAFETY: the closure runs in the forked child before exec and makes one raw fcntl(2)
+    // per descriptor, all opened before the fork; it allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            for fd in &fds {
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s child the leader of a new session (and process group) with no
+/// controlling terminal, between fork and exec.
+pub fn new_session(cmd: &mut std::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and makes one raw
+    // setsid(2); it allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd`'s child move itself into the cgroup whose `cgroup.procs` is open as
 /// `procs`, between fork and exec (before any identity change: the file is the daemon's),
 /// so nothing the child ever starts runs outside it.

@@ -72,6 +72,8 @@ pub enum GpuError {
         free: usize,
         total: usize,
     },
+    #[error("gpus: {id} is in use by another worker; retry when it exits")]
+    Busy { id: u32 },
 }
 
 #[derive(Debug)]
@@ -105,7 +107,7 @@ impl GpuPool {
             .collect()
     }
 
-    /// Marks explicit ids busy (they must exist).
+    /// Marks explicit ids busy (they must exist and be free).
     pub fn take_explicit(&mut self, ids: &[u32]) -> Result<Vec<u32>, GpuError> {
         if let Some(&id) = ids.iter().find(|id| !self.all.contains(id)) {
             let all = self.all.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -117,6 +119,10 @@ impl GpuPool {
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
+        // Another worker's GPU is not lent by naming it.
+        if let Some(&id) = ids.iter().find(|id| self.busy.contains(id)) {
+            return Err(GpuError::Busy { id });
+        }
         self.busy.extend(&ids);
         Ok(ids)
     }

@@ -51,7 +51,10 @@ impl LogPool {
         {
             return std::fs::OpenOptions::new().write(true).truncate(true).open(&path);
         }
-        fs_err::File::create(&path).map(|f| f.into_parts().0)
+        // A new inode, never a reused one (an old log of the same name may be open
+        // somewhere), readable by its owner only until the caller's rights are set.
+        let _ = std::fs::remove_file(&path);
+        new_private_file(&path)
     }
 
     /// Tops the pool up in the background when it runs low.
@@ -64,7 +67,7 @@ impl LogPool {
             while pool.spares.lock().unwrap().len() < HIGH_WATER {
                 let n = pool.counter.fetch_add(1, Ordering::Relaxed);
                 let path = pool.dir.join(format!("{SPARE_PREFIX}{}-{n}", std::process::id()));
-                if std::fs::File::create(&path).is_err() {
+                if new_private_file(&path).is_err() {
                     break;
                 }
                 pool.spares.lock().unwrap().push(path);
@@ -72,4 +75,14 @@ impl LogPool {
             pool.refilling.store(false, Ordering::Release);
         });
     }
+}
+
+/// Creates `path` (which must not exist) with mode 0600.
+fn new_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }

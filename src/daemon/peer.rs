@@ -46,7 +46,9 @@ pub struct PeerPolicy {
 impl PeerPolicy {
     /// The caller behind a connection's credentials, if the policy lets it in.
     pub fn admit(&self, uid: u32, gid: u32, pid: Option<i32>) -> Option<Caller> {
-        let groups = pid.map(supplementary_groups).unwrap_or_default();
+        let groups = pid
+            .and_then(|pid| supplementary_groups(pid, uid, gid))
+            .unwrap_or_default();
         let allowed = uid == self.me
             || uid == 0
             || self.uids.contains(&uid)
@@ -61,14 +63,19 @@ impl PeerPolicy {
     }
 }
 
-/// The peer's supplementary groups, from /proc (empty if unreadable).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        })
-        .unwrap_or_default()
+/// The peer's supplementary groups, from `/proc/<pid>/status` — only if that process
+/// still has the uid and gid the kernel reported for the connection. The pid is from
+/// connect time: if the peer exited and another user's process got its pid, its groups
+/// are not the peer's (`None`: no supplementary groups).
+fn supplementary_groups(pid: i32, uid: u32, gid: u32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ids = |key: &str| -> Option<Vec<u32>> {
+        let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+        Some(line.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+    };
+    // "Uid: real effective saved fs"; SO_PEERCRED reports the effective ids.
+    if ids("Uid:")?.get(1) != Some(&uid) || ids("Gid:")?.get(1) != Some(&gid) {
+        return None;
+    }
+    ids("Groups:")
 }

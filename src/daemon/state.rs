@@ -170,7 +170,28 @@ impl Daemon {
     pub async fn get_or_create(
         self: &Arc<Self>,
         runtime_env: &serde_json::value::RawValue,
+        caller: &Caller,
     ) -> Result<(Arc<BuiltEnv>, bool), StateError> {
+        // A `file://` zip would be read with the daemon's rights, not the caller's: only
+        // the daemon's own user and root may name one. Checked before any cached answer.
+        // (A JSON string can spell `file:` only literally or with a `\` escape.)
+        let text = runtime_env.get();
+        if !caller.admin && (text.contains("file:") || text.contains('\\')) {
+            let spec: Option<RuntimeEnvSpec> = serde_json::from_str::<serde_json::Value>(runtime_env.get())
+                .ok()
+                .and_then(|v| RuntimeEnvSpec::from_value(&v).ok());
+            if let Some(RuntimeEnvSpec {
+                working_dir: Some(WorkingDirSpec::FileZip(path)),
+                ..
+            }) = spec
+            {
+                return Err(StateError::Forbidden(format!(
+                    "working_dir: {:?} would be read with the daemon's rights, not yours; upload it \
+                     (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
+                    path.display().to_string()
+                )));
+            }
+        }
         // The request's exact text: a repeat skips parsing and validation altogether.
         let raw_key = format!("raw:{}", runtime_env.get());
         if let Some(built) = self.cached(&raw_key) {
@@ -202,7 +223,7 @@ impl Daemon {
                 field: field.as_str(),
                 message: format!(
                     "{:?} is a requirements file path; the daemon never reads a client's files. \
-                     List the requirements instead (renv submit and the SDK read the file for you)",
+                     List the requirements instead (renv submit reads the file for you)",
                     file.display().to_string()
                 ),
             });
@@ -380,7 +401,7 @@ impl Daemon {
     /// Adds a reference or a running worker of `owner` to an env. If the env's entries
     /// are not leased yet, the leases are taken on the blocking pool (another process may
     /// hold an entry's lock for as long as it likes; the event loop never waits for it).
-    pub async fn hold(&self, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
+    pub async fn hold(self: &Arc<Self>, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
         let unleased = {
             let mut envs = self.envs.lock().unwrap();
             let record = envs
@@ -394,17 +415,25 @@ impl Daemon {
             record.leases.is_none().then(|| Arc::clone(&record.built))
         };
         if let Some(built) = unleased {
-            let store = Arc::clone(&self.store);
-            let leases = tokio::task::spawn_blocking(move || built.lease(&store).ok().flatten())
-                .await
-                .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?;
-            let mut envs = self.envs.lock().unwrap();
-            if let Some(record) = envs.get_mut(&env_id)
-                && record.leases.is_none()
-                && !(record.refs.is_empty() && record.workers.is_empty())
-            {
-                record.leases = leases;
-            }
+            // The leases are recorded by a task of their own, so the hold (already counted)
+            // gets them even if this request's client goes away while they are taken.
+            let daemon = Arc::clone(self);
+            tokio::spawn(async move {
+                let store = Arc::clone(&daemon.store);
+                let leases = tokio::task::spawn_blocking(move || built.lease(&store).ok().flatten())
+                    .await
+                    .ok()
+                    .flatten();
+                let mut envs = daemon.envs.lock().unwrap();
+                if let Some(record) = envs.get_mut(&env_id)
+                    && record.leases.is_none()
+                    && !(record.refs.is_empty() && record.workers.is_empty())
+                {
+                    record.leases = leases;
+                }
+            })
+            .await
+            .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?;
         }
         Ok(())
     }

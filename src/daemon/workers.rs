@@ -57,6 +57,10 @@ pub struct WorkerInfo {
     pub stderr_log: PathBuf,
     #[serde(skip)]
     pub stop_requested: bool,
+    /// The leader has been reaped: its pid (and process group id) may belong to someone
+    /// else now, so nothing is signalled through it any more.
+    #[serde(skip)]
+    pub leader_exited: bool,
 }
 
 /// Who a worker of `caller` runs as: `None` for the daemon's own identity, else (uid,
@@ -192,9 +196,13 @@ impl Workers {
         let gpus = {
             let mut pool = self.gpus.lock().unwrap();
             match gpus {
-                GpuRequest::Ids(ids) => pool
-                    .take_explicit(&ids)
-                    .map_err(|e| StateError::bad_request("gpus", e.to_string()))?,
+                GpuRequest::Ids(ids) => pool.take_explicit(&ids).map_err(|e| match e {
+                    super::gpus::GpuError::Busy { .. } => StateError::Busy {
+                        field: "gpus",
+                        message: e.to_string(),
+                    },
+                    e => StateError::bad_request("gpus", e.to_string()),
+                })?,
                 GpuRequest::Count(n) => pool.allocate(n).map_err(|e| StateError::Busy {
                     field: "num_gpus",
                     message: e.to_string(),
@@ -219,7 +227,7 @@ impl Workers {
             },
             None => None,
         };
-        let spawn = || -> Result<tokio::process::Child, StateError> {
+        let spawn = |leases: Vec<std::os::fd::OwnedFd>| -> Result<tokio::process::Child, StateError> {
             let gpu_env = if gpus.is_empty() && self.zero_gpus == ZeroGpus::Inherit {
                 None
             } else {
@@ -240,7 +248,12 @@ impl Workers {
             let out = log(format!("{worker_id}.stdout"))?;
             let err = log(format!("{worker_id}.stderr"))?;
             cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            // A session of its own (and so a process group: pgid = pid), without a
+            // controlling terminal: a worker must never reach the terminal the daemon was
+            // started from (TIOCSTI would type into root's shell).
+            crate::sys::new_session(&mut cmd);
+            // The worker holds its env's leases too: they outlive this daemon.
+            crate::sys::inherit_in_child(&mut cmd, leases);
             // Into its cgroup first: the cgroup's files are the daemon's, not the caller's.
             if let Some(cgroup) = &cgroup {
                 let procs = cgroup
@@ -279,12 +292,10 @@ impl Workers {
             .and_then(|own_leases| {
                 let inherited = own_leases
                     .iter()
-                    .map(|lease| lease.inheritable())
+                    .map(|lease| lease.dup())
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| StateError::Internal(format!("lease: {e}")))?;
-                let child = spawn();
-                drop(inherited);
-                child
+                spawn(inherited)
             });
         let mut child = match spawned {
             Ok(child) => child,
@@ -322,6 +333,7 @@ impl Workers {
             stdout_log,
             stderr_log,
             stop_requested: false,
+            leader_exited: false,
         };
         self.workers
             .lock()
@@ -336,6 +348,9 @@ impl Workers {
         let env_id = built.env_id;
         tokio::spawn(async move {
             let status = child.wait().await;
+            if let Some(w) = reaper.workers.lock().unwrap().get_mut(&worker_id) {
+                w.leader_exited = true;
+            }
             // Whatever the leader left running goes with it. Only then is the worker
             // ended: its state, its GPUs and `?wait=true` all say that nothing is left.
             tree.end().await;
@@ -435,6 +450,11 @@ impl Workers {
                 )));
             }
             w.stop_requested = true;
+            if w.leader_exited {
+                // Ending already: its tree is being killed.
+                drop(workers);
+                return self.find(id, caller);
+            }
             w.pid as i32
         };
         signal_group(pid, libc::SIGTERM);
@@ -444,7 +464,7 @@ impl Workers {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             if watcher.is_running(&watched) {
-                watcher.kill_tree(&watched, pid);
+                watcher.kill_tree(&watched);
             }
         });
         self.find(id, caller)
@@ -456,7 +476,7 @@ impl Workers {
             let mut workers = self.workers.lock().unwrap();
             workers
                 .values_mut()
-                .filter(|w| w.state == WorkerState::Running)
+                .filter(|w| w.state == WorkerState::Running && !w.leader_exited)
                 .map(|w| {
                     w.stop_requested = true;
                     w.pid as i32
@@ -486,11 +506,20 @@ impl Workers {
         }
     }
 
-    /// SIGKILL to all of a worker's tree (its process group if it has no tree on record).
-    fn kill_tree(&self, id: &str, pid: i32) {
-        match self.trees.lock().unwrap().get(id) {
-            Some(tree) => tree.kill(),
-            None => signal_group(pid, libc::SIGKILL),
+    /// SIGKILL to all of a worker's tree, unless its leader has been reaped (then the
+    /// reaper is ending the tree, and the pid may be someone else's).
+    fn kill_tree(&self, id: &str) {
+        let leader_exited = self
+            .workers
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_none_or(|w| w.leader_exited);
+        if leader_exited {
+            return;
+        }
+        if let Some(tree) = self.trees.lock().unwrap().get(id) {
+            tree.kill();
         }
     }
 }

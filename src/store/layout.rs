@@ -165,8 +165,16 @@ impl Layout {
     }
 
     pub(super) fn create(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         for sub in SUBDIRS {
             fs_err::create_dir_all(self.root.join(sub))?;
+        }
+        // Locks are the owner's: anyone who can open a lock file can hold it and stall
+        // the store. Logs can be reached by name (a worker's caller reads its own), not
+        // listed, so no one finds another's log (or a spare about to become one).
+        // Another user's store is left as it is (the owner decides its modes).
+        for (sub, mode) in [("locks", 0o700), ("logs", 0o711), ("logs/workers", 0o711)] {
+            let _ = std::fs::set_permissions(self.root.join(sub), std::fs::Permissions::from_mode(mode));
         }
         Ok(())
     }

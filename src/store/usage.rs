@@ -48,6 +48,12 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A duplicate of the lease's descriptor, close-on-exec, for a child that must hold the
+    /// lease too: see `sys::inherit_in_child`.
+    pub fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.lock.file().try_clone()?.into())
+    }
+
     /// A duplicate of the lease's descriptor that a child process will inherit (dup(2)
     /// clears close-on-exec). `flock` belongs to the open file description, so the child
     /// holds the lease too — it outlives this process, e.g. a daemon restart. Close the

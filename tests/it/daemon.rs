@@ -1072,7 +1072,10 @@ fn callers_act_as_themselves_and_see_only_their_own() {
 
     // uid 1000's worker runs as uid 1000, with uid 1000's rights only.
     let env = json!({"env_vars": {"TENANT": "a"}});
-    let script = format!("id -u; id -g; id -G; cat {} || echo refused", secret.display());
+    let script = format!(
+        "id -u; id -g; id -G; cat {} || echo refused; [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo own-session",
+        secret.display()
+    );
     let (status, w) = as_user(
         &socket,
         1000,
@@ -1087,8 +1090,8 @@ fn callers_act_as_themselves_and_see_only_their_own() {
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = logs(&daemon, &id, "stdout");
     assert_eq!(
-        out, "1000\n1000\n1000\nrefused\n",
-        "uid, gid, groups; the secret stays unread"
+        out, "1000\n1000\n1000\nrefused\nown-session\n",
+        "uid, gid, groups; the secret stays unread; a session of its own (no terminal of the daemon's)"
     );
     let log = Path::new(w["stdout_log"].as_str().unwrap());
     let meta = std::fs::metadata(log).unwrap();
@@ -1097,6 +1100,37 @@ fn callers_act_as_themselves_and_see_only_their_own() {
         (meta.uid(), meta.mode() & 0o777),
         (1000, 0o600),
         "the log is the caller's alone"
+    );
+    // Logs are found by name, never listed; spares waiting to become someone's log are private.
+    let logs_dir = log.parent().unwrap();
+    assert_eq!(std::fs::metadata(logs_dir).unwrap().mode() & 0o777, 0o711);
+    for spare in std::fs::read_dir(logs_dir).unwrap().filter_map(Result::ok) {
+        if spare.file_name().to_string_lossy().starts_with(".spare-") {
+            assert_eq!(spare.metadata().unwrap().mode() & 0o777, 0o600);
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(ws.store_v1("locks")).unwrap().mode() & 0o777,
+        0o700
+    );
+    // A zip the daemon can read but uid 1000 cannot is not read for it, however spelled.
+    ws.package_zip("wheels", "private.zip");
+    let private = ws.path("private.zip");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let spec =
+        json!({"runtime_env": {"working_dir": format!("file://{}", private.display())}, "argv": ["ls"]});
+    let (status, answer) = as_user(&socket, 1000, "POST", "/v1/workers", Some(&spec));
+    assert_eq!(
+        (status, answer["error"]["kind"].as_str()),
+        (403, Some("forbidden")),
+        "{answer}"
+    );
+    let escaped = r#"{"runtime_env": {"working_dir": "\u0066ile://PATH"}, "argv": ["ls"]}"#
+        .replace("PATH", &private.display().to_string());
+    let escaped: Value = serde_json::from_str(&escaped).unwrap();
+    assert_eq!(
+        as_user(&socket, 1000, "POST", "/v1/workers", Some(&escaped)).0,
+        403
     );
 
     // Root's worker and reference are invisible and untouchable for uid 1001.
@@ -1512,6 +1546,15 @@ fn a_stopped_worker_leaves_nothing_behind() {
         json!({"runtime_env": {}, "argv": ["true"], "num_gpus": 1}),
     ));
     assert_eq!(status, 503, "its GPU is taken");
+    let (status, _, field, _) = api_error(start_worker(
+        &daemon,
+        json!({"runtime_env": {}, "argv": ["true"], "gpus": [0]}),
+    ));
+    assert_eq!(
+        (status, field.as_deref()),
+        (503, Some("gpus")),
+        "not lent by naming it either"
+    );
     daemon
         .client()
         .json("DELETE", &format!("/v1/workers/{id}"), None)

@@ -82,7 +82,7 @@ pub(super) async fn create(
     app.daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = app.parse_json(&body)?;
     super::check_label("ref", request.tag.as_deref())?;
-    let (built, created) = app.daemon.get_or_create(&request.runtime_env).await?;
+    let (built, created) = app.daemon.get_or_create(&request.runtime_env, &caller).await?;
     app.daemon
         .hold(built.env_id, caller.uid, Hold::Reference(request.tag))
         .await?;

@@ -1,6 +1,7 @@
 //! `/metrics`: the daemon's counters and gauges in Prometheus' text format.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
@@ -15,7 +16,11 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
     let m = &daemon.metrics;
     let (refs, envs) = daemon.reference_counts();
     let live = app.workers.live();
-    let store_bytes = package_bytes(&daemon.store);
+    // Reads every package's marker: on the blocking pool, not the event loop.
+    let store = Arc::clone(&daemon.store);
+    let store_bytes = tokio::task::spawn_blocking(move || package_bytes(&store))
+        .await
+        .unwrap_or(0);
     let gauges: BTreeMap<&str, f64> = BTreeMap::from([
         ("renv_builds_total", m.builds.load(Ordering::Relaxed) as f64),
         (

@@ -41,7 +41,7 @@ pub(super) async fn start(
         ));
     }
     let built = match (&request.runtime_env, &request.env_id) {
-        (Some(spec), None) => app.daemon.get_or_create(spec).await?.0,
+        (Some(spec), None) => app.daemon.get_or_create(spec, &caller).await?.0,
         (None, Some(id)) => {
             let id: EnvId = id
                 .parse()
@@ -65,10 +65,16 @@ pub(super) async fn start(
         (None, Some(n)) => GpuRequest::Count(n),
         (None, None) => GpuRequest::None,
     };
-    let info = app
-        .workers
-        .start(built, &request.argv, gpus, request.name, &caller)
-        .await?;
+    // In a task of its own: a client that goes away mid-start must not leave the GPUs,
+    // the hold or the cgroup it took behind (dropping this future would).
+    let workers = Arc::clone(&app.workers);
+    let info = tokio::spawn(async move {
+        workers
+            .start(built, &request.argv, gpus, request.name, &caller)
+            .await
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("worker start panicked: {e}")))??;
     Ok(Json(serde_json::to_value(&info).expect("serializable")))
 }
 
