@@ -1335,6 +1335,16 @@ fn requirements_files_are_read_by_the_client_never_by_the_daemon() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1.0\n");
 }
 
+/// The `id` field of every object in the list `list` of an API answer.
+fn ids_in(answer: &Value, list: &str, id: &str) -> Vec<String> {
+    answer[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item[id].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// What a request leaves behind is bounded: labels are capped, ended workers and envs
 /// nothing holds are forgotten beyond their limits, and a stalled upload is dropped with
 /// nothing kept.
@@ -1374,12 +1384,7 @@ fn memory_and_time_a_request_can_take_are_bounded() {
         wait_for_end(&daemon, &id);
         ids.push(id);
     }
-    let listed: Vec<String> = daemon.get("/v1/workers")["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["worker_id"].as_str().unwrap().to_string())
-        .collect();
+    let listed = ids_in(&daemon.get("/v1/workers"), "workers", "worker_id");
     assert_eq!(listed, ids[3..].to_vec());
 
     // Five envs taken and released: the least recently used idle ones are forgotten, and
@@ -1399,12 +1404,7 @@ fn memory_and_time_a_request_can_take_are_bounded() {
             .unwrap();
         env_ids.push(id);
     }
-    let known: Vec<String> = daemon.get("/v1/envs")["envs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["env_id"].as_str().unwrap().to_string())
-        .collect();
+    let known = ids_in(&daemon.get("/v1/envs"), "envs", "env_id");
     assert!(known.len() <= 3 && !known.contains(&env_ids[0]), "{known:?}");
     let again = daemon
         .post("/v1/envs", &json!({"runtime_env": {"env_vars": {"N": "0"}}}))
