@@ -63,6 +63,42 @@ pub struct WorkerInfo {
     pub leader_exited: bool,
 }
 
+/// Variables of the daemon's environment that describe the node, not the daemon's user,
+/// and so are passed to other users' workers.
+const NODE_VARIABLES: [&str; 6] = [
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "CUDA_DEVICE_ORDER",
+    "NVIDIA_DRIVER_CAPABILITIES",
+];
+
+/// The base environment of a worker running as `uid` (not the daemon's user): the node's
+/// variables, and `HOME`, `USER`, `LOGNAME`, `SHELL` from `uid`'s passwd entry (`/` and
+/// the number when it has none).
+fn tenant_env_of(uid: u32, daemon_env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = NODE_VARIABLES
+        .iter()
+        .filter_map(|name| Some((name.to_string(), daemon_env.get(*name)?.clone())))
+        .collect();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    // name:password:uid:gid:gecos:home:shell
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() == 7 && f[2].parse::<u32>() == Ok(uid));
+    let (name, home, shell) = match &entry {
+        Some(f) => (f[0].to_string(), f[5].to_string(), f[6].to_string()),
+        None => (uid.to_string(), "/".to_string(), "/bin/sh".to_string()),
+    };
+    env.insert("HOME".into(), home);
+    env.insert("USER".into(), name.clone());
+    env.insert("LOGNAME".into(), name);
+    env.insert("SHELL".into(), shell);
+    env
+}
+
 /// Who a worker of `caller` runs as: `None` for the daemon's own identity, else (uid,
 /// gid, groups) to switch to. Never more than the caller has.
 fn identity_for(caller: &Caller) -> Result<Option<(u32, u32, Vec<u32>)>, StateError> {
@@ -233,7 +269,17 @@ impl Workers {
             } else {
                 Some(gpus.as_slice())
             };
-            let mut cmd = crate::worker::command(&built.context, &self.base_env, argv, gpu_env)
+            // Another user's worker starts from a clean environment of its own, never the
+            // daemon's (its HOME, its secrets).
+            let tenant_env;
+            let base_env = match &run_as {
+                Some((uid, _, _)) => {
+                    tenant_env = tenant_env_of(*uid, &self.base_env);
+                    &tenant_env
+                }
+                None => &self.base_env,
+            };
+            let mut cmd = crate::worker::command(&built.context, base_env, argv, gpu_env)
                 .map_err(|e| StateError::bad_request("argv", e.to_string()))?;
             // The caller's alone: a worker's output is nobody else's to read.
             let log = |name: String| {

@@ -1073,7 +1073,8 @@ fn callers_act_as_themselves_and_see_only_their_own() {
     // uid 1000's worker runs as uid 1000, with uid 1000's rights only.
     let env = json!({"env_vars": {"TENANT": "a"}});
     let script = format!(
-        "id -u; id -g; id -G; cat {} || echo refused; [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo own-session",
+        "id -u; id -g; id -G; cat {} || echo refused; [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo own-session; \
+         echo ${{RENV_STORE:-no-daemon-env}}; echo $HOME",
         secret.display()
     );
     let (status, w) = as_user(
@@ -1089,9 +1090,17 @@ fn callers_act_as_themselves_and_see_only_their_own() {
     let (_, done) = as_user(&socket, 1000, "GET", &format!("/v1/workers/{id}?wait=true"), None);
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = logs(&daemon, &id, "stdout");
+    let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
-        out, "1000\n1000\n1000\nrefused\nown-session\n",
-        "uid, gid, groups; the secret stays unread; a session of its own (no terminal of the daemon's)"
+        lines[..6],
+        ["1000", "1000", "1000", "refused", "own-session", "no-daemon-env"],
+        "uid, gid, groups; the secret stays unread; a session of its own (no terminal of the \
+         daemon's); none of the daemon's environment"
+    );
+    assert_ne!(
+        lines[6],
+        std::env::var("HOME").unwrap(),
+        "its own HOME, not the daemon's"
     );
     let log = Path::new(w["stdout_log"].as_str().unwrap());
     let meta = std::fs::metadata(log).unwrap();
