@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use rustix::fs::Mode;
 use rustix::process::{Pid, Signal};
@@ -66,13 +66,6 @@ pub fn kill_group(pgid: i32, sig: libc::c_int) -> io::Result<()> {
         return Err(invalid());
     }
     Ok(rustix::process::kill_process_group(group, signal(sig)?)?)
-}
-
-/// `dup(fd)`: a new descriptor for the same open file description, *without*
-/// close-on-exec, so a child process started afterwards inherits it.
-pub fn dup_inheritable(fd: impl AsFd) -> io::Result<OwnedFd> {
-    // rustix's `dup` is dup(2), which never sets FD_CLOEXEC on the new descriptor.
-    Ok(rustix::io::dup(fd)?)
 }
 
 /// Makes `cmd`'s child run as `uid`, `gid` and exactly the supplementary `groups`, set in
@@ -215,20 +208,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dup_is_inheritable() {
+    fn only_the_child_given_a_descriptor_inherits_it() {
         let file = tempfile::tempfile().unwrap();
-        let flags = rustix::io::fcntl_getfd(&file).unwrap();
+        let fd: OwnedFd = file.try_clone().unwrap().into();
+        let n = fd.as_raw_fd();
         assert!(
-            flags.contains(rustix::io::FdFlags::CLOEXEC),
-            "std opens close-on-exec"
-        );
-        let dup = dup_inheritable(&file).unwrap();
-        assert_ne!(dup.as_raw_fd(), file.as_raw_fd());
-        assert!(
-            !rustix::io::fcntl_getfd(&dup)
+            rustix::io::fcntl_getfd(&fd)
                 .unwrap()
                 .contains(rustix::io::FdFlags::CLOEXEC)
         );
+        let has_it = |cmd: &mut std::process::Command| {
+            cmd.args(["-c", &format!("test -e /proc/self/fd/{n}")])
+                .status()
+                .unwrap()
+                .success()
+        };
+        let mut other = std::process::Command::new("sh");
+        assert!(!has_it(&mut other), "close-on-exec here");
+        let mut given = std::process::Command::new("sh");
+        inherit_in_child(&mut given, vec![fd]);
+        assert!(has_it(&mut given), "inherited by the child it was given to");
     }
 
     #[test]

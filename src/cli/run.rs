@@ -45,11 +45,12 @@ pub fn run(args: RunArgs) -> Result<u8, Error> {
         }
     };
     // The command inherits the leases too: they hold while it runs even if renv is killed.
-    let _inherited = leases
+    let inherited = leases
         .iter()
-        .map(|lease| lease.inheritable())
+        .map(|lease| lease.dup())
         .collect::<Result<Vec<_>, _>>()?;
     let base_env = std::env::vars().collect();
-    let cmd = worker::command(&built.context, &base_env, &args.command, args.gpus.as_deref())?;
+    let mut cmd = worker::command(&built.context, &base_env, &args.command, args.gpus.as_deref())?;
+    crate::sys::inherit_in_child(&mut cmd, inherited);
     Ok(worker::run_foreground(cmd)?)
 }

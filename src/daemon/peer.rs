@@ -5,8 +5,6 @@
 //! uid, gid and groups) and sees and controls only its own workers and references; the
 //! daemon's own user and root see and control everything.
 
-use std::sync::Arc;
-
 /// The peer of one connection, as the kernel reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -19,16 +17,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The daemon acting for itself (internal work, tests of the state layer).
-    pub fn daemon() -> Arc<Caller> {
-        Arc::new(Caller {
-            uid: crate::sys::geteuid(),
-            gid: crate::sys::getegid(),
-            groups: Vec::new(),
-            admin: true,
-        })
-    }
-
     /// Whether this caller may see and control what `owner` started or holds.
     pub fn may_see(&self, owner: u32) -> bool {
         self.admin || self.uid == owner

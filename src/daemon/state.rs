@@ -172,36 +172,32 @@ impl Daemon {
         runtime_env: &serde_json::value::RawValue,
         caller: &Caller,
     ) -> Result<(Arc<BuiltEnv>, bool), StateError> {
-        // A `file://` zip would be read with the daemon's rights, not the caller's: only
-        // the daemon's own user and root may name one. Checked before any cached answer.
-        // (A JSON string can spell `file:` only literally or with a `\` escape.)
+        // The request's exact text: a repeat skips parsing and validation altogether — but
+        // not for a caller whose request may name a `file://` zip, which is checked on the
+        // parsed spec below before any cached answer. (A JSON string can spell `file:` only
+        // literally or with a `\` escape.)
         let text = runtime_env.get();
-        if !caller.admin && (text.contains("file:") || text.contains('\\')) {
-            let spec: Option<RuntimeEnvSpec> = serde_json::from_str::<serde_json::Value>(runtime_env.get())
-                .ok()
-                .and_then(|v| RuntimeEnvSpec::from_value(&v).ok());
-            if let Some(RuntimeEnvSpec {
-                working_dir: Some(WorkingDirSpec::FileZip(path)),
-                ..
-            }) = spec
-            {
-                return Err(StateError::Forbidden(format!(
-                    "working_dir: {:?} would be read with the daemon's rights, not yours; upload it \
-                     (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
-                    path.display().to_string()
-                )));
-            }
-        }
-        // The request's exact text: a repeat skips parsing and validation altogether.
-        let raw_key = format!("raw:{}", runtime_env.get());
-        if let Some(built) = self.cached(&raw_key) {
+        let may_name_a_file = !caller.admin && (text.contains("file:") || text.contains('\\'));
+        let raw_key = format!("raw:{text}");
+        if !may_name_a_file && let Some(built) = self.cached(&raw_key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));
         }
-        let runtime_env: serde_json::Value = serde_json::from_str(runtime_env.get())
+        let runtime_env: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| StateError::bad_request("runtime_env", format!("invalid JSON: {e}")))?;
         let spec =
             RuntimeEnvSpec::from_value(&runtime_env).map_err(|e| StateError::from(crate::Error::from(e)))?;
+        if let Some(WorkingDirSpec::FileZip(path)) = &spec.working_dir
+            && !caller.admin
+        {
+            // Read with the daemon's rights, not the caller's: only the daemon's own user
+            // and root may name one.
+            return Err(StateError::Forbidden(format!(
+                "working_dir: {:?} would be read with the daemon's rights, not yours; upload it \
+                 (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
+                path.display().to_string()
+            )));
+        }
         if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
             return Err(StateError::bad_request(
                 "working_dir",

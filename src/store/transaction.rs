@@ -272,10 +272,6 @@ impl Store {
 }
 
 impl<Id: EntryName> Transaction<'_, Id> {
-    pub fn id(&self) -> Id {
-        self.id
-    }
-
     /// The directory that becomes the entry (not created: the caller makes it).
     pub fn entry_dir(&self) -> PathBuf {
         self.staging.entry_dir()

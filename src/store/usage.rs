@@ -49,17 +49,10 @@ pub struct Lease {
 
 impl Lease {
     /// A duplicate of the lease's descriptor, close-on-exec, for a child that must hold the
-    /// lease too: see `sys::inherit_in_child`.
+    /// lease too (see `sys::inherit_in_child`): `flock` belongs to the open file
+    /// description, so the child holds the lease as well, and it outlives this process.
     pub fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
         Ok(self.lock.file().try_clone()?.into())
-    }
-
-    /// A duplicate of the lease's descriptor that a child process will inherit (dup(2)
-    /// clears close-on-exec). `flock` belongs to the open file description, so the child
-    /// holds the lease too — it outlives this process, e.g. a daemon restart. Close the
-    /// duplicate in this process once the child has started.
-    pub fn inheritable(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        crate::sys::dup_inheritable(self.lock.file())
     }
 }
 
