@@ -126,12 +126,14 @@ impl WorkerCgroup {
 
     /// Kills whatever is left and waits until nothing is, then removes the cgroup.
     pub async fn kill_and_remove(&self) {
-        for _ in 0..500 {
+        // The kernel empties a killed group within a few milliseconds: poll finely, so
+        // the worker's end (and its GPUs) is not delayed by the polling; give up after 5 s.
+        for _ in 0..5000 {
             if self.is_empty() {
                 break;
             }
             let _ = self.kill();
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let _ = std::fs::remove_dir(&self.dir);
     }
