@@ -29,11 +29,24 @@ pub struct BuiltEnv {
     /// Packages in the order the worker sees them (the working_dir first).
     pub packages: Vec<EnvPackage>,
     pub venv: Option<EnvEntry>,
+    /// The worker context, without what is per user (see [`Self::context_for`]).
     pub context: Context,
+    /// Whether workers keep bytecode in their user's cache (a venv built without it).
+    pub pycache: bool,
     pub timings_ms: BTreeMap<String, u64>,
 }
 
 impl BuiltEnv {
+    /// The context the workers of the user `uid` (primary group `gid`) run in: with that
+    /// user's own bytecode cache, which no other user can write (a shared one would let
+    /// one tenant plant bytecode, even the stdlib's, that another's workers load).
+    pub fn context_for(&self, store: &Store, uid: u32, gid: u32) -> std::io::Result<Context> {
+        Ok(match self.pycache {
+            true => self.context.with_pycache(&store.pycache_for(uid, gid)?),
+            false => self.context.clone(),
+        })
+    }
+
     /// Whether building it created any store entry (false: everything was there).
     pub fn created(&self) -> bool {
         self.packages.iter().any(|p| p.entry.created) || self.venv.as_ref().is_some_and(|e| e.created)
@@ -157,11 +170,8 @@ pub fn build_env(
     };
 
     let env_id = env_id(&env_packages, venv.as_ref(), &spec.env_vars);
-    // Bytecode of an env built without it goes to the node's writable cache.
-    let pycache = match (&venv, &plan) {
-        (Some(_), Some(plan)) if !plan.compile_bytecode => Some(store.pycache_dir()?),
-        _ => None,
-    };
+    // Bytecode of an env built without it goes to each user's own cache.
+    let pycache = matches!((&venv, &plan), (Some(_), Some(plan)) if !plan.compile_bytecode);
     let context_packages: Vec<(PackageRole, &Path)> = env_packages
         .iter()
         .map(|p| (p.role, p.entry.path.as_path()))
@@ -169,7 +179,6 @@ pub fn build_env(
     let context = Context::new(
         &context_packages,
         venv.as_ref().map(|e| e.path.as_path()),
-        pycache.as_deref(),
         &spec.env_vars,
     );
     timings.insert("total".to_string(), total.elapsed().as_millis() as u64);
@@ -178,6 +187,7 @@ pub fn build_env(
         packages: env_packages,
         venv,
         context,
+        pycache,
         timings_ms: timings,
     })
 }

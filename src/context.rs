@@ -29,13 +29,10 @@ pub struct Context {
 }
 
 impl Context {
-    /// `pycache`: where the env's workers keep bytecode (`PYTHONPYCACHEPREFIX`), when the
-    /// env was built without compiling it.
     /// `packages`: the env's unpacked packages, in the order the worker sees them.
     pub fn new(
         packages: &[(PackageRole, &Path)],
         venv: Option<&Path>,
-        pycache: Option<&Path>,
         env_vars: &BTreeMap<String, String>,
     ) -> Context {
         let mut env = env_vars.clone();
@@ -66,23 +63,28 @@ impl Context {
             );
             env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
         }
-        if let Some(pycache) = pycache
-            && !env_vars.contains_key("PYTHONPYCACHEPREFIX")
-        {
-            env.insert("PYTHONPYCACHEPREFIX".into(), pycache.display().to_string());
-            // A node (or container image) sets PYTHONDONTWRITEBYTECODE to keep bytecode out
-            // of source trees; renv's cache is no source tree, and without writes every
-            // worker start recompiles all it imports (`import ray`: 0.6 s → 2 s). An empty
-            // value turns it off; a spec's own env_vars still decide.
-            if !env_vars.contains_key("PYTHONDONTWRITEBYTECODE") {
-                env.insert("PYTHONDONTWRITEBYTECODE".into(), String::new());
-            }
-        }
         Context {
             python: venv.map(|v| v.join("bin").join("python")),
             cwd: working_dir.map(Path::to_path_buf),
             env,
         }
+    }
+
+    /// This context with the bytecode cache `pycache` (`PYTHONPYCACHEPREFIX`): for the
+    /// workers of one user, in an env built without compiled bytecode. The spec's own
+    /// `env_vars` still decide.
+    pub fn with_pycache(&self, pycache: &Path) -> Context {
+        let mut context = self.clone();
+        let env = &mut context.env;
+        if !env.contains_key("PYTHONPYCACHEPREFIX") {
+            env.insert("PYTHONPYCACHEPREFIX".into(), pycache.display().to_string());
+            // A node (or container image) sets PYTHONDONTWRITEBYTECODE to keep bytecode out
+            // of source trees; renv's cache is no source tree, and without writes every
+            // worker start recompiles all it imports (`import ray`: 0.6 s → 2 s). An empty
+            // value turns it off.
+            env.entry("PYTHONDONTWRITEBYTECODE".into()).or_default();
+        }
+        context
     }
 
     /// The worker's full environment: `base` with this context applied, `${VAR}`
@@ -143,11 +145,11 @@ mod tests {
             (PackageRole::PyModule, Path::new("/store/pkgs/m")),
             (PackageRole::WorkingDir, Path::new("/store/pkgs/x")),
         ];
-        let ctx = Context::new(&packages, None, None, &vars);
+        let ctx = Context::new(&packages, None, &vars);
         assert_eq!(ctx.env["PYTHONPATH"], "/store/pkgs/x:/store/pkgs/m:/opt/lib");
         assert_eq!(ctx.env["A"], "b");
         assert_eq!(ctx.cwd.as_deref(), Some(Path::new("/store/pkgs/x")));
-        let bare = Context::new(&[], None, None, &vars);
+        let bare = Context::new(&[], None, &vars);
         assert_eq!(bare.env, vars);
     }
 
@@ -156,10 +158,12 @@ mod tests {
         let ctx = Context::new(
             &[],
             Some(Path::new("/store/envs/k")),
-            Some(Path::new("/store/pycache/k")),
             &map(&[("X", "${HOME}/x:${NOPE}")]),
         );
-        assert_eq!(ctx.env["PYTHONPYCACHEPREFIX"], "/store/pycache/k");
+        assert!(!ctx.env.contains_key("PYTHONPYCACHEPREFIX"));
+        let mine = ctx.with_pycache(Path::new("/store/pycache/1000"));
+        assert_eq!(mine.env["PYTHONPYCACHEPREFIX"], "/store/pycache/1000");
+        assert_eq!(mine.env["PYTHONDONTWRITEBYTECODE"], "");
         assert_eq!(ctx.python.as_deref(), Some(Path::new("/store/envs/k/bin/python")));
         assert_eq!(ctx.env["PATH"], "/store/envs/k/bin:${PATH}");
         assert_eq!(ctx.env["VIRTUAL_ENV"], "/store/envs/k");

@@ -136,9 +136,22 @@ pub fn join_cgroup(cmd: &mut std::process::Command, procs: File) {
 }
 
 /// Grants the users `uids` and the groups `gids` read and write access to `path` through
-/// its POSIX access ACL (`system.posix_acl_access`), the owner keeping read and write and
-/// everyone else nothing. For a socket, write access is what `connect` needs.
+/// its POSIX access ACL, the owner keeping read and write and everyone else nothing. For a
+/// socket, write access is what `connect` needs.
 pub fn grant_read_write(path: &std::path::Path, uids: &[u32], gids: &[u32]) -> io::Result<()> {
+    grant_access(path, 0o6, 0o6, uids, gids)
+}
+
+/// Sets `path`'s POSIX access ACL (`system.posix_acl_access`): the owner gets the
+/// permission bits `owner`, the users `uids` and groups `gids` get `named`, the owning
+/// group and everyone else nothing.
+pub fn grant_access(
+    path: &std::path::Path,
+    owner: u16,
+    named: u16,
+    uids: &[u32],
+    gids: &[u32],
+) -> io::Result<()> {
     // The kernel's xattr form of an ACL: a version, then (tag, permissions, id) entries,
     // sorted by tag and then by id.
     const VERSION: u32 = 2;
@@ -148,7 +161,6 @@ pub fn grant_read_write(path: &std::path::Path, uids: &[u32], gids: &[u32]) -> i
     const GROUP: u16 = 0x08;
     const MASK: u16 = 0x10;
     const OTHER: u16 = 0x20;
-    const RW: u16 = 0o6;
     const NO_ID: u32 = u32::MAX;
     let mut value = VERSION.to_le_bytes().to_vec();
     let mut entry = |tag: u16, perm: u16, id: u32| {
@@ -162,15 +174,15 @@ pub fn grant_read_write(path: &std::path::Path, uids: &[u32], gids: &[u32]) -> i
         ids.dedup();
         ids
     };
-    entry(USER_OBJ, RW, NO_ID);
+    entry(USER_OBJ, owner, NO_ID);
     for uid in sorted(uids) {
-        entry(USER, RW, uid);
+        entry(USER, named, uid);
     }
     entry(GROUP_OBJ, 0, NO_ID);
     for gid in sorted(gids) {
-        entry(GROUP, RW, gid);
+        entry(GROUP, named, gid);
     }
-    entry(MASK, RW, NO_ID);
+    entry(MASK, named, NO_ID);
     entry(OTHER, 0, NO_ID);
     Ok(rustix::fs::setxattr(
         path,

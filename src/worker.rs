@@ -144,7 +144,7 @@ mod tests {
             )];
             BTreeMap::from(base)
         };
-        let context = Context::new(&[], None, None, &BTreeMap::new());
+        let context = Context::new(&[], None, &BTreeMap::new());
         let argv = ["tool".to_string(), "x".to_string()];
         let cmd = command(&context, &path(&[&plain, &subdir, &exec]), &argv, None).unwrap();
         assert_eq!(cmd.get_program(), exec.join("tool"));
@@ -152,7 +152,6 @@ mod tests {
         // A relative entry is the worker's directory's, and the result is absolute.
         let context = Context::new(
             &[(crate::context::PackageRole::WorkingDir, wd.as_path())],
-            None,
             None,
             &BTreeMap::new(),
         );

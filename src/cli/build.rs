@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{StoreArgs, VenvArgs, print_stdout};
 use crate::build::{BuiltEnv, build_env};
+use crate::context::Context;
 use crate::env_vars;
 use crate::error::Error;
 use crate::progress::Progress;
@@ -40,10 +41,11 @@ pub fn run(args: BuildArgs) -> Result<(), Error> {
         Progress::for_stderr()
     };
     let built = build_env(&spec, &base_dir, &store, &args.venv.policy(), &progress)?;
+    let context = built.context_for(&store, crate::sys::geteuid(), crate::sys::getegid())?;
     print_stdout(&if args.json {
-        to_json(&built)
+        to_json(&built, &context)
     } else {
-        to_text(&built)
+        to_text(&built, &context)
     })
 }
 
@@ -62,7 +64,7 @@ pub(super) fn read_spec(path: &Path) -> Result<(String, PathBuf), Error> {
     Ok((text, base.to_path_buf()))
 }
 
-fn to_json(built: &BuiltEnv) -> String {
+fn to_json(built: &BuiltEnv, context: &Context) -> String {
     let package = built.working_dir().map(|e| {
         json!({
             "digest": e.id.to_string(),
@@ -81,15 +83,15 @@ fn to_json(built: &BuiltEnv) -> String {
         "working_dir": built.working_dir_path(),
         "package": package,
         "venv": venv,
-        "python": built.context.python,
-        "cwd": built.context.cwd,
-        "env": built.context.env,
+        "python": context.python,
+        "cwd": context.cwd,
+        "env": context.env,
         "timings_ms": built.timings_ms,
     });
     format!("{value}\n")
 }
 
-fn to_text(built: &BuiltEnv) -> String {
+fn to_text(built: &BuiltEnv, context: &Context) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "env_id       {}", built.env_id);
     match built.working_dir() {
@@ -112,22 +114,20 @@ fn to_text(built: &BuiltEnv) -> String {
         let state = if e.created { "new" } else { "cached" };
         let _ = writeln!(out, "venv         {} ({state})", e.path.display());
     }
-    let python = built
-        .context
+    let python = context
         .python
         .as_ref()
         .map_or("(the worker's own; no packages requested)".into(), |p| {
             p.display().to_string()
         });
     let _ = writeln!(out, "python       {python}");
-    let cwd = built
-        .context
+    let cwd = context
         .cwd
         .as_ref()
         .map_or("(the worker's own)".into(), |p| p.display().to_string());
     let _ = writeln!(out, "cwd          {cwd}");
     let mut label = "env";
-    for (k, v) in &built.context.env {
+    for (k, v) in &context.env {
         let _ = writeln!(out, "{label:<12} {k}={v}");
         label = "";
     }

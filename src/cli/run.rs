@@ -50,7 +50,8 @@ pub fn run(args: RunArgs) -> Result<u8, Error> {
         .map(|lease| lease.dup())
         .collect::<Result<Vec<_>, _>>()?;
     let base_env = std::env::vars().collect();
-    let mut cmd = worker::command(&built.context, &base_env, &args.command, args.gpus.as_deref())?;
+    let context = built.context_for(&store, crate::sys::geteuid(), crate::sys::getegid())?;
+    let mut cmd = worker::command(&context, &base_env, &args.command, args.gpus.as_deref())?;
     crate::sys::inherit_in_child(&mut cmd, inherited);
     Ok(worker::run_foreground(cmd)?)
 }

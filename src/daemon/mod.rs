@@ -82,6 +82,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Socket(#[from] socket::SocketError),
     #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -95,6 +97,8 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         uids: config.allow_uids.clone(),
         gids: config.allow_gids.clone(),
     };
+    // The callers' workers run in the store's entries; no one else may look into it.
+    store.grant_traverse(&config.allow_uids, &config.allow_gids)?;
     let listener = socket::bind(&config.socket, &access)?;
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);

@@ -279,7 +279,16 @@ impl Workers {
                 }
                 None => &self.base_env,
             };
-            let mut cmd = crate::worker::command(&built.context, base_env, argv, gpu_env)
+            // The worker's own user's bytecode cache (the daemon's, if it runs as itself).
+            let (uid, gid) = run_as
+                .as_ref()
+                .map_or((crate::sys::geteuid(), crate::sys::getegid()), |(uid, gid, _)| {
+                    (*uid, *gid)
+                });
+            let context = built
+                .context_for(&self.daemon.store, uid, gid)
+                .map_err(|e| StateError::Internal(format!("the worker's bytecode cache: {e}")))?;
+            let mut cmd = crate::worker::command(&context, base_env, argv, gpu_env)
                 .map_err(|e| StateError::bad_request("argv", e.to_string()))?;
             // The caller's alone: a worker's output is nobody else's to read.
             let log = |name: String| {

@@ -20,8 +20,9 @@
 //!   trash/                      entries being deleted
 //!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
 //!   cache/probes/               cached `python -c …` / `uv --version` answers
-//!   pycache/<abs path>/…        bytecode written by workers (PYTHONPYCACHEPREFIX: one tree
-//!                               mirroring source paths; an env's part goes with the env)
+//!   pycache/<uid>/<abs path>/…  bytecode written by the workers of one user, that user's
+//!                               own (PYTHONPYCACHEPREFIX: one tree mirroring source paths;
+//!                               an env's part goes with the env)
 //!   tools/<name>/               bootstrapped tools (the pinned uv)
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
 //!   logs/                       build logs; logs/workers/: worker output
@@ -141,7 +142,7 @@ pub struct Layout {
 }
 
 /// Directories [`Layout::create`] makes.
-const SUBDIRS: [&str; 12] = [
+const SUBDIRS: [&str; 13] = [
     "pkgs",
     "envs",
     "meta",
@@ -154,6 +155,7 @@ const SUBDIRS: [&str; 12] = [
     "cache/probes",
     "tools",
     "uv-cache",
+    "pycache",
 ];
 
 impl Layout {
@@ -164,17 +166,75 @@ impl Layout {
         }
     }
 
-    pub(super) fn create(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
+    /// Creates what is missing (a new `store-v1` is 0700: who else may reach it is the
+    /// owner's decision, see [`super::Store::grant_traverse`]) and checks that the store
+    /// cannot be turned against whoever runs this: every directory of the layout is a real
+    /// directory (never a symlink, which a command would follow) owned by the current user
+    /// and writable by no one else. A store is used directly by its owner only; root never
+    /// maintains another user's store (its owner could plant symlinks for root to follow).
+    pub(super) fn create(&self) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let me = crate::sys::geteuid();
+        let check = |dir: &Path| -> Result<(), String> {
+            use std::os::unix::fs::MetadataExt;
+            let shown = dir.display();
+            let meta = match std::fs::symlink_metadata(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mode = if dir == self.root { 0o700 } else { 0o755 };
+                    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                            return Err(format!("cannot create {shown}: {e}"));
+                        }
+                        _ => std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?,
+                    }
+                }
+                other => other.map_err(|e| format!("{shown}: {e}"))?,
+            };
+            if meta.file_type().is_symlink() {
+                return Err(format!(
+                    "{shown} is a symlink; a store's directories must be real directories"
+                ));
+            }
+            if !meta.is_dir() {
+                return Err(format!("{shown} is not a directory"));
+            }
+            if meta.uid() != me {
+                return Err(format!(
+                    "{shown} belongs to uid {}, not to uid {me} running renv; a store is used only by \
+                     its owner (run renv as uid {}, or go through the daemon that owns it)",
+                    meta.uid(),
+                    meta.uid()
+                ));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(format!(
+                    "{shown} is writable by others (mode {:o}); only the store's owner may write it \
+                     (chmod go-w)",
+                    meta.mode() & 0o7777
+                ));
+            }
+            Ok(())
+        };
+        check(&self.root)?;
         for sub in SUBDIRS {
-            fs_err::create_dir_all(self.root.join(sub))?;
+            let mut dir = self.root.clone();
+            for part in Path::new(sub) {
+                dir.push(part);
+                check(&dir)?;
+            }
         }
         // Locks are the owner's: anyone who can open a lock file can hold it and stall
         // the store. Logs can be reached by name (a worker's caller reads its own), not
-        // listed, so no one finds another's log (or a spare about to become one).
-        // Another user's store is left as it is (the owner decides its modes).
-        for (sub, mode) in [("locks", 0o700), ("logs", 0o711), ("logs/workers", 0o711)] {
-            let _ = std::fs::set_permissions(self.root.join(sub), std::fs::Permissions::from_mode(mode));
+        // listed, so no one finds another's log (or a spare about to become one). The
+        // bytecode caches are per user ([`Self::pycache_of_uid`]), found by name too.
+        for (sub, mode) in [
+            ("locks", 0o700),
+            ("logs", 0o711),
+            ("logs/workers", 0o711),
+            ("pycache", 0o711),
+        ] {
+            std::fs::set_permissions(self.root.join(sub), std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("{}: {e}", self.root.join(sub).display()))?;
         }
         Ok(())
     }
@@ -282,15 +342,16 @@ impl Layout {
         self.root.join("uv-cache")
     }
 
-    /// The node's bytecode cache (`PYTHONPYCACHEPREFIX`), outside the read-only entries.
+    /// The users' bytecode caches, outside the read-only entries.
     pub fn pycache_dir(&self) -> PathBuf {
         self.root.join("pycache")
     }
 
-    /// Where the bytecode of the files under `dir` lands in the node's cache (Python
-    /// mirrors each source's absolute path), so an env's part goes with the env.
-    pub fn pycache_of(&self, dir: &Path) -> PathBuf {
-        self.pycache_dir().join(dir.strip_prefix("/").unwrap_or(dir))
+    /// The bytecode cache (`PYTHONPYCACHEPREFIX`) of the workers of the user `uid`: theirs
+    /// alone, so no user loads bytecode another wrote. Python mirrors each source's
+    /// absolute path under it, so an env's part goes with the env.
+    pub fn pycache_of_uid(&self, uid: u32) -> PathBuf {
+        self.pycache_dir().join(uid.to_string())
     }
 }
 

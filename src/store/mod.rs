@@ -108,11 +108,11 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store under `dir` and sweeps dead staging and trash.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
-        let unusable = |e: std::io::Error| StoreError::Unusable {
+        let unusable = |reason: String| StoreError::Unusable {
             path: dir.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         };
-        fs_err::create_dir_all(dir).map_err(unusable)?;
+        fs_err::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
         // Absolute, so paths handed to installers (which run in their own cwd) hold.
         let layout = Layout::new(&fs_err::canonicalize(dir)?);
         layout.create().map_err(unusable)?;
@@ -169,22 +169,113 @@ impl Store {
             .clone()
     }
 
-    /// The node's bytecode cache, created on demand (see [`Layout::pycache_dir`]).
-    pub fn pycache_dir(&self) -> std::io::Result<PathBuf> {
-        let dir = self.layout.pycache_dir();
-        fs_err::create_dir_all(&dir)?;
-        Ok(dir)
+    /// The bytecode cache of the user `uid` (see [`Layout::pycache_of_uid`]), created on
+    /// demand: a real directory owned by that user, 0700. Anything else found at its name
+    /// (a symlink, another owner's directory) is discarded first, never followed.
+    pub fn pycache_for(&self, uid: u32, gid: u32) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let dir = self.layout.pycache_of_uid(uid);
+        for _ in 0..2 {
+            match dir.symlink_metadata() {
+                Ok(meta) if meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0 => return Ok(dir),
+                Ok(_) => self.discard(&dir, &format!("pycache-{uid}"))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                other => other?,
+            }
+            if uid != crate::sys::geteuid() {
+                // Made by root for another user; it is only ever handed to that user.
+                rustix::fs::chown(
+                    &dir,
+                    Some(rustix::process::Uid::from_raw(uid)),
+                    Some(rustix::process::Gid::from_raw(gid)),
+                )?;
+            }
+            return Ok(dir);
+        }
+        Err(std::io::Error::other(format!(
+            "{}: keeps changing; cannot set up the bytecode cache of uid {uid}",
+            dir.display()
+        )))
+    }
+
+    /// Lets exactly the users `uids` and groups `gids` (besides the owner and root) reach
+    /// the store's entries, as the workers of a daemon's callers must: `store-v1` becomes
+    /// 0700 with a POSIX ACL granting them search (`x`) and nothing else. Everything inside
+    /// is read-only to them; everyone else cannot even look. Where the filesystem has no
+    /// ACLs, a single group is granted by group ownership (0710); more is refused.
+    pub fn grant_traverse(&self, uids: &[u32], gids: &[u32]) -> Result<(), StoreError> {
+        let root = self.layout.root();
+        let unusable = |reason: String| StoreError::Unusable {
+            path: root.to_path_buf(),
+            reason,
+        };
+        if uids.is_empty() && gids.is_empty() {
+            match rustix::fs::removexattr(root, "system.posix_acl_access") {
+                Ok(()) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => {}
+                Err(e) => return Err(unusable(format!("cannot remove its ACL: {e}"))),
+            }
+            fs_err::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+            return Ok(());
+        }
+        match crate::sys::grant_access(root, 0o7, 0o1, uids, gids) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && uids.is_empty() && gids.len() == 1 => {
+                std::os::unix::fs::lchown(root, None, Some(gids[0]))?;
+                fs_err::set_permissions(root, std::fs::Permissions::from_mode(0o710))?;
+                Ok(())
+            }
+            Err(e) => Err(unusable(format!(
+                "cannot grant the allowed users and groups access through an ACL ({e}); put the \
+                 store on a filesystem with POSIX ACLs, or allow a single group (--allow-gid) only"
+            ))),
+        }
+    }
+
+    /// Removes `rel` beneath `base`, a directory someone else may write (a user's bytecode
+    /// cache): resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink
+    /// planted anywhere on the way cannot send the removal elsewhere, then renamed by its
+    /// directory's descriptor into trash.
+    fn discard_beneath(&self, base: &Path, rel: &Path, name: &str) -> std::io::Result<()> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let (Some(parent), Some(leaf)) = (rel.parent(), rel.file_name()) else {
+            return Ok(());
+        };
+        let dir_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+        let base = match rustix::fs::open(base, dir_flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            other => other?,
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            base
+        } else {
+            let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            match rustix::fs::openat2(&base, parent, dir_flags, Mode::empty(), resolve) {
+                // Not there, or not reachable without a symlink: nothing of ours to remove.
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::XDEV) => {
+                    return Ok(());
+                }
+                other => other?,
+            }
+        };
+        let trash = rustix::fs::open(self.layout.trash_dir(), dir_flags, Mode::empty())?;
+        let target = format!("{name}-{}-{}", std::process::id(), unique_nanos());
+        match rustix::fs::renameat(&parent, leaf, &trash, target.as_str()) {
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            other => other?,
+        }
+        remove_tree(&self.layout.trash_dir().join(target))
     }
 
     /// Moves `path` (inside the store) to trash under a unique name, then deletes it.
     fn discard(&self, path: &Path, name: &str) -> std::io::Result<()> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let target = self
-            .layout
-            .trash_dir()
-            .join(format!("{name}-{}-{nanos}", std::process::id()));
+        let target =
+            self.layout
+                .trash_dir()
+                .join(format!("{name}-{}-{}", std::process::id(), unique_nanos()));
         // Moving a directory to another parent rewrites its `..`: a sealed (0555) entry must
         // be made writable first. lstat: a symlink is never followed.
         if let Ok(meta) = path.symlink_metadata()
@@ -233,6 +324,12 @@ impl Store {
     }
 }
 
+fn unique_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 fn is_staging_id(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit() || b == b'-')
 }
@@ -256,7 +353,11 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
     }
     match path.symlink_metadata() {
         Ok(meta) if meta.is_dir() => {
-            make_writable(path)?;
+            // Root needs no write bits, and must not chmod by path in a tree another user
+            // may still reach through an open descriptor (a bytecode cache moved to trash).
+            if crate::sys::geteuid() != 0 {
+                make_writable(path)?;
+            }
             std::fs::remove_dir_all(path)
         }
         Ok(_) => std::fs::remove_file(path),

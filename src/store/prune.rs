@@ -139,9 +139,11 @@ impl Store {
         let path = self.layout.entry_path(id);
         self.discard(&path, &id.to_string())?;
         if id.kind == EntryKind::Env {
-            let pycache = self.layout.pycache_of(&path);
-            if pycache.exists() {
-                self.discard(&pycache, &format!("pycache-{}", id.digest))?;
+            // The env's part of every user's bytecode cache (each mirrors source paths).
+            let rel = path.strip_prefix("/").unwrap_or(&path);
+            for user in fs_err::read_dir(self.layout.pycache_dir())? {
+                let user = user?;
+                self.discard_beneath(&user.path(), rel, &format!("pycache-{}", id.digest))?;
             }
         }
         Ok(())

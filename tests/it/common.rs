@@ -368,6 +368,37 @@ pub fn python() -> &'static Path {
     })
 }
 
+/// A Python every user can run (the tests' own may live under root's home): for workers
+/// that run as other users. Checked as uid 65534 by `test -x` in a shell, never by exec
+/// through `setpriv`, which keeps root's capabilities across that exec.
+pub fn shared_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let candidates = [python().to_path_buf(), PathBuf::from("/usr/bin/python3")];
+        candidates
+            .iter()
+            .find(|p| {
+                Command::new("setpriv")
+                    .args([
+                        "--reuid=65534",
+                        "--regid=65534",
+                        "--clear-groups",
+                        "sh",
+                        "-c",
+                        "test -x \"$1\"",
+                        "sh",
+                    ])
+                    .arg(p)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .map(|p| p.canonicalize().unwrap())
+            .unwrap_or_else(|| {
+                panic!("these tests need a Python that other users can run; tried {candidates:?}")
+            })
+    })
+}
+
 /// Builds tiny pure-Python wheels into `dir`: (distribution, version, module source),
 /// with the same script the Python SDK's tests use.
 pub fn wheelhouse(dir: &Path, wheels: &[(&str, &str, &str)]) {

@@ -1604,3 +1604,94 @@ fn a_stopped_worker_leaves_nothing_behind() {
     assert_eq!(sleeping("313"), Vec::<u32>::new());
     assert_eq!(sleeping("314"), Vec::<u32>::new());
 }
+
+/// A worker of `uid` running `python -c code` in `runtime_env`; its stdout once it ended.
+fn python_as(daemon: &Daemon, uid: u32, runtime_env: &Value, code: &str) -> String {
+    let body = json!({"runtime_env": runtime_env, "argv": ["python", "-c", code]});
+    let (status, w) = as_user(&daemon.socket, uid, "POST", "/v1/workers", Some(&body));
+    assert_eq!(status, 200, "{w}");
+    let id = w["worker_id"].as_str().unwrap().to_string();
+    let (_, done) = as_user(
+        &daemon.socket,
+        uid,
+        "GET",
+        &format!("/v1/workers/{id}?wait=true"),
+        None,
+    );
+    assert_eq!(
+        done["state"],
+        "succeeded",
+        "{done}: {}",
+        logs(daemon, &id, "stderr")
+    );
+    logs(daemon, &id, "stdout")
+}
+
+/// Bytecode is per user: a tenant's forged bytecode for the standard library's `json`,
+/// which its own workers do load, never runs in another tenant's worker, and no tenant
+/// can write into another's cache.
+#[test]
+fn one_tenants_bytecode_never_runs_in_anothers_worker() {
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = crate::common::shared_python().to_str().unwrap();
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+            "--python",
+            python,
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let env = json!({"pip": ["tinypkg==1.0"]});
+    let victim_cache = python_as(
+        &daemon,
+        1001,
+        &env,
+        "import os; print(os.environ['PYTHONPYCACHEPREFIX'])",
+    );
+    let victim_cache = victim_cache.trim();
+    assert_eq!(
+        Path::new(victim_cache),
+        ws.store_v1("pycache/1001").canonicalize().unwrap()
+    );
+
+    // The attacker compiles its own json (the real one, plus a line) into its cache, with
+    // the header of the real source's mtime and size, so Python takes it as up to date.
+    let forge = format!(
+        "import os, importlib.util, importlib._bootstrap_external as ext\n\
+         src = importlib.util.find_spec('json').origin\n\
+         st = os.stat(src)\n\
+         code = compile(\"print('PLANTED')\\n\" + open(src).read(), src, 'exec')\n\
+         pyc = importlib.util.cache_from_source(src)\n\
+         os.makedirs(os.path.dirname(pyc), exist_ok=True)\n\
+         open(pyc, 'wb').write(ext._code_to_timestamp_pyc(code, st.st_mtime, st.st_size))\n\
+         try:\n    open({victim:?} + '/planted', 'w')\nexcept PermissionError:\n    print('refused')\n",
+        victim = victim_cache
+    );
+    assert_eq!(python_as(&daemon, 1000, &env, &forge).trim(), "refused");
+    assert_eq!(
+        python_as(&daemon, 1000, &env, "import json").trim(),
+        "PLANTED",
+        "the forgery works where it was planted: in the attacker's own cache"
+    );
+    assert_eq!(
+        python_as(&daemon, 1001, &env, "import json; print('clean')").trim(),
+        "clean",
+        "another tenant's worker never loads it"
+    );
+    let meta = std::fs::metadata(victim_cache).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (1001, 0o700));
+    daemon.assert_healthy(&env);
+}

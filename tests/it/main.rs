@@ -12,5 +12,6 @@ mod hostile_zips;
 mod prune;
 mod python_sdk;
 mod spec_cli;
+mod store_safety;
 mod venvs;
 mod zips;

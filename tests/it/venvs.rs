@@ -68,10 +68,14 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         built["env"]["PATH"],
         format!("{}/bin:${{PATH}}", built["venv"]["path"].as_str().unwrap())
     );
-    // Workers' bytecode goes to the node's cache, never into the read-only entry, even
-    // where the node says not to write bytecode (that is about source trees).
+    // Workers' bytecode goes to their user's own cache, never into the read-only entry,
+    // even where the node says not to write bytecode (that is about source trees).
     let pycache = built["env"]["PYTHONPYCACHEPREFIX"].as_str().unwrap();
-    assert_eq!(Path::new(pycache), ws.store_v1("pycache").canonicalize().unwrap());
+    assert_eq!(
+        Path::new(pycache),
+        ws.store_v1("pycache/0").canonicalize().unwrap()
+    );
+    assert_eq!(crate::common::mode_of(Path::new(pycache)), 0o700);
     assert_eq!(built["env"]["PYTHONDONTWRITEBYTECODE"], "");
     let spec = ws.spec("one-run.json", &json!({"pip": ["tinypkg==1.0"]}));
     let out = ws

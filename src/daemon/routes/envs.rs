@@ -22,47 +22,56 @@ use crate::daemon::error::ApiError;
 use crate::daemon::peer::Caller;
 use crate::daemon::state::Hold;
 use crate::digest::EnvId;
+use crate::store::Store;
 
-/// The `POST /v1/envs` answer (`"created": false`) per env, serialized once. Each is kept
+/// The `POST /v1/envs` answer (`"created": false`) per env and user (the context names the
+/// user's own bytecode cache), serialized once. Each is kept
 /// with the env it describes: when the daemon rebuilds an env it holds a new `BuiltEnv`,
 /// so an answer whose env is not that same one is stale and is made again.
 const MAX_ANSWERS: usize = 16_384;
 
 #[derive(Default)]
-pub(super) struct Answers(Mutex<HashMap<EnvId, (Arc<BuiltEnv>, Bytes)>>);
+pub(super) struct Answers(Mutex<HashMap<AnswerKey, (Arc<BuiltEnv>, Bytes)>>);
+
+/// An env, and the uid it was answered to.
+type AnswerKey = (EnvId, u32);
 
 impl Answers {
-    fn existing(&self, built: &Arc<BuiltEnv>) -> Bytes {
-        if let Some((env, body)) = self.0.lock().unwrap().get(&built.env_id)
+    fn existing(&self, built: &Arc<BuiltEnv>, store: &Store, caller: &Caller) -> Result<Bytes, ApiError> {
+        let key = (built.env_id, caller.uid);
+        if let Some((env, body)) = self.0.lock().unwrap().get(&key)
             && Arc::ptr_eq(env, built)
         {
-            return body.clone();
+            return Ok(body.clone());
         }
-        let body = Bytes::from(env_json(built, false).to_string());
+        let body = Bytes::from(env_json(built, store, caller, false)?.to_string());
         let mut answers = self.0.lock().unwrap();
         // A cache of what the state layer remembers: when it has forgotten many envs,
         // start over rather than keep their answers.
         if answers.len() >= MAX_ANSWERS {
             answers.clear();
         }
-        answers.insert(built.env_id, (Arc::clone(built), body.clone()));
-        body
+        answers.insert(key, (Arc::clone(built), body.clone()));
+        Ok(body)
     }
 }
 
-fn env_json(built: &BuiltEnv, created: bool) -> Value {
+fn env_json(built: &BuiltEnv, store: &Store, caller: &Caller, created: bool) -> Result<Value, ApiError> {
     let (working_dir_bytes, venv_bytes) = built.bytes();
-    json!({
+    let context = built
+        .context_for(store, caller.uid, caller.gid)
+        .map_err(|e| ApiError::internal(format!("the caller's bytecode cache: {e}")))?;
+    Ok(json!({
         "env_id": built.env_id.to_string(),
-        "python": built.context.python,
-        "cwd": built.context.cwd,
-        "env": built.context.env,
+        "python": context.python,
+        "cwd": context.cwd,
+        "env": context.env,
         "working_dir": built.working_dir_path(),
         "venv": built.venv.as_ref().map(|e| e.path.clone()),
         "bytes": working_dir_bytes + venv_bytes,
         "created": created,
         "timings_ms": built.timings_ms,
-    })
+    }))
 }
 
 #[derive(Deserialize)]
@@ -87,9 +96,9 @@ pub(super) async fn create(
         .hold(built.env_id, caller.uid, Hold::Reference(request.tag))
         .await?;
     let body = if created {
-        Bytes::from(env_json(&built, true).to_string())
+        Bytes::from(env_json(&built, &app.daemon.store, &caller, true)?.to_string())
     } else {
-        app.answers.existing(&built)
+        app.answers.existing(&built, &app.daemon.store, &caller)?
     };
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
