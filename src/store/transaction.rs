@@ -78,9 +78,14 @@ pub enum Contents<'a> {
     /// The files its writer listed (a copied or unpacked tree, whose writer already gave
     /// every file and directory below the root its final mode).
     Manifest(&'a Manifest),
-    /// Unknown (an installer's output): walked without following symlinks; every
-    /// directory is made read-only here, files keep their modes.
-    Walk,
+    /// Unknown (an installer's output): walked without following symlinks, and sealed
+    /// here through descriptors opened with `O_NOFOLLOW`: every file and directory made
+    /// read-only (no write, setuid, setgid or sticky bit; a file the installer hardlinked
+    /// from its cache is sealed there too, so no one can change it in either place) and
+    /// owned by the store's owner. Files of `builder` (the build user an installer ran
+    /// as) are taken over; anything owned by anyone else, or that is no regular file,
+    /// directory or symlink, refuses the commit.
+    Walk { builder: Option<u32> },
 }
 
 /// What a caller hands over with its filled staging dir.
@@ -233,20 +238,25 @@ impl Store {
 
         let start = Instant::now();
         let staged = staging.entry_dir();
+        let builder = match commit.contents {
+            Contents::Walk { builder } => builder,
+            Contents::Manifest(_) => None,
+        };
         let (files, bytes) = match commit.contents {
             Contents::Manifest(manifest) => {
                 sync_manifest(&staged, manifest, progress)?;
                 (manifest.file_count() as u64, manifest.content_bytes())
             }
-            Contents::Walk => {
+            Contents::Walk { builder } => {
                 let walked = walk_tree(&staged)?;
-                sync_walked(&walked, progress)?;
-                fsync_dir(&staged)?;
+                sync_walked(&walked, builder, progress)?;
                 // Deepest first, so every directory is still writable while its children
-                // are sealed.
+                // are sealed; the root once it is in place (moving a directory to another
+                // parent rewrites its `..`, which needs it writable).
                 for dir in walked.dirs.iter().rev() {
-                    set_mode(dir, package::tree::DIR_MODE)?;
+                    seal(dir, true, builder)?;
                 }
+                fsync_dir(&staged)?;
                 (walked.files.len() as u64, walked.bytes)
             }
         };
@@ -255,7 +265,7 @@ impl Store {
         let start = Instant::now();
         fs_err::rename(&staged, &path)?;
         fsync_dir(&self.layout.entries_dir(entry_id.kind))?;
-        set_mode(&path, package::tree::DIR_MODE)?;
+        seal(&path, true, builder)?;
         let marker = Marker::new(entry_id, bytes, files, commit.source, commit.description);
         write_json_atomic(&marker_path, &marker)?;
         drop(staging);
@@ -329,10 +339,6 @@ pub(super) fn ms(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
 
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
 /// Makes a staged tree durable before it is published: fdatasync every file (writeback
 /// was started as each was written, so this mostly waits for I/O already under way) and
 /// fsync every directory, in parallel. Per-file rather than `syncfs`, so the cost is our
@@ -360,6 +366,48 @@ struct Walked {
     bytes: u64,
 }
 
+/// Makes the file or directory at `path` the store owner's and read-only, through a
+/// descriptor that is never a symlink's target (see [`Contents::Walk`]); a file is also
+/// made durable. Returns nothing to undo: a refused commit is discarded whole.
+fn seal(path: &Path, is_dir: bool, builder: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if is_dir {
+        flags |= libc::O_DIRECTORY;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let meta = file.metadata()?;
+    let me = crate::sys::geteuid();
+    if meta.uid() != me {
+        if Some(meta.uid()) != builder {
+            return Err(std::io::Error::other(format!(
+                "{}: owned by uid {}, neither the store's owner nor the build user; refusing to store it",
+                path.display(),
+                meta.uid()
+            )));
+        }
+        std::os::unix::fs::fchown(&file, Some(me), Some(crate::sys::getegid()))?;
+    }
+    let mode = meta.mode() & 0o7777;
+    let sealed = if is_dir {
+        package::tree::DIR_MODE
+    } else {
+        mode & 0o555
+    };
+    // After a chown the kernel has cleared setuid/setgid already; set the mode anyway.
+    if mode != sealed || meta.uid() != me {
+        file.set_permissions(std::fs::Permissions::from_mode(sealed))?;
+    }
+    if !is_dir {
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
 /// Lists a freshly built tree without following symlinks.
 fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     let mut walked = Walked {
@@ -378,6 +426,11 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
             } else if kind.is_file() {
                 walked.bytes += entry.metadata()?.len();
                 walked.files.push(entry.path());
+            } else if !kind.is_symlink() {
+                return Err(std::io::Error::other(format!(
+                    "{}: not a regular file, directory or symlink; refusing to store it",
+                    entry.path().display()
+                )));
             }
         }
     }
@@ -385,8 +438,8 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     Ok(walked)
 }
 
-/// fdatasync every file and fsync every directory of a walked tree (and its root).
-fn sync_walked(walked: &Walked, progress: &Progress) -> std::io::Result<()> {
+/// Seals and fdatasyncs every file and fsyncs every directory of a walked tree.
+fn sync_walked(walked: &Walked, builder: Option<u32>, progress: &Progress) -> std::io::Result<()> {
     let all: Vec<(&PathBuf, bool)> = walked
         .files
         .iter()
@@ -400,7 +453,7 @@ fn sync_walked(walked: &Walked, progress: &Progress) -> std::io::Result<()> {
         if is_dir {
             fsync_dir(path)
         } else {
-            fs_err::File::open(path)?.sync_data()
+            seal(path, false, builder)
         }
     })?;
     phase.finish();

@@ -376,7 +376,7 @@ fn ensure_once(
     // The last successful build's log, under a stable name.
     let _ = fs_err::rename(&log, store.layout().last_build_log_path(id));
     let commit = Commit {
-        contents: Contents::Walk,
+        contents: Contents::Walk { builder: None },
         source: serde_json::to_value(&plan.description.requirements).expect("strings serialize"),
         description: serde_json::to_value(&plan.description).expect("an env description serializes"),
         timings_ms: BTreeMap::from([("install", install_ms)]),

@@ -103,6 +103,27 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         "{compiled:?}"
     );
     assert_eq!(crate::common::mode_of(Path::new(&site)), 0o555);
+    // Every file is sealed, those hardlinked from the installer's cache included (an
+    // append to one would change every env sharing the inode, and the cache).
+    let mut writable = Vec::new();
+    let mut shared = 0;
+    let venv = Path::new(built["venv"]["path"].as_str().unwrap());
+    let files = crate::common::tree_listing(venv)
+        .into_iter()
+        .filter(|rel| !rel.ends_with('/') && !rel.contains(" -> "));
+    for rel in files {
+        use std::os::unix::fs::MetadataExt;
+        let path = venv.join(&rel);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.file_type().is_file() {
+            if meta.mode() & 0o7222 != 0 {
+                writable.push((path.clone(), meta.mode() & 0o7777));
+            }
+            shared += usize::from(meta.nlink() > 1);
+        }
+    }
+    assert!(writable.is_empty(), "{writable:?}");
+    assert!(shared > 0, "the check covered files shared with the uv cache");
 
     let again = build(&ws, &flags, &json!({"pip": ["tinypkg==1.0"]}), "one-again.json");
     assert_eq!(again["venv"]["created"], false);
