@@ -33,6 +33,8 @@ pub const RENV_ALLOW_DIRECT_URLS: &str = "RENV_ALLOW_DIRECT_URLS";
 /// The daemon's socket (`--socket`), for `renv daemon` and its clients. Default:
 /// `renv.sock` in the store directory.
 pub const RENV_SOCKET: &str = "RENV_SOCKET";
+/// Who the daemon's installers run as (`renv daemon --build-user`).
+pub const RENV_BUILD_USER: &str = "RENV_BUILD_USER";
 /// The daemon's GPU set (`--gpus`): `auto`, `none` or ids.
 pub const RENV_GPUS: &str = "RENV_GPUS";
 /// Compile all bytecode when an env is built (`--compile-bytecode`).

@@ -91,6 +91,76 @@ pub fn run_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: &[u32
     }
 }
 
+/// Kills every process of the user `uid` (primary group `gid`), as Nix kills a build
+/// user's leftovers: a child made that user sends SIGKILL to all the processes it may
+/// signal (`kill(-1)`), which are exactly that user's, itself excepted. Only for a user
+/// nothing else runs as. Needs root.
+pub fn kill_all_of(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: between fork and _exit the child (one thread) calls only async-signal-safe
+    // functions (setgroups, setresgid, setresuid, kill, _exit) on values it already has,
+    // as a multithreaded parent's child must; the parent waits for that pid only.
+    unsafe {
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                let became = libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(gid, gid, gid) == 0
+                    && libc::setresuid(uid, uid, uid) == 0;
+                if became {
+                    libc::kill(-1, libc::SIGKILL);
+                }
+                libc::_exit(if became { 0 } else { 1 });
+            }
+            child => {
+                let mut status = 0;
+                while libc::waitpid(child, &mut status, 0) == -1 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                match libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                    true => Ok(()),
+                    false => Err(io::Error::other(format!(
+                        "could not become uid {uid} to kill its processes"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// A user's entry in `/etc/passwd`.
+#[derive(Debug, Clone)]
+pub struct Passwd {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+}
+
+/// The first `/etc/passwd` entry `matches` accepts.
+pub fn passwd_entry(matches: impl Fn(&Passwd) -> bool) -> Option<Passwd> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    // name:password:uid:gid:gecos:home:shell
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() == 7).then(|| {
+                Some(Passwd {
+                    name: f[0].to_string(),
+                    uid: f[2].parse().ok()?,
+                    gid: f[3].parse().ok()?,
+                    home: f[5].to_string(),
+                    shell: f[6].to_string(),
+                })
+            })?
+        })
+        .find(|entry| matches(entry))
+}
+
 /// Lets `cmd`'s child inherit `fds`, which stay close-on-exec in this process (so no
 /// other child, started meanwhile by another thread, gets them): their flag is cleared in
 /// the child between fork and exec. They are closed here when `cmd` is dropped.

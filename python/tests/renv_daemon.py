@@ -30,6 +30,10 @@ class Daemon:
         self.log_path = os.path.join(store, "daemon.log")
         os.makedirs(store, exist_ok=True)
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("RENV_") or k == "RENV_UV"}
+        if os.geteuid() == 0:
+            # A root daemon must be told who installers run as; tests and benchmarks
+            # build their own packages.
+            child_env["RENV_BUILD_USER"] = "root"
         child_env.update(env or {})
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(

@@ -10,6 +10,7 @@ use crate::daemon::gpus::{GpuSpec, ZeroGpus};
 use crate::daemon::{DaemonConfig, serve};
 use crate::env_vars;
 use crate::error::Error;
+use crate::venv::BuildUser;
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -28,6 +29,12 @@ pub struct DaemonArgs {
     /// What a worker given no GPUs sees: CUDA_VISIBLE_DEVICES="" (`hide`) or the daemon's (`inherit`).
     #[arg(long, value_enum, default_value_t = ZeroGpus::Hide)]
     zero_gpus: ZeroGpus,
+    /// The user installers (uv, pip: an sdist's build runs its own code) run as, as Nix's
+    /// nixbld: a dedicated system user nothing else runs as (its processes are killed
+    /// after every build). Required when the daemon runs as root; `root` runs them as
+    /// root, for a node only trusted users reach.
+    #[arg(long, env = env_vars::RENV_BUILD_USER, value_name = "USER|UID")]
+    build_user: Option<String>,
     /// Most simultaneous connections.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
@@ -67,6 +74,8 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let mut policy = args.venv.policy();
+    policy.build_user = build_user(args.build_user.as_deref(), &args.allow_uids)?;
     let store = args.store.open(None)?;
     let socket = args
         .socket
@@ -91,6 +100,51 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .enable_all()
         .build()?;
     runtime
-        .block_on(serve(config, store, args.venv.policy()))
+        .block_on(serve(config, store, policy))
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Resolves `--build-user` (a name or a uid) against what the daemon runs as.
+fn build_user(arg: Option<&str>, allow_uids: &[u32]) -> Result<Option<BuildUser>, Error> {
+    let invalid = |message: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
+    let me = crate::sys::geteuid();
+    let Some(arg) = arg else {
+        return match me {
+            0 => Err(invalid(
+                "renv daemon runs as root, so its installers (uv, pip: an sdist's build runs its own code) \
+                 need an unprivileged user: pass --build-user USER, a dedicated system user \
+                 (useradd --system --no-create-home renv-build), or --build-user root on a node only \
+                 trusted users reach"
+                    .into(),
+            )),
+            _ => Ok(None),
+        };
+    };
+    let (uid, gid) = match crate::sys::passwd_entry(|e| e.name == arg || e.uid.to_string() == arg) {
+        Some(entry) => (entry.uid, entry.gid),
+        None => match arg.parse::<u32>() {
+            Ok(uid) => (uid, uid),
+            Err(_) => {
+                return Err(invalid(format!(
+                    "--build-user {arg}: no such user in /etc/passwd"
+                )));
+            }
+        },
+    };
+    // `root` (or the daemon's own user): installers run as the daemon itself.
+    if uid == me || uid == 0 {
+        return Ok(None);
+    }
+    if me != 0 {
+        return Err(invalid(format!(
+            "--build-user {arg}: only a daemon running as root can run installers as another user"
+        )));
+    }
+    if allow_uids.contains(&uid) {
+        return Err(invalid(format!(
+            "--build-user {arg} (uid {uid}) is also an allowed caller (--allow-uid); the build user must be \
+             one nothing else runs as: its processes are killed after every build"
+        )));
+    }
+    Ok(Some(BuildUser { uid, gid }))
 }

@@ -134,6 +134,8 @@ impl VenvArgs {
             allow_direct_urls: self.allow_direct_urls,
             system_site_packages: self.system_site_packages,
             compile_bytecode: self.compile_bytecode,
+            // The CLI's installers run as whoever runs renv (see `renv daemon --build-user`).
+            build_user: None,
         }
     }
 }

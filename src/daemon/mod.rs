@@ -98,7 +98,14 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         gids: config.allow_gids.clone(),
     };
     // The callers' workers run in the store's entries; no one else may look into it.
-    store.grant_traverse(&config.allow_uids, &config.allow_gids)?;
+    // The build user writes its builds there too.
+    let reach: Vec<u32> = config
+        .allow_uids
+        .iter()
+        .copied()
+        .chain(policy.build_user.map(|user| user.uid))
+        .collect();
+    store.grant_traverse(&reach, &config.allow_gids)?;
     let listener = socket::bind(&config.socket, &access)?;
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);

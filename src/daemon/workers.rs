@@ -82,14 +82,8 @@ fn tenant_env_of(uid: u32, daemon_env: &BTreeMap<String, String>) -> BTreeMap<St
         .iter()
         .filter_map(|name| Some((name.to_string(), daemon_env.get(*name)?.clone())))
         .collect();
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    // name:password:uid:gid:gecos:home:shell
-    let entry = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() == 7 && f[2].parse::<u32>() == Ok(uid));
-    let (name, home, shell) = match &entry {
-        Some(f) => (f[0].to_string(), f[5].to_string(), f[6].to_string()),
+    let (name, home, shell) = match crate::sys::passwd_entry(|entry| entry.uid == uid) {
+        Some(entry) => (entry.name, entry.home, entry.shell),
         None => (uid.to_string(), "/".to_string(), "/bin/sh".to_string()),
     };
     env.insert("HOME".into(), home);

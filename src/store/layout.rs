@@ -16,6 +16,7 @@
 //!   locks/prune.lock            one prune at a time
 //!   locks/uv-cache.lock         shared by builds using the uv cache, exclusive to prune it
 //!   locks/tool-<name>.lock      exclusive while bootstrapping a tool into tools/
+//!   locks/build-user-<uid>.lock held by the build running as that build user
 //!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
 //!   trash/                      entries being deleted
 //!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
@@ -25,6 +26,7 @@
 //!                               an env's part goes with the env)
 //!   tools/<name>/               bootstrapped tools (the pinned uv)
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
+//!   uv-cache-<uid>/             the wheel cache of the build user <uid>, that user's
 //!   logs/                       build logs; logs/workers/: worker output
 //! ```
 
@@ -131,6 +133,8 @@ pub enum LockName<'a> {
     Staging,
     Prune,
     UvCache,
+    /// Held by the one build running as this build user on the node.
+    BuildUser(u32),
     /// Bootstrapping the tool `tools/<name>`.
     Tool(&'a str),
 }
@@ -289,6 +293,7 @@ impl Layout {
             LockName::Staging => "staging".into(),
             LockName::Prune => "prune".into(),
             LockName::UvCache => "uv-cache".into(),
+            LockName::BuildUser(uid) => format!("build-user-{uid}"),
             LockName::Tool(name) => format!("tool-{name}"),
         };
         self.root.join("locks").join(format!("{name}.lock"))
@@ -340,6 +345,12 @@ impl Layout {
     /// The installer's wheel cache: on the store's filesystem, so installs hardlink.
     pub fn uv_cache_dir(&self) -> PathBuf {
         self.root.join("uv-cache")
+    }
+
+    /// The wheel cache of builds run as the build user `uid` (theirs to write, so never
+    /// the store owner's own cache).
+    pub fn uv_cache_dir_of_build_user(&self, uid: u32) -> PathBuf {
+        self.root.join(format!("uv-cache-{uid}"))
     }
 
     /// The users' bytecode caches, outside the read-only entries.

@@ -103,7 +103,7 @@ fn bootstrap_uv(
         .layout()
         .logs_dir()
         .join(format!("bootstrap-uv-{version}.log"));
-    let mut sandbox = Sandbox::new(work.path(), log, timeout)?;
+    let mut sandbox = Sandbox::new(work.path(), log, timeout, None)?;
     let requirement = format!("uv=={version}");
     // `--isolated`: no user config, no PIP_* variables; the node's site-wide config
     // (/etc/pip.conf: CA bundle, mirror) is the operator's and still applies.

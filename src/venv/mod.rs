@@ -35,6 +35,7 @@ use serde::Serialize;
 
 pub use installer::{Installer, UV_VERSION};
 pub use interpreter::Interpreter;
+pub use sandbox::BuildUser;
 use sandbox::Sandbox;
 
 use crate::digest::{Digest, EnvKey};
@@ -157,6 +158,8 @@ pub struct VenvPolicy {
     /// Compile all bytecode at build time (`--compile-bytecode`), instead of lazily into
     /// the per-env bytecode cache.
     pub compile_bytecode: bool,
+    /// Who installers run as (`renv daemon --build-user`); `None`: renv's own user.
+    pub build_user: Option<BuildUser>,
 }
 
 /// Everything that decides what an env holds, and its key.
@@ -169,6 +172,9 @@ pub struct VenvPlan {
     pub index: IndexConfig,
     pub system_site_packages: bool,
     pub compile_bytecode: bool,
+    /// Who the installer runs as; not part of the key (who builds an env does not change
+    /// what it holds: the store checks and seals it either way).
+    pub build_user: Option<BuildUser>,
     /// What the key is the digest of (kept in the entry's marker).
     pub description: EnvDescription,
 }
@@ -269,6 +275,7 @@ pub fn plan(
         index: policy.index.clone(),
         system_site_packages: policy.system_site_packages,
         compile_bytecode: policy.compile_bytecode,
+        build_user: policy.build_user,
         description,
     })
 }
@@ -368,7 +375,16 @@ fn ensure_once(
         .build_log_path(id, &format!("{}-{nanos}", std::process::id()));
     let start = Instant::now();
     let venv = tx.entry_dir();
-    build(plan, &venv, tx.work_dir(), store, log.clone(), timeout)?;
+    {
+        // One build at a time per build user; its leftovers are killed when it ends,
+        // before the store seals what it made.
+        let slot = plan
+            .build_user
+            .map(|user| sandbox::BuildSlot::take(store, user))
+            .transpose()?;
+        let user = slot.as_ref().map(sandbox::BuildSlot::user);
+        build(plan, &venv, tx.work_dir(), store, log.clone(), timeout, user)?;
+    }
     if let Installer::Pip { .. } = plan.installer {
         relocate_scripts(&venv, &store.layout().entry_path(id))?;
     }
@@ -376,7 +392,9 @@ fn ensure_once(
     // The last successful build's log, under a stable name.
     let _ = fs_err::rename(&log, store.layout().last_build_log_path(id));
     let commit = Commit {
-        contents: Contents::Walk { builder: None },
+        contents: Contents::Walk {
+            builder: plan.build_user.map(|user| user.uid),
+        },
         source: serde_json::to_value(&plan.description.requirements).expect("strings serialize"),
         description: serde_json::to_value(&plan.description).expect("an env description serializes"),
         timings_ms: BTreeMap::from([("install", install_ms)]),
@@ -392,22 +410,51 @@ fn build(
     store: &Store,
     log: PathBuf,
     timeout: Option<Duration>,
+    user: Option<BuildUser>,
 ) -> Result<(), VenvError> {
-    let mut sandbox = Sandbox::new(work, log, timeout)?;
+    let mut sandbox = Sandbox::new(work, log, timeout, user)?;
     match &plan.installer {
-        Installer::Uv { path: uv, .. } => build_with_uv(plan, uv, venv, store, &mut sandbox),
+        Installer::Uv { path: uv, .. } => {
+            let cache = match user {
+                None => store.layout().uv_cache_dir(),
+                Some(user) => build_user_cache(store, user)?,
+            };
+            build_with_uv(plan, uv, venv, &cache, store, &mut sandbox)
+        }
         Installer::Pip { pip_version } => build_with_pip(plan, pip_version.as_deref(), venv, &mut sandbox),
     }
+}
+
+/// The build user's own wheel cache, made for it on first use: a real directory owned
+/// by that user (what it writes there is linked into envs only after the store has sealed
+/// each file as the store owner's).
+fn build_user_cache(store: &Store, user: BuildUser) -> Result<PathBuf, VenvError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = store.layout().uv_cache_dir_of_build_user(user.uid);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => std::os::unix::fs::lchown(&dir, Some(user.uid), Some(user.gid))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    let meta = fs_err::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != user.uid {
+        return Err(VenvError::Io(std::io::Error::other(format!(
+            "{}: not a directory of the build user (uid {}); refusing to use it",
+            dir.display(),
+            user.uid
+        ))));
+    }
+    Ok(dir)
 }
 
 fn build_with_uv(
     plan: &VenvPlan,
     uv: &Path,
     venv: &Path,
+    cache: &Path,
     store: &Store,
     sandbox: &mut Sandbox,
 ) -> Result<(), VenvError> {
-    let cache = store.layout().uv_cache_dir();
     // Builds share the cache; `renv prune` cleans it only when no build holds this.
     let _cache_in_use = store.lock(LockName::UvCache, LockMode::Shared)?;
     let env: [(&str, &OsStr); 2] = [

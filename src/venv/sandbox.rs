@@ -2,7 +2,9 @@
 //! `env_vars` are for the worker, not the installer, and no `PIP_*`/`UV_*` from outside
 //! leaks in), a private `HOME` and `TMPDIR` so no user config is read, stdin closed, a
 //! neutral cwd, its own process group, all output to the build log, and a deadline at
-//! which the whole group is killed.
+//! which the whole group is killed. With a [`BuildUser`], every step runs as that
+//! unprivileged user (an sdist's build code is anyone's code), and when the build is over
+//! everything that user still runs is killed ([`BuildSlot`]).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -14,6 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::VenvError;
+use crate::store::{LockFile, LockMode, LockName, Store};
 
 /// Variables passed through from renv's own environment: where to find programs, and the
 /// node's network configuration (proxies, CA bundles). Nothing else.
@@ -35,6 +38,43 @@ const PASSED_THROUGH: [&str; 12] = [
 /// How many lines of a failed step's output go into the error message.
 pub const TAIL_LINES: usize = 40;
 
+/// An unprivileged user installers run as when renv runs as root (`--build-user`), as
+/// Nix's `nixbld`: what it makes becomes the store owner's only once the store has
+/// checked and sealed it, and nothing else on the node may run as it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The build user's, for one build at a time on this node (the store's lock
+/// `build-user-<uid>`): when it is over, every process of that user is killed, so no
+/// leftover of one build (a daemonized child of an sdist's build) can reach into the
+/// next, or into what the store is sealing.
+pub struct BuildSlot {
+    user: BuildUser,
+    _lock: LockFile,
+}
+
+impl BuildSlot {
+    pub fn take(store: &Store, user: BuildUser) -> Result<BuildSlot, VenvError> {
+        let lock = store.lock(LockName::BuildUser(user.uid), LockMode::Exclusive)?;
+        Ok(BuildSlot { user, _lock: lock })
+    }
+
+    pub fn user(&self) -> BuildUser {
+        self.user
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        if let Err(e) = crate::sys::kill_all_of(self.user.uid, self.user.gid) {
+            tracing::warn!(uid = self.user.uid, error = %e, "could not kill the build user's processes");
+        }
+    }
+}
+
 pub struct Sandbox {
     home: PathBuf,
     tmp: PathBuf,
@@ -42,16 +82,29 @@ pub struct Sandbox {
     log_path: PathBuf,
     deadline: Option<Instant>,
     timeout: Option<Duration>,
+    user: Option<BuildUser>,
 }
 
 impl Sandbox {
     /// A sandbox whose scratch dirs live in `work` and whose output goes to `log_path`.
-    /// `timeout` bounds every step run in it, together.
-    pub fn new(work: &Path, log_path: PathBuf, timeout: Option<Duration>) -> Result<Sandbox, VenvError> {
+    /// `timeout` bounds every step run in it, together. With a build `user`, `work` and
+    /// the scratch dirs become that user's (the installer writes the env under `work`);
+    /// the log stays renv's (the steps get it as their output, already open).
+    pub fn new(
+        work: &Path,
+        log_path: PathBuf,
+        timeout: Option<Duration>,
+        user: Option<BuildUser>,
+    ) -> Result<Sandbox, VenvError> {
         let home = work.join("home");
         let tmp = work.join("tmp");
         fs_err::create_dir_all(&home)?;
         fs_err::create_dir_all(&tmp)?;
+        if let Some(user) = user {
+            for dir in [work, &home, &tmp] {
+                std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))?;
+            }
+        }
         let log = fs_err::File::create(&log_path)?.into_parts().0;
         Ok(Sandbox {
             home,
@@ -60,6 +113,7 @@ impl Sandbox {
             log_path,
             deadline: timeout.map(|t| Instant::now() + t),
             timeout,
+            user,
         })
     }
 
@@ -97,6 +151,9 @@ impl Sandbox {
         }
         for (name, value) in env {
             cmd.env(name, value);
+        }
+        if let Some(user) = self.user {
+            crate::sys::run_as(&mut cmd, user.uid, user.gid, &[]);
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|e| VenvError::Spawn {

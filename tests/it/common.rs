@@ -42,6 +42,9 @@ impl Workspace {
         cmd.env("RENV_STORE", self.store())
             .env("RENV_UV", uv())
             .env("RENV_PYTHON", python())
+            // A root daemon must be told who installers run as; the tests' builds are
+            // their own (a test that uses a real build user says so).
+            .env("RENV_BUILD_USER", "root")
             .current_dir(self.dir.path());
         cmd
     }

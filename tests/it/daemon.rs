@@ -811,7 +811,7 @@ fn running_out_of_file_descriptors_is_survived() {
     let mut child = Command::new("prlimit")
         .args(["--nofile=64:64", "--"])
         .arg(env!("CARGO_BIN_EXE_renv"))
-        .args(["daemon", "--gpus", "none", "--socket"])
+        .args(["daemon", "--gpus", "none", "--build-user", "root", "--socket"])
         .arg(&socket)
         .env("RENV_STORE", ws.store())
         .stderr(Stdio::null())
@@ -1694,4 +1694,162 @@ fn one_tenants_bytecode_never_runs_in_anothers_worker() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (1001, 0o700));
     daemon.assert_healthy(&env);
+}
+
+/// Installers never run as root: with `--build-user`, every uv step runs as that user,
+/// what it leaves running is killed when the build ends, and the env it made is the store
+/// owner's and sealed: the build user can change nothing in it, not even through the
+/// files its own cache shares with the env.
+#[test]
+fn installers_run_as_the_build_user_and_what_they_make_is_sealed() {
+    use std::os::unix::fs::MetadataExt;
+    const BUILDER: u32 = 1002;
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A uv that says who runs it, and leaves a process behind as an sdist's build could.
+    let record = ws.write("uv-calls", "");
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let wrapper = ws.write(
+        "uv-wrapper",
+        format!(
+            "#!/bin/sh\necho \"$(id -u) $1\" >> {record}\n\
+             [ \"$1\" = venv ] && setsid sleep 300 >/dev/null 2>&1 < /dev/null &\n\
+             exec {uv} \"$@\"\n",
+            record = record.display(),
+            uv = crate::common::uv().display()
+        ),
+    );
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = crate::common::shared_python().to_str().unwrap();
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--python",
+            python,
+            "--uv",
+            wrapper.to_str().unwrap(),
+            "--build-user",
+            &BUILDER.to_string(),
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let env = json!({"pip": ["tinypkg==1.0"]});
+    let out = python_as(
+        &daemon,
+        1000,
+        &env,
+        "import tinypkg, sys; print(tinypkg.VERSION); print(tinypkg.__file__)",
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("1.0"));
+    let module = Path::new(lines.next().unwrap()).to_path_buf();
+
+    let calls = std::fs::read_to_string(&record).unwrap();
+    let steps: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.ends_with(" venv") || l.ends_with(" pip"))
+        .collect();
+    assert!(steps.len() >= 2, "{calls}");
+    assert!(
+        steps.iter().all(|l| l.starts_with(&format!("{BUILDER} "))),
+        "every install step ran as the build user: {calls}"
+    );
+    assert_eq!(
+        live_processes_of(BUILDER),
+        Vec::<u32>::new(),
+        "the build's leftovers were killed"
+    );
+
+    let meta = std::fs::metadata(&module).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7222),
+        (0, 0),
+        "sealed, the store owner's"
+    );
+    let cache = ws.store_v1(&format!("uv-cache-{BUILDER}"));
+    let shared = Command::new("find")
+        .arg(&cache)
+        .args(["-inum", &meta.ino().to_string()])
+        .output()
+        .unwrap();
+    let shared = String::from_utf8(shared.stdout).unwrap();
+    assert!(
+        !shared.trim().is_empty(),
+        "the env's file is linked from the build user's cache"
+    );
+    for target in [module.to_str().unwrap(), shared.lines().next().unwrap()] {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={BUILDER}"),
+                &format!("--regid={BUILDER}"),
+                "--clear-groups",
+            ])
+            .args(["sh", "-c", "echo 'print(\"PLANTED\")' >> \"$1\"", "sh", target])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the build user wrote {target}");
+    }
+    assert_eq!(
+        python_as(&daemon, 1000, &env, "import tinypkg; print(tinypkg.VERSION)").trim(),
+        "1.0"
+    );
+    daemon.assert_healthy(&env);
+}
+
+/// A root daemon must be told who installers run as, and refuses a build user that is
+/// also a caller (its processes are killed after every build).
+#[test]
+fn a_root_daemon_needs_a_build_user_of_its_own() {
+    let ws = setup();
+    let err = Daemon::try_start(&ws, &["--gpus", "none", "--build-user", ""]).err();
+    assert!(err.is_some_and(|e| e.contains("--build-user")));
+    let mut cmd = ws.renv();
+    cmd.env_remove("RENV_BUILD_USER")
+        .args(["daemon", "--gpus", "none", "--socket"])
+        .arg(ws.path("s.sock"));
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --build-user USER"),
+        "{out:?}"
+    );
+    let err = Daemon::try_start(
+        &ws,
+        &["--gpus", "none", "--allow-uid", "1002", "--build-user", "1002"],
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("also an allowed caller"), "{err}");
+}
+
+/// The pids of `uid`'s processes that are not zombies (a killed orphan stays one until
+/// the container's init reaps it).
+fn live_processes_of(uid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        };
+        if field("Uid:").as_deref() == Some(&uid.to_string()) && field("State:").as_deref() != Some("Z") {
+            pids.push(pid);
+        }
+    }
+    pids
 }
