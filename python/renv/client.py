@@ -3,9 +3,10 @@
 Environments: ``get_or_create_env`` / ``release_env`` / ``list_envs`` (a reference keeps
 an env leased, so ``renv prune`` leaves it alone). Jobs are the daemon's workers:
 ``submit_job`` / ``get_job_status`` / ``get_job_info`` / ``get_job_logs`` /
-``tail_job_logs`` / ``stop_job`` / ``list_jobs``. A local ``working_dir`` is packaged by
-the ``renv`` binary itself (``renv package``), so its digest is exactly the one the
-daemon checks the upload against.
+``tail_job_logs`` / ``stop_job`` / ``list_jobs``. A local ``working_dir`` (a directory, a
+``.zip``, or a ``file://`` URI of either) is packaged by the ``renv`` binary itself
+(``renv package``) and uploaded, so its digest is exactly the one the daemon checks the
+upload against, and the daemon never opens the client's files.
 """
 
 from __future__ import annotations
@@ -141,8 +142,17 @@ def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
 
-def _is_local_path(working_dir: str) -> bool:
-    return "://" not in working_dir
+_FILE_SCHEME = "file://"
+
+
+def _local_path(working_dir: str) -> Optional[str]:
+    """The local path a ``working_dir`` names (a plain path, or a ``file://`` URI: the
+    daemon would open that with its own rights, so it refuses it from other users), or
+    ``None`` for a URI the daemon resolves itself (``pkg://``)."""
+    if working_dir.startswith(_FILE_SCHEME):
+        # As the daemon reads it: the rest of the URI is the absolute path, verbatim.
+        return working_dir[len(_FILE_SCHEME):]
+    return None if "://" in working_dir else working_dir
 
 
 class RenvClient:
@@ -188,7 +198,8 @@ class RenvClient:
         """Builds (or finds) the env and takes one reference on it, tagged ``ref``.
 
         The env stays leased until the reference is released with ``release_env``. A local
-        ``working_dir`` is uploaded first (see ``upload_package``).
+        ``working_dir`` (a path or a ``file://`` URI) is uploaded first (see
+        ``upload_package``).
         """
         payload: Dict[str, Any] = {"runtime_env": self._with_uploaded_working_dir(runtime_env)}
         if ref is not None:
@@ -237,18 +248,23 @@ class RenvClient:
         return found
 
     def _with_uploaded_working_dir(self, runtime_env: Dict[str, Any]) -> Dict[str, Any]:
-        """The spec with a local working_dir replaced by its uploaded ``pkg://`` URI
-        (its ``excludes`` applied by the packaging, so dropped)."""
+        """The spec with a local working_dir — a directory, a ``.zip``, or a ``file://``
+        URI of either — replaced by its uploaded ``pkg://`` URI (its ``excludes`` applied
+        by the packaging, so dropped). The daemon never reads the client's files: what it
+        would open with its own rights, the client uploads with its own."""
         if not isinstance(runtime_env, dict):
             raise TypeError(f"runtime_env: expected a dict, got {type(runtime_env).__name__}")
         working_dir = runtime_env.get("working_dir")
-        if not isinstance(working_dir, (str, os.PathLike)) or not _is_local_path(os.fspath(working_dir)):
+        if not isinstance(working_dir, (str, os.PathLike)):
+            return runtime_env
+        local = _local_path(os.fspath(working_dir))
+        if local is None:
             return runtime_env
         spec = dict(runtime_env)
         excludes = spec.pop("excludes", None) or []
         if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
             raise TypeError("excludes: expected a list of strings")
-        spec["working_dir"] = self.upload_package(working_dir, excludes=excludes)
+        spec["working_dir"] = self.upload_package(local, excludes=excludes)
         return spec
 
     # -- jobs -----------------------------------------------------------------------

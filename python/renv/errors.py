@@ -40,7 +40,8 @@ class RenvConflictError(RenvError):
 
 
 class RenvBusyError(RenvError):
-    """503: try again later (no free GPUs, too many connections)."""
+    """503 or 429: try again later (no free GPUs, too many connections in all or of this
+    user, a store entry locked by another process)."""
 
 
 class RenvServerError(RenvError):
@@ -61,6 +62,7 @@ _BY_STATUS = {
     404: RenvNotFoundError,
     409: RenvConflictError,
     413: RenvRequestError,
+    429: RenvBusyError,
     503: RenvBusyError,
 }
 

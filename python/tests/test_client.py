@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,66 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(RenvConnectionError) as caught:
             RenvClient(missing).list_envs()
         self.assertIn(missing, str(caught.exception))
+
+
+# What the SDK does for another user: run as uid 1000 against a root daemon.
+_AS_OTHER_USER = r"""
+import json, sys
+from renv import RenvClient, RenvPermissionError
+socket, renv, zip_path = sys.argv[1:]
+client = RenvClient(socket, renv_bin=renv)
+# Passed through, the daemon would open the zip with its own rights: it refuses.
+try:
+    client._http.json("POST", "/v1/envs", {"runtime_env": {"working_dir": "file://" + zip_path}})
+    refused = None
+except RenvPermissionError as e:
+    refused = e.message
+env = client.get_or_create_env({"working_dir": "file://" + zip_path}, ref="file-uri")
+print(json.dumps({"refused": refused, "working_dir": env.working_dir, "env_id": env.env_id}))
+"""
+
+
+@unittest.skipUnless(
+    hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv"),
+    "acting as another user needs root and setpriv",
+)
+class OtherUserTest(unittest.TestCase):
+    def test_a_file_uri_is_uploaded_by_the_client_not_opened_by_the_daemon(self):
+        with tempfile.TemporaryDirectory(prefix="renv-sdk-uid-") as tmp:
+            os.chmod(tmp, 0o755)
+            home = os.path.join(tmp, "home")
+            os.makedirs(home)
+            zip_path = os.path.join(home, "project.zip")
+            with zipfile.ZipFile(zip_path, "w") as z:
+                z.writestr("hello.py", "WORD = 'uploaded'\n")
+            for path in (home, zip_path):
+                os.chown(path, 1000, 1000)
+            os.chmod(home, 0o700)
+            with Daemon("--allow-uid", "1000", store=os.path.join(tmp, "store")) as daemon:
+                python_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+                env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "PYTHONPATH": python_dir}
+                done = subprocess.run(
+                    ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c"]
+                    + [_AS_OTHER_USER, daemon.socket, renv_bin(), zip_path],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                self.assertEqual(done.returncode, 0, done.stderr)
+                answer = json.loads(done.stdout)
+                self.assertIn("daemon's rights", answer["refused"] or "", "the daemon refuses file:// from uid 1000")
+                packaged = subprocess.run(
+                    [renv_bin(), "package", zip_path, "--json", "-o", os.path.join(tmp, "p.zip")],
+                    capture_output=True,
+                    check=True,
+                )
+                digest = json.loads(packaged.stdout)["digest"]
+                stored = os.path.join(daemon.store, "store-v1", "pkgs", digest)
+                self.assertEqual(answer["working_dir"], stored)
+                self.assertEqual(os.listdir(stored), ["hello.py"])
+                admin = RenvClient(daemon.socket)
+                record = {e.env_id: e for e in admin.list_envs()}[answer["env_id"]]
+                self.assertEqual(record.ref_tags, ["file-uri"])
 
 
 if __name__ == "__main__":

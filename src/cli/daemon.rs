@@ -35,9 +35,14 @@ pub struct DaemonArgs {
     /// root, for a node only trusted users reach.
     #[arg(long, env = env_vars::RENV_BUILD_USER, value_name = "USER|UID")]
     build_user: Option<String>,
-    /// Most simultaneous connections.
-    #[arg(long, default_value_t = 512)]
-    max_connections: usize,
+    /// Most simultaneous connections, all users together.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most simultaneous connections of one uid (default: a quarter of --max-connections,
+    /// at least 4); more are answered 429 at once. Root and the daemon's own user are
+    /// exempt (they are held to --max-connections only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_uid: Option<u32>,
     /// Largest JSON request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_json_bytes: usize,
@@ -52,6 +57,14 @@ pub struct DaemonArgs {
     /// nothing, before it is dropped.
     #[arg(long, default_value_t = 10)]
     header_timeout_seconds: u64,
+    /// Seconds a JSON request body (POST /v1/envs, /v1/workers) may take to arrive in
+    /// full; a slower one is answered 408 and its connection closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_seconds: u64,
+    /// Seconds a request waits for a store lock another process holds (its build of the
+    /// same entry, a prune) before it is answered 503 and gives back what it took.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    lock_timeout_seconds: u64,
     /// Seconds a stopped worker gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 10)]
     stop_grace_seconds: u64,
@@ -76,7 +89,11 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .init();
     let mut policy = args.venv.policy();
     policy.build_user = build_user(args.build_user.as_deref(), &args.allow_uids)?;
-    let store = args.store.open(None)?;
+    // Every lock wait a request can reach (leases, builds, staging) ends by this deadline,
+    // so waits for a lock that is never released cannot fill the blocking pool.
+    let store = args
+        .store
+        .open(Some(Duration::from_secs(args.lock_timeout_seconds)))?;
     let socket = args
         .socket
         .clone()
@@ -87,9 +104,13 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         allow_uids: args.allow_uids,
         allow_gids: args.allow_gids,
         zero_gpus: args.zero_gpus,
-        max_connections: args.max_connections,
+        max_connections: args.max_connections as usize,
+        max_connections_per_uid: args
+            .max_connections_per_uid
+            .map_or((args.max_connections as usize / 4).max(4), |n| n as usize),
         max_json_bytes: args.max_json_bytes,
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
+        body_timeout: Duration::from_secs(args.body_timeout_seconds),
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         max_store_size: args.max_store_size,
         gc_min_age: args.gc_min_age,

@@ -1,7 +1,9 @@
 //! The HTTP API's error: a status, a kind, the request field at fault and a message.
 //!
 //! Errors are always `{"error": {"kind", "field", "message"}}` with a status that fits:
-//! 400 bad input, 403 peer not allowed, 404, 409, 413 too large, 503 busy, 500 internal.
+//! 400 bad input, 403 peer not allowed, 404, 408 a body too slow to arrive, 409, 413 too
+//! large, 429 too many connections of one uid, 503 busy (no free GPUs, no free connection,
+//! a store lock another process held too long), 500 internal.
 //!
 //! This is the top of the error stack, not the bottom: the state layer ([`super::state`],
 //! [`super::workers`], [`super::packages`]) returns its own [`StateError`], which says
@@ -74,11 +76,54 @@ impl ApiError {
     }
 }
 
+/// The lock a request gave up waiting for (another process held it past
+/// `--lock-timeout-seconds`), wherever in renv's error it was met.
+fn lock_timeout(e: &crate::Error) -> Option<(&std::path::Path, std::time::Duration)> {
+    use crate::sources::SourceError;
+    use crate::store::StoreError;
+    use crate::venv::VenvError;
+    fn in_venv(e: &VenvError) -> Option<&StoreError> {
+        match e {
+            VenvError::Store(store) => Some(store),
+            VenvError::Shared(shared) => in_venv(shared),
+            _ => None,
+        }
+    }
+    let store = match e {
+        crate::Error::Store(store) | crate::Error::Source(SourceError::Store(store)) => store,
+        crate::Error::Venv(venv) => in_venv(venv)?,
+        _ => return None,
+    };
+    match store {
+        StoreError::LockTimeout { path, waited } => Some((path, *waited)),
+        _ => None,
+    }
+}
+
 impl From<&crate::Error> for ApiError {
     fn from(e: &crate::Error) -> Self {
         use crate::Error;
         use crate::sources::SourceError;
         let message = e.to_string();
+        if let Some((lock, waited)) = lock_timeout(e) {
+            // `locks/<entry>.lock`: the entry is the lock file's name.
+            let entry = lock.file_stem().map_or_else(
+                || lock.display().to_string(),
+                |s| s.to_string_lossy().into_owned(),
+            );
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                None,
+                format!(
+                    "the store entry {entry} is locked by another process (a build of it, a prune); \
+                     gave up after {} s (the daemon's --lock-timeout-seconds, or the spec's \
+                     config.setup_timeout_seconds for an installer's lock) and kept nothing of this \
+                     request; retry later",
+                    waited.as_secs()
+                ),
+            );
+        }
         match e {
             Error::Spec(spec) => ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -3,8 +3,10 @@
 //! The layers go one way, HTTP on top (an arrow is "uses"; no cycles):
 //!
 //! ```text
-//! mod       serve: the accept loop, peer policy, shutdown; the gc task
-//!           → socket, routes, error, workers, state, gpus; crate::store (gc)
+//! mod       serve: the accept loop, shutdown; the gc task
+//!           → connections, socket, routes, error, workers, state, gpus; crate::store (gc)
+//! connections  admission at accept: peer policy, connections per uid and in all, the
+//!           immediate answer to a refused connection       → peer
 //! routes    axum handlers: parse a request, call the state, shape the JSON; owns the
 //!           cached get-or-create answers          → error, workers, packages, state
 //! error     ApiError: status, kind, field, message; from StateError and crate::Error
@@ -19,13 +21,16 @@
 //! socket    creating the socket safely
 //! ```
 //!
-//! Nothing outside `routes`, `error` and this file knows about HTTP.
+//! Nothing outside `routes`, `error`, `connections` (a refusal's answer) and this file knows
+//! about HTTP.
 //!
 //! The accept loop is our own (hyper over tokio's `UnixListener`) so that every
 //! connection's peer is checked with SO_PEERCRED before a byte is read, connections are
-//! capped, slow clients are dropped, and running out of file descriptors backs off
-//! instead of spinning.
+//! capped per uid and in all ([`connections`]), slow clients are dropped (headers within
+//! `--header-timeout-seconds`, JSON bodies within `--body-timeout-seconds`, uploads that
+//! stall), and running out of file descriptors backs off instead of spinning.
 
+pub mod connections;
 pub mod error;
 pub mod gpus;
 pub mod logs;
@@ -43,7 +48,6 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::store::Store;
@@ -61,10 +65,14 @@ pub struct DaemonConfig {
     pub allow_gids: Vec<u32>,
     pub zero_gpus: ZeroGpus,
     pub max_connections: usize,
+    /// Most connections one uid may hold at once (root and the daemon's user: exempt).
+    pub max_connections_per_uid: usize,
     pub max_json_bytes: usize,
     /// A connection that sends no complete request headers for this long is dropped, and
     /// an upload that sends nothing for this long.
     pub header_timeout: Duration,
+    /// A JSON request body must arrive in full within this.
+    pub body_timeout: Duration,
     pub stop_grace: Duration,
     /// Keep the store under this size (`--max-store-size`): above it, prune down to 90%.
     pub max_store_size: Option<u64>,
@@ -125,6 +133,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     let limits = routes::Limits {
         max_json_bytes: config.max_json_bytes,
         idle: config.header_timeout,
+        body_timeout: config.body_timeout,
     };
     let app = routes::router(Arc::clone(&daemon), Arc::clone(&workers), limits);
     let peers = peer::PeerPolicy {
@@ -132,7 +141,8 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
         uids: config.allow_uids.clone(),
         gids: config.allow_gids.clone(),
     };
-    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let admission =
+        connections::Admission::new(peers, config.max_connections, config.max_connections_per_uid);
 
     loop {
         let accepted = tokio::select! {
@@ -149,41 +159,34 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
                 continue;
             }
         };
-        let caller = match stream.peer_cred() {
-            Ok(cred) => peers.admit(cred.uid(), cred.gid(), cred.pid()).map(Arc::new),
-            Err(_) => None,
-        };
-        // A refused peer never holds a slot.
-        let permit = match &caller {
-            Some(_) => Arc::clone(&slots).try_acquire_owned().ok(),
-            None => None,
+        let cred = stream
+            .peer_cred()
+            .ok()
+            .map(|cred| (cred.uid(), cred.gid(), cred.pid()));
+        // Before a byte is read: a refused peer, a uid at its cap or a full daemon is
+        // answered at once and holds nothing.
+        let admitted = match admission.admit(cred) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                tracing::debug!(?cred, reason = refused.kind(), "connection refused");
+                tokio::spawn(connections::refuse(stream, refused));
+                continue;
+            }
         };
         let app = app.clone();
         let timeout = config.header_timeout;
         tokio::spawn(async move {
+            let caller = Arc::clone(&admitted.caller);
             let service =
                 hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let app = app.clone();
-                    let busy = permit.is_none();
                     let caller = caller.clone();
                     async move {
-                        let Some(caller) = caller else {
-                            return Ok::<_, std::convert::Infallible>(refuse(
-                                axum::http::StatusCode::FORBIDDEN,
-                                "forbidden",
-                                "this user may not use the renv daemon; ask for --allow-uid or --allow-gid",
-                            ));
-                        };
-                        if busy {
-                            return Ok(refuse(
-                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                                "busy",
-                                "too many connections",
-                            ));
-                        }
                         let mut request = request.map(axum::body::Body::new);
                         request.extensions_mut().insert(caller);
-                        Ok(app.oneshot(request).await.unwrap_or_else(|never| match never {}))
+                        Ok::<_, std::convert::Infallible>(
+                            app.oneshot(request).await.unwrap_or_else(|never| match never {}),
+                        )
                     }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -191,6 +194,8 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
                 .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = conn.await;
+            // The connection's slot and its uid's place go back only now.
+            drop(admitted);
         });
     }
     tracing::info!("shutting down: stopping workers");
@@ -235,9 +240,4 @@ async fn collect_garbage(daemon: Arc<Daemon>, max: u64, min_age: Duration) {
             Err(e) => tracing::warn!(error = %e, "garbage collection panicked"),
         }
     }
-}
-
-fn refuse(status: axum::http::StatusCode, kind: &'static str, message: &str) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    error::ApiError::new(status, kind, None, message).into_response()
 }

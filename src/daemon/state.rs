@@ -396,8 +396,14 @@ impl Daemon {
 
     /// Adds a reference or a running worker of `owner` to an env. If the env's entries
     /// are not leased yet, the leases are taken on the blocking pool (another process may
-    /// hold an entry's lock for as long as it likes; the event loop never waits for it).
+    /// hold an entry's lock for as long as it likes; the event loop never waits for it,
+    /// and the wait ends at the store's lock deadline). If they cannot be taken, the hold
+    /// is given back and the error returned: nothing is held without its leases.
     pub async fn hold(self: &Arc<Self>, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
+        let taken = match &hold {
+            Hold::Reference(tag) => Taken::Reference(owner, tag.clone()),
+            Hold::Worker => Taken::Worker(owner),
+        };
         let unleased = {
             let mut envs = self.envs.lock().unwrap();
             let record = envs
@@ -410,28 +416,42 @@ impl Daemon {
             record.last_used = now();
             record.leases.is_none().then(|| Arc::clone(&record.built))
         };
-        if let Some(built) = unleased {
-            // The leases are recorded by a task of their own, so the hold (already counted)
-            // gets them even if this request's client goes away while they are taken.
-            let daemon = Arc::clone(self);
-            tokio::spawn(async move {
-                let store = Arc::clone(&daemon.store);
-                let leases = tokio::task::spawn_blocking(move || built.lease(&store).ok().flatten())
-                    .await
-                    .ok()
-                    .flatten();
-                let mut envs = daemon.envs.lock().unwrap();
-                if let Some(record) = envs.get_mut(&env_id)
-                    && record.leases.is_none()
-                    && !(record.refs.is_empty() && record.workers.is_empty())
-                {
-                    record.leases = leases;
+        let Some(built) = unleased else {
+            return Ok(());
+        };
+        // The leases are recorded (or the hold given back) by a task of their own, so
+        // that happens even if this request's client goes away while they are taken.
+        let daemon = Arc::clone(self);
+        tokio::spawn(async move {
+            let store = Arc::clone(&daemon.store);
+            let leased = tokio::task::spawn_blocking(move || built.lease(&store))
+                .await
+                .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))
+                .and_then(|leased| leased.map_err(StateError::from))
+                .and_then(|leases| {
+                    leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
+                });
+            let mut envs = daemon.envs.lock().unwrap();
+            let record = envs
+                .get_mut(&env_id)
+                .ok_or_else(|| StateError::Internal(format!("env {env_id} vanished while held")))?;
+            match leased {
+                Ok(leases) => {
+                    if record.leases.is_none() && !(record.refs.is_empty() && record.workers.is_empty()) {
+                        record.leases = Some(leases);
+                    }
+                    Ok(())
                 }
-            })
-            .await
-            .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?;
-        }
-        Ok(())
+                // Another hold leased the env meanwhile: this one is protected too.
+                Err(_) if record.leases.is_some() => Ok(()),
+                Err(e) => {
+                    record.give_back(&taken);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?
     }
 
     /// Drops the last reference `caller` took (the daemon's user and root: the last one
@@ -489,7 +509,30 @@ fn forget_idle(envs: &mut HashMap<EnvId, EnvRecord>, max: usize, keep: EnvId) ->
     forgotten
 }
 
+/// A hold as [`Daemon::hold`] took it, to give it back.
+enum Taken {
+    Reference(u32, Option<String>),
+    Worker(u32),
+}
+
 impl EnvRecord {
+    /// Gives back a hold that could not be leased (the newest one that matches).
+    fn give_back(&mut self, taken: &Taken) {
+        match taken {
+            Taken::Reference(owner, tag) => {
+                if let Some(at) = self.refs.iter().rposition(|(uid, t)| uid == owner && t == tag) {
+                    self.refs.remove(at);
+                }
+            }
+            Taken::Worker(owner) => {
+                if let Some(at) = self.workers.iter().rposition(|uid| uid == owner) {
+                    self.workers.remove(at);
+                }
+            }
+        }
+        self.drop_leases_if_unheld();
+    }
+
     /// The leases go with the last reference or worker.
     fn drop_leases_if_unheld(&mut self) {
         if self.refs.is_empty() && self.workers.is_empty() {

@@ -14,11 +14,13 @@
 //!
 //! Either way: a stopped worker's tree is killed after the grace whatever its leader did,
 //! and when a leader exits, whatever it left running is killed (as a container's processes
-//! end with its first process).
+//! end with its first process) — before the leader is reaped, so that its pid, which names
+//! the group, cannot have been given to another process meanwhile ([`Leader`]).
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Where workers' cgroups are made, if the node allows it.
@@ -139,35 +141,160 @@ impl WorkerCgroup {
     }
 }
 
-/// How a worker's tree is reached.
+/// A worker's leader: the process whose exit ends the worker, and whose pid is its process
+/// group's id. Both ids are the worker's only while the leader is unreaped: once it is
+/// reaped, the kernel may give the pid — and so the group id — to anyone. So the leader's
+/// exit is awaited *without* reaping it (`waitid(WNOWAIT)`), the zombie
+/// keeping both ids from being reused while the rest of the tree is killed; then it is
+/// marked reaped, under the lock every signal through its pid is sent under, and only
+/// then reaped. No signal ever reaches a group that is not the worker's.
 #[derive(Debug)]
-pub enum Tree {
-    Cgroup(WorkerCgroup),
-    /// Its process group (the leader's pid).
-    Group(i32),
+pub struct Leader {
+    pid: i32,
+    /// Set just before the leader is reaped.
+    reaped: Mutex<bool>,
 }
 
-impl Tree {
-    /// SIGKILL to all of it.
-    pub fn kill(&self) {
-        match self {
-            Tree::Cgroup(cgroup) => {
-                let _ = cgroup.kill();
-            }
-            Tree::Group(pgid) => {
-                let _ = crate::sys::kill_group(*pgid, libc::SIGKILL);
+impl Leader {
+    /// The leader with this pid: a child of this process that nothing has reaped yet.
+    pub fn new(pid: i32) -> Leader {
+        Leader {
+            pid,
+            reaped: Mutex::new(false),
+        }
+    }
+
+    /// `signal` to the leader's process group, unless the leader has been reaped (then
+    /// the group may be someone else's). Returns whether it was sent.
+    pub fn signal_group(&self, signal: libc::c_int) -> bool {
+        let reaped = self.reaped.lock().unwrap();
+        !*reaped && self.pid > 0 && crate::sys::kill_group(self.pid, signal).is_ok()
+    }
+
+    /// Returns once the leader has exited, leaving it unreaped: `waitid(WNOWAIT)` after
+    /// each SIGCHLD (the listener is in place before the first look, so no exit is missed).
+    pub async fn exited(&self) {
+        use rustix::process::{WaitId, WaitIdOptions, waitid};
+        let Some(pid) = rustix::process::Pid::from_raw(self.pid).filter(|_| self.pid > 0) else {
+            return;
+        };
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        // `Ok(None)`: not exited yet; an error (no such child) leaves nothing to wait for.
+        while let Ok(None) = waitid(WaitId::Pid(pid), options) {
+            match &mut sigchld {
+                Some(sigchld) => {
+                    sigchld.recv().await;
+                }
+                // No signal handler to be had: look again a little later.
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
     }
 
-    /// After the leader's exit: kills what it left, and returns once nothing is left
-    /// (as far as the daemon can tell).
-    pub async fn end(&self) {
-        match self {
-            Tree::Cgroup(cgroup) => cgroup.kill_and_remove().await,
-            Tree::Group(pgid) => {
-                let _ = crate::sys::kill_group(*pgid, libc::SIGKILL);
+    /// From now on nothing is signalled through the leader's pid: call it just before
+    /// reaping the leader.
+    pub fn mark_reaped(&self) {
+        *self.reaped.lock().unwrap() = true;
+    }
+}
+
+/// A worker's process tree: its leader, and its cgroup where the node allows one (else
+/// the tree is the leader's process group).
+#[derive(Debug)]
+pub struct Tree {
+    leader: Leader,
+    cgroup: Option<WorkerCgroup>,
+}
+
+impl Tree {
+    pub fn new(leader: Leader, cgroup: Option<WorkerCgroup>) -> Tree {
+        Tree { leader, cgroup }
+    }
+
+    pub fn leader(&self) -> &Leader {
+        &self.leader
+    }
+
+    /// `signal` to the leader's process group (how a stop asks the worker to end), while
+    /// the group is the worker's.
+    pub fn signal_group(&self, signal: libc::c_int) {
+        self.leader.signal_group(signal);
+    }
+
+    /// SIGKILL to all of it.
+    pub fn kill(&self) {
+        match &self.cgroup {
+            Some(cgroup) => {
+                let _ = cgroup.kill();
+            }
+            None => {
+                self.leader.signal_group(libc::SIGKILL);
             }
         }
+    }
+
+    /// After the leader's exit (and before it is reaped): kills what it left, and returns
+    /// once nothing is left (as far as the daemon can tell).
+    pub async fn end(&self) {
+        match &self.cgroup {
+            Some(cgroup) => cgroup.kill_and_remove().await,
+            None => {
+                self.leader.signal_group(libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    /// The leader's exit is seen without reaping it, so its group is killed while its pid
+    /// (the group's id) is still held; once marked reaped, nothing is signalled through it.
+    #[tokio::test]
+    async fn a_group_is_killed_before_its_leader_is_reaped_and_never_after() {
+        let left = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 1000 & echo $! > \"$0\"; exit 0"])
+            .arg(left.path());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = tokio::process::Command::from(cmd).spawn().unwrap();
+        let pid = child.id().unwrap();
+        let tree = Tree::new(Leader::new(pid as i32), None);
+        tree.leader().exited().await;
+        assert_eq!(
+            state(pid),
+            Some('Z'),
+            "exited, and not reaped: the pid is still ours"
+        );
+        let sleeper: u32 = loop {
+            match std::fs::read_to_string(left.path()).unwrap().trim().parse() {
+                Ok(pid) => break pid,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        assert_ne!(state(sleeper), None, "what the leader left is running");
+        tree.end().await;
+        tree.leader().mark_reaped();
+        let status = child.wait().await.unwrap();
+        assert!(status.success());
+        // The sleeper was the shell's child: once killed it is reparented and reaped.
+        for _ in 0..500 {
+            if matches!(state(sleeper), None | Some('Z')) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(state(sleeper), None | Some('Z')), "the group was killed");
+        assert!(
+            !tree.leader().signal_group(libc::SIGKILL),
+            "a reaped leader's group is never signalled"
+        );
     }
 }

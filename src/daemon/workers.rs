@@ -27,7 +27,7 @@ use super::gpus::{GpuPool, ZeroGpus};
 use super::logs::LogPool;
 use super::peer::Caller;
 use super::state::{Daemon, Hold, StateError, now};
-use super::tree::{Cgroups, Tree};
+use super::tree::{Cgroups, Leader, Tree};
 use crate::build::BuiltEnv;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -57,8 +57,8 @@ pub struct WorkerInfo {
     pub stderr_log: PathBuf,
     #[serde(skip)]
     pub stop_requested: bool,
-    /// The leader has been reaped: its pid (and process group id) may belong to someone
-    /// else now, so nothing is signalled through it any more.
+    /// The leader has exited: its tree is being ended (the leader is reaped, and its pid
+    /// and process group id let go, only once that is done; see [`Leader`]).
     #[serde(skip)]
     pub leader_exited: bool,
 }
@@ -324,6 +324,9 @@ impl Workers {
         let owner = caller.uid;
         if let Err(e) = daemon.hold(built.env_id, owner, Hold::Worker).await {
             give_back(self);
+            if let Some(cgroup) = &cgroup {
+                cgroup.kill_and_remove().await;
+            }
             return Err(e);
         }
         // Every failure from here on gives back what was taken: GPUs and the hold. The
@@ -359,10 +362,7 @@ impl Workers {
         };
         self.logs.refill_if_low();
         let pid = child.id().unwrap_or(0);
-        let tree = Arc::new(match cgroup {
-            Some(cgroup) => Tree::Cgroup(cgroup),
-            None => Tree::Group(pid as i32),
-        });
+        let tree = Arc::new(Tree::new(Leader::new(pid as i32), cgroup));
         self.trees
             .lock()
             .unwrap()
@@ -396,7 +396,8 @@ impl Workers {
         let reaper = Arc::clone(self);
         let env_id = built.env_id;
         tokio::spawn(async move {
-            let status = child.wait().await;
+            // The leader's exit, not yet reaped: its pid still names the worker's group.
+            tree.leader().exited().await;
             if let Some(w) = reaper.workers.lock().unwrap().get_mut(&worker_id) {
                 w.leader_exited = true;
             }
@@ -404,6 +405,9 @@ impl Workers {
             // ended: its state, its GPUs and `?wait=true` all say that nothing is left.
             tree.end().await;
             reaper.trees.lock().unwrap().remove(&worker_id);
+            // Only now is the leader reaped, and its pid free to be reused.
+            tree.leader().mark_reaped();
+            let status = child.wait().await;
             reaper.gpus.lock().unwrap().release(&gpus);
             {
                 let mut workers = reaper.workers.lock().unwrap();
@@ -486,7 +490,7 @@ impl Workers {
 
     /// SIGTERM to the worker's process group, SIGKILL after the grace period.
     pub fn stop(self: &Arc<Self>, id: &str, caller: &Caller) -> Result<WorkerInfo, StateError> {
-        let pid = {
+        {
             let mut workers = self.workers.lock().unwrap();
             let w = workers
                 .get_mut(id)
@@ -504,9 +508,10 @@ impl Workers {
                 drop(workers);
                 return self.find(id, caller);
             }
-            w.pid as i32
         };
-        signal_group(pid, libc::SIGTERM);
+        if let Some(tree) = self.trees.lock().unwrap().get(id) {
+            tree.signal_group(libc::SIGTERM);
+        }
         let grace = self.stop_grace;
         let watcher = Arc::clone(self);
         let watched = id.to_owned();
@@ -521,19 +526,21 @@ impl Workers {
 
     /// Stops every running worker (daemon shutdown): SIGTERM, then SIGKILL after the grace.
     pub async fn stop_all(&self) {
-        let running: Vec<i32> = {
+        let running: Vec<String> = {
             let mut workers = self.workers.lock().unwrap();
             workers
                 .values_mut()
                 .filter(|w| w.state == WorkerState::Running && !w.leader_exited)
                 .map(|w| {
                     w.stop_requested = true;
-                    w.pid as i32
+                    w.worker_id.clone()
                 })
                 .collect()
         };
-        for pid in &running {
-            signal_group(*pid, libc::SIGTERM);
+        for id in &running {
+            if let Some(tree) = self.trees.lock().unwrap().get(id) {
+                tree.signal_group(libc::SIGTERM);
+            }
         }
         let deadline = tokio::time::Instant::now() + self.stop_grace;
         while self.live() > 0 && tokio::time::Instant::now() < deadline {
@@ -555,8 +562,8 @@ impl Workers {
         }
     }
 
-    /// SIGKILL to all of a worker's tree, unless its leader has been reaped (then the
-    /// reaper is ending the tree, and the pid may be someone else's).
+    /// SIGKILL to all of a worker's tree, unless its leader has exited (then the reaper
+    /// is ending the tree).
     fn kill_tree(&self, id: &str) {
         let leader_exited = self
             .workers
@@ -570,11 +577,5 @@ impl Workers {
         if let Some(tree) = self.trees.lock().unwrap().get(id) {
             tree.kill();
         }
-    }
-}
-
-pub fn signal_group(pid: i32, signal: libc::c_int) {
-    if pid > 0 {
-        let _ = crate::sys::kill_group(pid, signal);
     }
 }

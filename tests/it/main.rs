@@ -6,6 +6,7 @@ mod common;
 mod concurrency;
 mod crash;
 mod daemon;
+mod daemon_limits;
 mod digest;
 mod excludes;
 mod hostile_zips;

@@ -86,7 +86,7 @@ struct CreateEnv {
 pub(super) async fn create(
     State(app): AppState,
     Extension(caller): Extension<Arc<Caller>>,
-    body: Bytes,
+    body: super::JsonBody,
 ) -> ApiResult<Response> {
     app.daemon.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let request: CreateEnv = app.parse_json(&body)?;

@@ -58,8 +58,10 @@ struct App {
 pub struct Limits {
     /// Largest JSON request body.
     pub max_json_bytes: usize,
-    /// How long a request body may send nothing.
+    /// How long an upload may send nothing.
     pub idle: std::time::Duration,
+    /// How long a JSON body may take to arrive in full.
+    pub body_timeout: std::time::Duration,
 }
 
 pub fn router(daemon: Arc<Daemon>, workers: Arc<Workers>, limits: Limits) -> axum::Router {
@@ -85,16 +87,63 @@ pub fn router(daemon: Arc<Daemon>, workers: Arc<Workers>, limits: Limits) -> axu
         .with_state(app)
 }
 
+/// A JSON request body, read in full within `--body-timeout-seconds` and
+/// `--max-json-bytes`: a client that sends its headers and then trickles (or never sends)
+/// the body is answered 408, and its connection (and slot) let go, instead of holding
+/// them for as long as it likes.
+pub(super) struct JsonBody(Bytes);
+
+impl axum::extract::FromRequest<Arc<App>> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, app: &Arc<App>) -> ApiResult<JsonBody> {
+        use futures_util::StreamExt;
+        let limit = app.limits.max_json_bytes;
+        let too_large = |size: String| {
+            ApiError::too_large(format!(
+                "request body is {size} bytes; the limit is {limit} (--max-json-bytes)"
+            ))
+        };
+        let declared = request
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(declared) = declared.filter(|n| *n > limit as u64) {
+            return Err(too_large(declared.to_string()));
+        }
+        let read = async {
+            let mut body = request.into_body().into_data_stream();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk
+                    .map_err(|e| ApiError::bad_request("body", format!("reading the request body: {e}")))?;
+                if bytes.len() + chunk.len() > limit {
+                    return Err(too_large(format!("more than {limit}")));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(Bytes::from(bytes))
+        };
+        let timeout = app.limits.body_timeout;
+        match tokio::time::timeout(timeout, read).await {
+            Ok(body) => body.map(JsonBody),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                Some("body".into()),
+                format!(
+                    "the request body did not arrive in full within {} s (--body-timeout-seconds); \
+                     send the whole body right after the headers",
+                    timeout.as_secs()
+                ),
+            )),
+        }
+    }
+}
+
 impl App {
     /// Parses a JSON body, with errors in the API's shape.
-    fn parse_json<T: serde::de::DeserializeOwned>(&self, body: &Bytes) -> ApiResult<T> {
-        if body.len() > self.limits.max_json_bytes {
-            return Err(ApiError::too_large(format!(
-                "request body is {} bytes; the limit is {}",
-                body.len(),
-                self.limits.max_json_bytes
-            )));
-        }
+    fn parse_json<T: serde::de::DeserializeOwned>(&self, JsonBody(body): &JsonBody) -> ApiResult<T> {
         serde_json::from_slice(body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -30,7 +30,7 @@ struct StartWorker {
 pub(super) async fn start(
     State(app): AppState,
     Extension(caller): Extension<Arc<Caller>>,
-    body: Bytes,
+    body: super::JsonBody,
 ) -> ApiResult<Json<Value>> {
     let request: StartWorker = app.parse_json(&body)?;
     super::check_label("name", request.name.as_deref())?;
