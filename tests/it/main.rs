@@ -13,4 +13,5 @@ mod prune;
 mod python_sdk;
 mod spec_cli;
 mod venvs;
+mod zip_safety;
 mod zips;
