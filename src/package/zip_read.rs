@@ -12,6 +12,9 @@
 //! - would push the entry count or the bytes *actually written* past the limits
 //!   (declared sizes are checked first as a cheap early exit, but headers lie).
 //!
+//! Before the central directory is parsed at all, the counts its end records declare are
+//! held to the same caps ([`super::zip_eocd`]): parsing is what costs memory.
+//!
 //! Files are created with [`create_file`] (`O_EXCL | O_NOFOLLOW`, renv's modes), so
 //! setuid/setgid/world-write bits never reach the disk. The caller owns `dest` and
 //! removes it on error, so a rejected archive leaves no trace.
@@ -30,11 +33,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use zip::ZipArchive;
+use zip::read::{ArchiveOffset, Config};
 
 use super::hash_cache::HashCache;
 use super::manifest::{EntryKind, Manifest, ManifestEntry};
 use super::tree::{create_file, seal_dirs};
-use super::{PackageError, copy_hashing, parallel_map, scan, symlink};
+use super::{PackageError, copy_hashing, parallel_map, scan, symlink, zip_eocd};
 use crate::digest::Digest;
 use crate::progress::Progress;
 
@@ -43,6 +47,9 @@ const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFLNK: u32 = 0o120000;
 const MAX_SYMLINK_TARGET: u64 = 4096;
+/// The most central-directory bytes one entry may need: the 46-byte fixed header, a name
+/// up to PATH_MAX (4096) and room for extra fields and a comment.
+const MAX_DIRECTORY_BYTES_PER_ENTRY: u64 = 8 << 10;
 
 /// Caps on what one archive may put on disk.
 #[derive(Debug, Clone, Copy)]
@@ -243,15 +250,49 @@ pub fn unpack(
     OpenZip::open(zip_path)?.unpack(dest, limits, threads, progress)
 }
 
+/// Refuses an archive whose end records declare more than the caps allow, before its
+/// central directory is parsed.
+fn check_declared(reader: &mut ReadAt, limits: UnpackLimits) -> Result<(), ArchiveError> {
+    let declared = zip_eocd::declared(reader)?;
+    if declared.entries > limits.max_entries as u64 {
+        return Err(reject(
+            None,
+            format!(
+                "{} entries, more than the limit of {}",
+                declared.entries, limits.max_entries
+            ),
+        ));
+    }
+    let max_bytes = (limits.max_entries as u64).saturating_mul(MAX_DIRECTORY_BYTES_PER_ENTRY);
+    if declared.directory_bytes > max_bytes {
+        return Err(reject(
+            None,
+            format!(
+                "a central directory of {} bytes, more than the limit of {max_bytes} \
+                 ({} entries of at most {MAX_DIRECTORY_BYTES_PER_ENTRY} bytes)",
+                declared.directory_bytes, limits.max_entries
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn unpack_from(
-    reader: ReadAt,
+    mut reader: ReadAt,
     dest: &Path,
     limits: UnpackLimits,
     threads: usize,
     progress: &Progress,
 ) -> Result<Manifest, ArchiveError> {
-    let mut archive =
-        ZipArchive::new(reader).map_err(|e| reject(None, format!("not a readable zip: {e}")))?;
+    check_declared(&mut reader, limits)?;
+    // Offsets as written: with `Detect` the zip reader would search the file for a
+    // directory that fits when the declared one does not, and the check above could not
+    // know which one it found. Data prepended to an archive is refused instead.
+    let config = Config {
+        archive_offset: ArchiveOffset::Known(0),
+    };
+    let mut archive = ZipArchive::with_config(config, reader)
+        .map_err(|e| reject(None, format!("not a readable zip: {e}")))?;
     if archive.len() > limits.max_entries {
         return Err(reject(
             None,
@@ -506,6 +547,32 @@ mod tests {
         writer.finish().unwrap().into_inner()
     }
 
+    /// The same archive with ZIP64 end records: its EOCD says "see ZIP64", and the ZIP64
+    /// record (claiming `entries`) holds the real directory size and offset.
+    fn as_zip64(zip: &[u8], entries: u64) -> Vec<u8> {
+        let (body, eocd) = zip.split_at(zip.len() - 22);
+        let directory_bytes = u32::from_le_bytes(eocd[12..16].try_into().unwrap()) as u64;
+        let directory_offset = u32::from_le_bytes(eocd[16..20].try_into().unwrap()) as u64;
+        let mut out = body.to_vec();
+        let end64 = out.len() as u64;
+        out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+        out.extend_from_slice(&44u64.to_le_bytes());
+        out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&entries.to_le_bytes());
+        out.extend_from_slice(&entries.to_le_bytes());
+        out.extend_from_slice(&directory_bytes.to_le_bytes());
+        out.extend_from_slice(&directory_offset.to_le_bytes());
+        out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&end64.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        out.extend_from_slice(&[0xff; 8]);
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out
+    }
+
     /// Unpacks `bytes` (written to a file) with `limits` into a fresh directory.
     fn unpack_bytes(bytes: &[u8], limits: UnpackLimits) -> Result<Manifest, ArchiveError> {
         let dir = tempfile::tempdir().unwrap();
@@ -516,10 +583,75 @@ mod tests {
         unpack(&path, &dest, limits, 2, &Progress::hidden())
     }
 
+    fn rejection(result: Result<Manifest, ArchiveError>) -> String {
+        match result {
+            Err(ArchiveError::Rejected { entry: None, reason }) => reason,
+            other => panic!("expected the whole archive rejected, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_real_zip_under_the_cap_unpacks() {
         let manifest = unpack_bytes(&real_zip(3), LIMITS).unwrap();
         assert_eq!(manifest.file_count(), 3);
+    }
+
+    #[test]
+    fn a_declared_count_over_the_cap_is_refused_before_parsing() {
+        let limits = UnpackLimits {
+            max_entries: 2,
+            ..LIMITS
+        };
+        assert_eq!(
+            rejection(unpack_bytes(&real_zip(3), limits)),
+            "3 entries, more than the limit of 2"
+        );
+    }
+
+    #[test]
+    fn a_directory_claiming_2_pow_32_entries_is_refused() {
+        // Only the claim: parsing it would fail (or, were it real, cost hundreds of GB).
+        let bytes = as_zip64(&real_zip(1), 1 << 32);
+        assert_eq!(
+            rejection(unpack_bytes(&bytes, LIMITS)),
+            "4294967296 entries, more than the limit of 100"
+        );
+    }
+
+    #[test]
+    fn zip64_end_records_are_read_and_held_to_the_cap() {
+        let bytes = as_zip64(&real_zip(3), 3);
+        let manifest = unpack_bytes(&bytes, LIMITS).unwrap();
+        assert_eq!(manifest.file_count(), 3);
+        let limits = UnpackLimits {
+            max_entries: 2,
+            ..LIMITS
+        };
+        assert_eq!(
+            rejection(unpack_bytes(&bytes, limits)),
+            "3 entries, more than the limit of 2"
+        );
+    }
+
+    #[test]
+    fn a_directory_too_large_for_the_cap_is_refused() {
+        let mut bytes = real_zip(1);
+        let at = bytes.len() - 22 + 12;
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let reason = rejection(unpack_bytes(&bytes, LIMITS));
+        assert!(
+            reason.starts_with("a central directory of 4294967295 bytes, more than the limit of 819200"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn data_before_the_archive_is_refused() {
+        // Offsets are taken as written; a reader searching for a directory that fits could
+        // find one the end records (and so the caps) never declared.
+        let mut bytes = b"#!/bin/sh\nexit 0\n".to_vec();
+        bytes.extend(real_zip(2));
+        assert!(rejection(unpack_bytes(&bytes, LIMITS)).starts_with("not a readable zip"));
     }
 
     #[test]

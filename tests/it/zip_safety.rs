@@ -1,14 +1,15 @@
 //! A shared node's attacks on what renv stores, played against the real binary: a zip
-//! swapped between hashing and unpacking.
+//! swapped between hashing and unpacking, and a zip whose central directory would cost
+//! more memory than its caps allow.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success, list_dir};
+use crate::common::{Workspace, assert_success, list_dir, raw_zip};
 
 /// `renv package PATH --json` against `store`, whatever its outcome.
 fn package_output(ws: &Workspace, store: &Path, path: &str) -> Output {
@@ -132,4 +133,74 @@ fn a_zip_swapped_while_it_is_stored_never_aliases_the_other_tree() {
         );
         assert_eq!(printed_digest(out), found[0].1, "{}", store.display());
     }
+}
+
+/// A ZIP64 archive whose end records claim `entries`; its one real file makes it
+/// otherwise well formed.
+fn zip_claiming(entries: u64) -> Vec<u8> {
+    let zip = raw_zip::build(&[raw_zip::file("a.txt", b"a")]);
+    let (body, eocd) = zip.split_at(zip.len() - 22);
+    let mut out = body.to_vec();
+    let end64 = out.len() as u64;
+    out.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+    out.extend_from_slice(&44u64.to_le_bytes());
+    out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&entries.to_le_bytes());
+    out.extend_from_slice(&entries.to_le_bytes());
+    out.extend_from_slice(&u64::from(u32::from_le_bytes(eocd[12..16].try_into().unwrap())).to_le_bytes());
+    out.extend_from_slice(&u64::from(u32::from_le_bytes(eocd[16..20].try_into().unwrap())).to_le_bytes());
+    out.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&end64.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&[0xff; 12]);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+fn assert_nothing_stored(ws: &Workspace) {
+    assert!(
+        ws.committed_packages().is_empty(),
+        "{:?}",
+        ws.committed_packages()
+    );
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    assert!(aliases(&ws.store()).is_empty());
+}
+
+/// The entry cap holds before the central directory is parsed (parsing is what costs
+/// memory: 2 M entries took 435 MB before they were counted), for a real directory over
+/// the cap and for a claim of 2^32 entries alike.
+#[test]
+fn a_zip_declaring_more_entries_than_the_cap_is_refused_before_it_is_parsed() {
+    let ws = Workspace::new();
+    for i in 0..300 {
+        ws.write(&format!("many/f{i:03}.txt"), format!("{i}"));
+    }
+    ws.package_zip("many", "many.zip");
+    let spec = ws.spec("many.json", &json!({"working_dir": "many.zip"}));
+    let (code, stderr) = ws.build_fails(&spec, &["--max-zip-entries", "100"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("many.zip: 300 entries, more than the limit of 100"),
+        "{stderr}"
+    );
+    assert_nothing_stored(&ws);
+
+    std::fs::write(ws.path("claims.zip"), zip_claiming(1 << 32)).unwrap();
+    let spec = ws.spec("claims.json", &json!({"working_dir": "claims.zip"}));
+    let (code, stderr) = ws.build_fails(&spec, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("claims.zip: 4294967296 entries, more than the limit of 200000"),
+        "{stderr}"
+    );
+    assert_nothing_stored(&ws);
+
+    // The same archive, honest about its one entry, is fine.
+    std::fs::write(ws.path("honest.zip"), zip_claiming(1)).unwrap();
+    let spec = ws.spec("honest.json", &json!({"working_dir": "honest.zip"}));
+    assert_eq!(ws.build(&spec)["package"]["files"], 1);
 }
