@@ -1,15 +1,17 @@
-//! A shared node's attacks on what renv stores, played against the real binary: a zip
-//! swapped between hashing and unpacking, and a zip whose central directory would cost
-//! more memory than its caps allow.
+//! A shared node's attacks on what renv stores: a zip swapped between hashing and
+//! unpacking, a zip whose central directory would cost more memory than its caps allow,
+//! and a stat cache forged by another user. Each is played against the real binary.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success, list_dir, raw_zip};
+use crate::common::{Workspace, assert_success, list_dir, raw_zip, set_mode};
 
 /// `renv package PATH --json` against `store`, whatever its outcome.
 fn package_output(ws: &Workspace, store: &Path, path: &str) -> Output {
@@ -203,4 +205,67 @@ fn a_zip_declaring_more_entries_than_the_cap_is_refused_before_it_is_parsed() {
     std::fs::write(ws.path("honest.zip"), zip_claiming(1)).unwrap();
     let spec = ws.spec("honest.json", &json!({"working_dir": "honest.zip"}));
     assert_eq!(ws.build(&spec)["package"]["files"], 1);
+}
+
+/// Root builds a tree, so its stat cache is recorded. Another user who may write the
+/// cache directory (a group-shared store) renames over it a cache forged from another
+/// tree's: the victim's files, by their real stats, "contain" the other tree's bytes.
+/// The victim's next build must hash its real files and get its real tree.
+#[test]
+fn a_hash_cache_forged_by_another_user_is_not_believed() {
+    let ws = Workspace::new();
+    // Same names and sizes: the forged digests make exactly the other tree's manifest,
+    // which is in the store, so believing the cache would hand over that tree.
+    for (tree, word) in [("victim", "honest"), ("other", "forged")] {
+        ws.write(&format!("{tree}/main.py"), format!("print('{word}')\n"));
+        ws.write(&format!("{tree}/lib/util.py"), format!("WHO = '{word}'\n"));
+    }
+    // Files younger than the racy margin are not cached; let them age.
+    std::thread::sleep(Duration::from_millis(1100));
+    let store = ws.store();
+    let other = package(&ws, &store, "other");
+    let real = package(&ws, &store, "victim");
+    assert_eq!(real, package(&ws, &ws.path("fresh"), "victim"));
+    assert_ne!(real, other);
+
+    let hashes = ws.store_v1("cache/hashes");
+    let cache_of = |tree: &str| -> PathBuf {
+        let root = std::fs::canonicalize(ws.path(tree)).unwrap();
+        renv::package::hash_cache::HashCache::path_for(&hashes, &root)
+    };
+    let read = |path: &Path| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+    let (victim_cache, other_cache) = (read(&cache_of("victim")), read(&cache_of("other")));
+    let mut forged = victim_cache.clone();
+    for (rel, entry) in forged["entries"].as_object_mut().unwrap() {
+        entry[1] = other_cache["entries"][rel][1].clone();
+    }
+    assert_ne!(forged, victim_cache, "the forgery changes the digests");
+    ws.write("forged.json", forged.to_string());
+
+    // A group-shared store whose cache directory uid 1000 may write.
+    set_mode(ws.dir.path(), 0o711);
+    set_mode(&hashes, 0o777);
+    let target = cache_of("victim");
+    let out = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+        .args(["sh", "-c", r#"cp "$1" "$2.new" && mv -f "$2.new" "$2""#, "forge"])
+        .arg(ws.path("forged.json"))
+        .arg(&target)
+        .output()
+        .expect("setpriv");
+    assert_success(&out);
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().uid(),
+        1000,
+        "the forgery is in place"
+    );
+
+    let spec = ws.spec("env.json", &json!({"working_dir": "victim"}));
+    let built = ws.build(&spec);
+    assert_eq!(built["package"]["digest"], real.as_str());
+    let working_dir = Path::new(built["working_dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(working_dir.join("main.py")).unwrap(),
+        "print('honest')\n"
+    );
 }
