@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success, list_dir, raw_zip, set_mode};
+use crate::common::{Workspace, assert_success, list_dir, mode_of, raw_zip, set_mode};
 
 /// `renv package PATH --json` against `store`, whatever its outcome.
 fn package_output(ws: &Workspace, store: &Path, path: &str) -> Output {
@@ -242,9 +242,23 @@ fn a_hash_cache_forged_by_another_user_is_not_believed() {
     assert_ne!(forged, victim_cache, "the forgery changes the digests");
     ws.write("forged.json", forged.to_string());
 
-    // A group-shared store whose cache directory uid 1000 may write.
-    set_mode(ws.dir.path(), 0o711);
-    set_mode(&hashes, 0o777);
+    // For the forgery, uid 1000 may reach and write the cache directory (as a member of
+    // a group-shared store could); the modes are put back before the victim's build,
+    // leaving only the forged file behind.
+    let opened: Vec<(PathBuf, u32)> = [
+        (ws.dir.path().to_path_buf(), 0o711),
+        (store.clone(), 0o711),
+        (ws.store_v1(""), 0o711),
+        (ws.store_v1("cache"), 0o711),
+        (hashes.clone(), 0o777),
+    ]
+    .into_iter()
+    .map(|(dir, mode)| {
+        let was = mode_of(&dir);
+        set_mode(&dir, mode);
+        (dir, was)
+    })
+    .collect();
     let target = cache_of("victim");
     let out = Command::new("setpriv")
         .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
@@ -253,6 +267,9 @@ fn a_hash_cache_forged_by_another_user_is_not_believed() {
         .arg(&target)
         .output()
         .expect("setpriv");
+    for (dir, mode) in opened {
+        set_mode(&dir, mode);
+    }
     assert_success(&out);
     assert_eq!(
         std::fs::metadata(&target).unwrap().uid(),
