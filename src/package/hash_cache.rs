@@ -8,9 +8,18 @@
 //!
 //! The cache is only an optimisation: a missing, stale or unreadable cache file means
 //! hashing everything. It is written by rename, so readers never see a torn file.
+//!
+//! It is also trusted to say what a file contains, so whoever can write it decides what is
+//! stored and run: on a store shared with a group, one user renamed a forged cache file
+//! over another's, and the victim's next `renv run` ran the forger's tree. A cache file
+//! is therefore used only if this process's effective uid wrote it and no one else could
+//! have since ([`HashCache::load`]); anything else is a miss. A genuine file moved to
+//! another name (all that write access to the directory allows with someone else's
+//! file) matches nothing there: entries name files by device, inode and change time.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -76,10 +85,10 @@ impl HashCache {
         dir.join(format!("{}.json", Digest::of(source.as_os_str().as_bytes())))
     }
 
-    /// Loads the cache at `path`; anything unreadable is an empty cache.
+    /// Loads the cache at `path` if it is trusted (see `read_trusted`); anything
+    /// missing, unreadable, untrusted or malformed is an empty cache, never an error.
     pub fn load(path: &Path) -> HashCache {
-        let file: CacheFile = std::fs::read(path)
-            .ok()
+        let file: CacheFile = read_trusted(path)
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .filter(|f: &CacheFile| f.version == VERSION)
             .unwrap_or_default();
@@ -141,7 +150,10 @@ impl HashCache {
                 .collect(),
         };
         let dir = path.parent().expect("cache files live in a directory");
-        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        // Ours alone (`load` trusts nothing else): a fresh 0600 file, renamed into place.
+        let tmp = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)?;
         let mut out = std::io::BufWriter::new(tmp);
         serde_json::to_writer(&mut out, &file).map_err(std::io::Error::other)?;
         out.into_inner()
@@ -149,5 +161,146 @@ impl HashCache {
             .persist(path)
             .map_err(|e| e.error)?;
         Ok(())
+    }
+}
+
+/// The bytes of the cache file at `path`, if this process may trust them: a regular file
+/// owned by its effective uid and writable by no one else, in a directory owned by that
+/// uid too (the store's owner, who created it with the store; any other user, root
+/// included, gets no cache from that store). The directory and then the file are opened
+/// with `O_NOFOLLOW` and checked by fstat, so what is checked is what is read.
+fn read_trusted(path: &Path) -> Option<Vec<u8>> {
+    use rustix::fs::{FileType, Mode, OFlags};
+
+    let ignored = |reason: String| {
+        tracing::debug!(path = %path.display(), reason, "hash cache ignored");
+        None
+    };
+    let euid = crate::sys::geteuid();
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let (dir, name) = (path.parent()?, path.file_name()?);
+    let dir = match rustix::fs::open(dir, flags | OFlags::DIRECTORY, Mode::empty()) {
+        Ok(dir) => dir,
+        Err(e) => return ignored(format!("opening its directory: {e}")),
+    };
+    match rustix::fs::fstat(&dir) {
+        Ok(stat) if stat.st_uid == euid => {}
+        Ok(stat) => return ignored(format!("its directory is uid {}'s, not {euid}'s", stat.st_uid)),
+        Err(e) => return ignored(format!("stat of its directory: {e}")),
+    }
+    // O_NONBLOCK: a FIFO in its place is refused below, never waited on.
+    let file = match rustix::fs::openat(&dir, name, flags | OFlags::NONBLOCK, Mode::empty()) {
+        Ok(file) => file,
+        Err(rustix::io::Errno::NOENT) => return None,
+        Err(e) => return ignored(format!("opening it: {e}")),
+    };
+    let stat = match rustix::fs::fstat(&file) {
+        Ok(stat) => stat,
+        Err(e) => return ignored(format!("stat: {e}")),
+    };
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return ignored("not a regular file".into());
+    }
+    if stat.st_uid != euid {
+        return ignored(format!("owned by uid {}, not {euid}", stat.st_uid));
+    }
+    if stat.st_mode & 0o022 != 0 {
+        return ignored(format!(
+            "mode {:o}: writable by group or others",
+            stat.st_mode & 0o7777
+        ));
+    }
+    let mut bytes = Vec::new();
+    match std::fs::File::from(file).read_to_end(&mut bytes) {
+        Ok(_) => Some(bytes),
+        Err(e) => ignored(format!("reading it: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A cache file in a fresh directory, recording `source`'s current stat as `digest`,
+    /// written the way `save` writes it (0600, this uid's).
+    fn cache_for(source: &Path, digest: Digest) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.json");
+        let meta = std::fs::metadata(source).unwrap();
+        let file = CacheFile {
+            version: VERSION,
+            entries: HashMap::from([("f".to_string(), (StatKey::of(&meta), digest.to_hex()))]),
+        };
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (dir, path)
+    }
+
+    fn source() -> (tempfile::NamedTempFile, std::fs::Metadata) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let meta = file.as_file().metadata().unwrap();
+        (file, meta)
+    }
+
+    #[test]
+    fn a_cache_of_our_own_is_used() {
+        let (src, meta) = source();
+        let (_dir, path) = cache_for(src.path(), Digest::of(b"x"));
+        assert_eq!(HashCache::load(&path).lookup("f", &meta), Some(Digest::of(b"x")));
+    }
+
+    #[test]
+    fn a_symlink_to_a_good_cache_is_ignored() {
+        let (src, meta) = source();
+        let (dir, path) = cache_for(src.path(), Digest::of(b"x"));
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(HashCache::load(&link).lookup("f", &meta), None);
+    }
+
+    #[test]
+    fn a_cache_others_could_write_is_ignored() {
+        let (src, meta) = source();
+        let (_dir, path) = cache_for(src.path(), Digest::of(b"x"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert_eq!(HashCache::load(&path).lookup("f", &meta), None);
+    }
+
+    #[test]
+    fn a_cache_another_uid_owns_is_ignored() {
+        if crate::sys::geteuid() != 0 {
+            eprintln!("skipping: giving a file away needs root");
+            return;
+        }
+        let (src, meta) = source();
+        let (dir, path) = cache_for(src.path(), Digest::of(b"x"));
+        std::os::unix::fs::chown(&path, Some(1000), None).unwrap();
+        assert_eq!(HashCache::load(&path).lookup("f", &meta), None);
+        // Ours again, but in a directory another uid owns: not the store owner's cache.
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(1000), None).unwrap();
+        assert_eq!(HashCache::load(&path).lookup("f", &meta), None);
+    }
+
+    #[test]
+    fn saved_caches_are_private_and_load_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.json");
+        let (src, meta) = source();
+        let cache = HashCache::load(&path);
+        // As if the file had been hashed well after its last change.
+        let cache = HashCache {
+            started_ns: cache.started_ns + 10 * RACY_MARGIN.as_nanos() as i128,
+            ..cache
+        };
+        cache.record("f", &meta, Digest::of(b"x"));
+        cache.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(HashCache::load(&path).lookup("f", &meta), Some(Digest::of(b"x")));
+        drop(src);
     }
 }

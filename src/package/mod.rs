@@ -4,7 +4,8 @@
 //! - [`hash_cache`]: digests of unchanged files are reused, so an unchanged tree is not re-read.
 //! - [`manifest`]: the canonical manifest and the [`PackageDigest`](crate::digest::PackageDigest).
 //! - [`zip_write`]: `renv package` — a byte-reproducible zip of a scanned tree.
-//! - [`zip_read`]: unpack an untrusted zip into a staging directory, entry by entry.
+//! - [`zip_read`]: unpack an untrusted zip into a staging directory, entry by entry, from
+//!   one open file ([`zip_read::OpenZip`]); [`zip_eocd`]: what its end records declare.
 //! - [`tree`]: materialize a scanned tree by copying, verifying every byte against its manifest.
 
 pub mod hash_cache;
@@ -12,6 +13,7 @@ pub mod manifest;
 pub mod scan;
 pub mod symlink;
 pub mod tree;
+pub mod zip_eocd;
 pub mod zip_read;
 pub mod zip_write;
 

@@ -2,6 +2,8 @@
 //! written into a staging dir, capped at the store's unpack limit (on the declared length
 //! first, then on the bytes actually received), then unpacked beside it and committed only
 //! if what it unpacks to is exactly the digest the upload claimed; else nothing is kept.
+//! The staged file is created once and unpacked through that same open file
+//! ([`OpenZip`]), never reopened by its path.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::{SourceError, during};
 use crate::digest::PackageDigest;
 use crate::package;
+use crate::package::zip_read::OpenZip;
 use crate::progress::Progress;
 use crate::store::{PackageEntry, Staging, Store};
 
@@ -47,7 +50,14 @@ where
             .map_err(|e| SourceError::Io(std::io::Error::other(format!("staging the upload: {e}"))))??
     };
     let zip = zip_path(&staging);
-    let mut file = tokio::fs::File::create(&zip).await?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&zip)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (while creating {})", zip.display())))?;
     let mut body = std::pin::pin!(body);
     let mut received = 0u64;
     loop {
@@ -67,9 +77,9 @@ where
         file.write_all(chunk).await?;
     }
     file.flush().await?;
-    drop(file);
+    let file = file.into_std().await;
     let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || commit(&store, staging, expected))
+    tokio::task::spawn_blocking(move || commit(&store, staging, expected, file))
         .await
         .map_err(|e| SourceError::Io(std::io::Error::other(format!("unpacking the upload: {e}"))))?
 }
@@ -79,18 +89,24 @@ fn zip_path(staging: &Staging) -> std::path::PathBuf {
     staging.work_dir().join("upload.zip")
 }
 
-/// Unpacks the upload in `staging` (written at [`zip_path`]) and commits it as `expected`.
-fn commit(store: &Store, staging: Staging, expected: PackageDigest) -> Result<PackageEntry, SourceError> {
+/// Unpacks the upload in `staging` (written at [`zip_path`], still open as `file`) and
+/// commits it as `expected`.
+fn commit(
+    store: &Store,
+    staging: Staging,
+    expected: PackageDigest,
+    file: std::fs::File,
+) -> Result<PackageEntry, SourceError> {
     if let Some(hit) = store.find(expected)? {
         return Ok(hit);
     }
     let progress = Progress::hidden();
-    let zip = zip_path(&staging);
     let start = Instant::now();
     let unpack = || -> Result<package::Manifest, SourceError> {
+        let zip = OpenZip::from_file(file, &zip_path(&staging))
+            .map_err(|source| SourceError::Archive { path: None, source })?;
         fs_err::create_dir(staging.entry_dir())?;
-        package::zip_read::unpack(
-            &zip,
+        zip.unpack(
             &staging.entry_dir(),
             store.options().unpack_limits,
             store.options().threads,

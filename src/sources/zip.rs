@@ -5,6 +5,10 @@
 //! again. A new one is unpacked into staging under the zip's own lock, so concurrent
 //! requests for one zip unpack it once; the store then commits it under the digest of
 //! what it unpacked to, and the alias is recorded.
+//!
+//! The alias vouches that the zip with those bytes gives that tree, so the bytes hashed
+//! must be the bytes unpacked: the zip is opened once ([`OpenZip`]) and both read that
+//! open file, which must not change (by its fstat) until the tree is unpacked.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +19,7 @@ use serde_json::Value;
 use super::{SourceError, during};
 use crate::digest::Digest;
 use crate::package::hash_cache::HashCache;
-use crate::package::{self, PackageError};
+use crate::package::{self, zip_read::OpenZip};
 use crate::progress::Progress;
 use crate::store::{Commit, Contents, LockMode, LockName, PackageEntry, Store};
 
@@ -32,7 +36,8 @@ pub fn ensure(store: &Store, zip_path: &Path, progress: &Progress) -> Result<Pac
 
 fn ensure_inner(store: &Store, zip_path: &Path, progress: &Progress) -> Result<PackageEntry, SourceError> {
     let start = Instant::now();
-    let (zip_digest, zip_meta) = hash_zip(store, zip_path)?;
+    let zip = OpenZip::open(zip_path).map_err(|source| SourceError::Archive { path: None, source })?;
+    let zip_digest = hash_zip(store, &zip)?;
     let hash_ms = start.elapsed().as_millis() as u64;
     let with_hash_time = |mut entry: PackageEntry| {
         entry.timings_ms.insert("hash_zip", hash_ms);
@@ -55,8 +60,7 @@ fn ensure_inner(store: &Store, zip_path: &Path, progress: &Progress) -> Result<P
     let start = Instant::now();
     let unpack = || -> Result<package::Manifest, SourceError> {
         fs_err::create_dir(staging.entry_dir())?;
-        package::zip_read::unpack(
-            zip_path,
+        zip.unpack(
             &staging.entry_dir(),
             store.options().unpack_limits,
             store.options().threads,
@@ -66,11 +70,9 @@ fn ensure_inner(store: &Store, zip_path: &Path, progress: &Progress) -> Result<P
     };
     let manifest = unpack().map_err(during("unpacking", &zip_path.display().to_string()))?;
     let unpack_ms = start.elapsed().as_millis() as u64;
-    // The alias below vouches that these zip bytes give this tree: the file must not have
-    // changed between hashing and unpacking.
-    if !HashCache::same_state(&zip_meta, &fs_err::metadata(zip_path)?) {
-        return Err(PackageError::Changed(zip_path.to_path_buf()).into());
-    }
+    // The alias below vouches that these zip bytes give this tree: the open file must not
+    // have been written to between hashing and the end of unpacking.
+    zip.check_unchanged()?;
     let digest = manifest.digest();
     let commit = Commit {
         contents: Contents::Manifest(&manifest),
@@ -86,20 +88,24 @@ fn ensure_inner(store: &Store, zip_path: &Path, progress: &Progress) -> Result<P
     Ok(with_hash_time(entry))
 }
 
-/// blake3 of a zip's bytes, from the stat cache when the file is unchanged, and the file's
-/// metadata at that moment.
-fn hash_zip(store: &Store, zip_path: &Path) -> std::io::Result<(Digest, std::fs::Metadata)> {
-    let zip_path = fs_err::canonicalize(zip_path)?;
-    let cache_path = HashCache::path_for(&store.layout().hash_cache_dir(), &zip_path);
-    let cache = HashCache::load(&cache_path);
-    let mut file = fs_err::File::open(&zip_path)?;
-    let meta = file.metadata()?;
-    if let Some(digest) = cache.lookup("", &meta) {
-        return Ok((digest, meta));
+/// blake3 of the open zip's bytes: from the stat cache when the open file's fstat is the
+/// one recorded, else read through the open file. The zip's path only names the cache
+/// file (nothing is opened by it); the fstat decides whether an entry applies.
+fn hash_zip(store: &Store, zip: &OpenZip) -> Result<Digest, SourceError> {
+    let cache_path = std::path::absolute(zip.path())
+        .ok()
+        .map(|path| HashCache::path_for(&store.layout().hash_cache_dir(), &path));
+    let cache = cache_path
+        .as_deref()
+        .map_or_else(HashCache::disabled, HashCache::load);
+    if let Some(digest) = cache.lookup("", zip.metadata()) {
+        return Ok(digest);
     }
-    let mut buf = vec![0u8; 1 << 20];
-    let (_, digest) = package::copy_hashing(&mut file, &mut std::io::sink(), &zip_path, &mut buf)?;
-    cache.record("", &meta, digest);
-    let _ = cache.save(&cache_path);
-    Ok((digest, meta))
+    let digest = zip.hash()?;
+    cache.record("", zip.metadata(), digest);
+    if let Some(path) = cache_path {
+        // Best effort: a cache that cannot be written only costs a re-hash next time.
+        let _ = cache.save(&path);
+    }
+    Ok(digest)
 }

@@ -15,4 +15,5 @@ mod python_sdk;
 mod spec_cli;
 mod store_safety;
 mod venvs;
+mod zip_safety;
 mod zips;
