@@ -173,11 +173,12 @@ impl Daemon {
         caller: &Caller,
     ) -> Result<(Arc<BuiltEnv>, bool), StateError> {
         // The request's exact text: a repeat skips parsing and validation altogether — but
-        // not for a caller whose request may name a `file://` zip, which is checked on the
-        // parsed spec below before any cached answer. (A JSON string can spell `file:` only
-        // literally or with a `\` escape.)
+        // not a request that may name a `file://` zip: who may name one is checked on the
+        // parsed spec below, and the zip can change under the same text (it is looked at
+        // again every time; its hash is cached by its stat). (A JSON string can spell
+        // `file:` only literally or with a `\` escape.)
         let text = runtime_env.get();
-        let may_name_a_file = !caller.admin && (text.contains("file:") || text.contains('\\'));
+        let may_name_a_file = text.contains("file:") || text.contains('\\');
         let raw_key = format!("raw:{text}");
         if !may_name_a_file && let Some(built) = self.cached(&raw_key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -225,7 +226,8 @@ impl Daemon {
             });
         }
         let key = spec.canonical_json().to_string();
-        if let Some(built) = self.cached(&key) {
+        let names_a_file = matches!(spec.working_dir, Some(WorkingDirSpec::FileZip(_)));
+        if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));
         }

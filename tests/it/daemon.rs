@@ -1853,3 +1853,24 @@ fn live_processes_of(uid: u32) -> Vec<u32> {
     }
     pids
 }
+
+/// A `file://` zip is looked at again on every request: rewritten under the same name,
+/// the next request gets the new contents, never the env of the old bytes.
+#[test]
+fn a_changed_file_zip_is_read_again() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "none"]);
+    ws.write("proj/main.py", "print('one')\n");
+    ws.package_zip("proj", "p.zip");
+    let spec = json!({"runtime_env": {"working_dir": format!("file://{}", ws.path("p.zip").display())}});
+    let first = daemon.post("/v1/envs", &spec).unwrap();
+    let again = daemon.post("/v1/envs", &spec).unwrap();
+    assert_eq!(again["env_id"], first["env_id"]);
+    ws.write("proj/main.py", "print('two')\n");
+    std::fs::remove_file(ws.path("p.zip")).unwrap();
+    ws.package_zip("proj", "p.zip");
+    let changed = daemon.post("/v1/envs", &spec).unwrap();
+    assert_ne!(changed["env_id"], first["env_id"]);
+    let main = Path::new(changed["working_dir"].as_str().unwrap()).join("main.py");
+    assert_eq!(std::fs::read_to_string(main).unwrap(), "print('two')\n");
+}
