@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::layout::EntryKind;
+use super::layout::{EntryId, EntryKind};
 use super::usage::EntryInfo;
 use super::{Store, StoreError};
 
@@ -35,6 +35,26 @@ impl Store {
         check_env: &dyn Fn(&EntryInfo) -> Option<String>,
     ) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
+        // An entry whose marker is there but unreadable is never served (nor listed): a
+        // problem, not a pass.
+        for kind in EntryKind::ALL {
+            for dir_entry in fs_err::read_dir(self.layout.entries_dir(kind))? {
+                let name = dir_entry?.file_name();
+                let Some(id) = name.to_str().and_then(|n| self.layout.entry_named(kind, n)) else {
+                    continue;
+                };
+                if self.layout.marker_path(id).symlink_metadata().is_err() {
+                    continue;
+                }
+                let problem = match self.read_marker(id) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => "its marker is not a valid marker of this entry".to_string(),
+                    Err(e) => format!("its marker cannot be read: {e}"),
+                };
+                report.checked += 1;
+                self.found(&mut report, id, problem, repair)?;
+            }
+        }
         for entry in self.list_entries()? {
             report.checked += 1;
             let problem = match entry.kind {
@@ -51,18 +71,31 @@ impl Store {
                 EntryKind::Env => check_env(&entry),
             };
             let Some(problem) = problem else { continue };
-            let mut repaired = false;
-            if repair && let Some(lock) = self.lock_unused(entry.entry)? {
-                self.remove_locked(entry.entry, &lock)?;
-                repaired = true;
-            }
-            report.problems.push(Finding {
-                kind: entry.kind,
-                id: entry.id,
-                problem,
-                repaired,
-            });
+            self.found(&mut report, entry.entry, problem, repair)?;
         }
         Ok(report)
+    }
+
+    /// Reports `problem` of `id`, removing the entry first with `repair` unless it is in
+    /// use.
+    fn found(
+        &self,
+        report: &mut VerifyReport,
+        id: EntryId,
+        problem: String,
+        repair: bool,
+    ) -> Result<(), StoreError> {
+        let mut repaired = false;
+        if repair && let Some(lock) = self.lock_unused(id)? {
+            self.remove_locked(id, &lock)?;
+            repaired = true;
+        }
+        report.problems.push(Finding {
+            kind: id.kind,
+            id: id.digest.to_string(),
+            problem,
+            repaired,
+        });
+        Ok(())
     }
 }

@@ -19,6 +19,7 @@
 //! writable bytecode cache outside the entries, so the modules they really import are
 //! compiled once per node. `--compile-bytecode` compiles everything at build time instead.
 
+pub mod build_record;
 pub mod installer;
 pub mod interpreter;
 mod probe;
@@ -388,6 +389,7 @@ fn ensure_once(
     if let Installer::Pip { .. } = plan.installer {
         relocate_scripts(&venv, &store.layout().entry_path(id))?;
     }
+    build_record::write(&venv)?;
     let install_ms = start.elapsed().as_millis() as u64;
     // The last successful build's log, under a stable name.
     let _ = fs_err::rename(&log, store.layout().last_build_log_path(id));

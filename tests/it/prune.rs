@@ -418,3 +418,82 @@ fn old_logs_are_pruned_and_recent_ones_kept() {
     assert!(!old.exists() && recent.exists());
     assert!(logs.join("workers").is_dir());
 }
+
+/// `verify` checks an env against what was built, not only against its wheels' RECORD
+/// files (which whoever changes the env can rewrite): an added `.pth`, a file rewritten
+/// together with its RECORD line, a mode made writable, and an unreadable marker are each
+/// reported.
+#[test]
+fn verify_checks_envs_against_their_build_record() {
+    use sha2::Digest as _;
+    let ws = Workspace::new();
+    crate::common::wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
+    let flags = ["--no-index", "--find-links", ws.path("wheels").to_str().unwrap()].map(String::from);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let built = ws.build_with(&ws.spec("env.json", &json!({"pip": ["tinypkg==1.0"]})), &extra);
+    let venv = std::path::PathBuf::from(built["venv"]["path"].as_str().unwrap());
+    let problem = || {
+        let out = ws.renv().args(["verify", "--json"]).output().unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        match out.status.code() {
+            Some(0) => None,
+            _ => Some(report["problems"][0]["problem"].as_str().unwrap().to_string()),
+        }
+    };
+    assert_eq!(problem(), None);
+    let site = std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages");
+
+    let pth = site.join("zz-planted.pth");
+    std::fs::write(&pth, "import os\n").unwrap();
+    let found = problem().unwrap();
+    assert!(found.contains("zz-planted.pth was added"), "{found}");
+    std::fs::remove_file(&pth).unwrap();
+
+    let init = site.join("tinypkg/__init__.py");
+    crate::common::set_mode(&init, 0o644);
+    let found = problem().unwrap();
+    assert!(
+        found.contains("tinypkg/__init__.py has mode 644, built as 444"),
+        "{found}"
+    );
+    crate::common::set_mode(&init, 0o444);
+
+    // The module and its RECORD line rewritten to agree, as a careful attacker would.
+    let planted = b"VERSION = '6.6'\n";
+    std::fs::write(&init, planted).unwrap();
+    let dist = std::fs::read_dir(&site)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("tinypkg-"))
+        .unwrap()
+        .path();
+    let record = std::fs::read_to_string(dist.join("RECORD")).unwrap();
+    let hash = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        sha2::Sha256::digest(planted),
+    );
+    let forged: String = record
+        .lines()
+        .map(|l| match l.starts_with("tinypkg/__init__.py,") {
+            true => format!("tinypkg/__init__.py,sha256={hash},{}\n", planted.len()),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(forged, record);
+    std::fs::write(dist.join("RECORD"), &forged).unwrap();
+    let found = problem().unwrap();
+    assert!(found.contains("RECORD"), "{found}");
+
+    let marker = ws
+        .store_v1("meta")
+        .join(format!("env-{}.json", built["venv"]["key"].as_str().unwrap()));
+    std::fs::write(&marker, "{not json").unwrap();
+    let found = problem().unwrap();
+    assert!(found.contains("its marker is not a valid marker"), "{found}");
+}
