@@ -107,7 +107,20 @@ pub fn kill_all_of(uid: u32, gid: u32) -> io::Result<()> {
                     && libc::setresgid(gid, gid, gid) == 0
                     && libc::setresuid(uid, uid, uid) == 0;
                 if became {
-                    libc::kill(-1, libc::SIGKILL);
+                    // Again until nothing is left to signal, or a few rounds: one
+                    // caught mid-fork may leave a child the first pass missed (killed
+                    // processes stay signalable as zombies until reaped, so the count
+                    // of rounds is what ends this).
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 1_000_000,
+                    };
+                    for _ in 0..10 {
+                        if libc::kill(-1, libc::SIGKILL) == -1 {
+                            break;
+                        }
+                        libc::nanosleep(&pause, std::ptr::null_mut());
+                    }
                 }
                 libc::_exit(if became { 0 } else { 1 });
             }

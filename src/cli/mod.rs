@@ -136,6 +136,7 @@ impl VenvArgs {
             compile_bytecode: self.compile_bytecode,
             // The CLI's installers run as whoever runs renv (see `renv daemon --build-user`).
             build_user: None,
+            build_for: None,
         }
     }
 }

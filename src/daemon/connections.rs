@@ -29,6 +29,9 @@ use super::peer::{Caller, PeerPolicy};
 /// Longest a refused connection is kept (to let its client finish writing and read the
 /// answer), and most it may send meanwhile.
 const REFUSED_LINGER: Duration = Duration::from_secs(2);
+
+/// Refused connections being answered at once; more are closed without an answer.
+pub const MAX_ANSWERED_REFUSALS: usize = 64;
 const REFUSED_DRAIN_BYTES: usize = 1 << 20;
 
 /// The admission policy and what admitted connections hold.

@@ -143,6 +143,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     };
     let admission =
         connections::Admission::new(peers, config.max_connections, config.max_connections_per_uid);
+    let refusing = Arc::new(tokio::sync::Semaphore::new(connections::MAX_ANSWERED_REFUSALS));
 
     loop {
         let accepted = tokio::select! {
@@ -169,7 +170,15 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
             Ok(admitted) => admitted,
             Err(refused) => {
                 tracing::debug!(?cred, reason = refused.kind(), "connection refused");
-                tokio::spawn(connections::refuse(stream, refused));
+                // Answering takes a descriptor for a while; past a few dozen at once
+                // (a flood), a refused connection is closed without an answer, so
+                // refusals can never use up the daemon's descriptors.
+                if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
+                    tokio::spawn(async move {
+                        connections::refuse(stream, refused).await;
+                        drop(permit);
+                    });
+                }
                 continue;
             }
         };

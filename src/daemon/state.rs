@@ -179,7 +179,13 @@ impl Daemon {
         // `file:` only literally or with a `\` escape.)
         let text = runtime_env.get();
         let may_name_a_file = text.contains("file:") || text.contains('\\');
-        let raw_key = format!("raw:{text}");
+        // With a build user, envs are per caller (see `EnvDescription::built_for`), and
+        // so are the fast paths' keys.
+        let for_caller = match self.policy.build_user {
+            Some(_) => format!("{}:", caller.uid),
+            None => String::new(),
+        };
+        let raw_key = format!("raw:{for_caller}{text}");
         if !may_name_a_file && let Some(built) = self.cached(&raw_key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));
@@ -225,7 +231,7 @@ impl Daemon {
                 ),
             });
         }
-        let key = spec.canonical_json().to_string();
+        let key = format!("{for_caller}{}", spec.canonical_json());
         let names_a_file = matches!(spec.working_dir, Some(WorkingDirSpec::FileZip(_)));
         if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -240,8 +246,9 @@ impl Daemon {
                     builds.insert(key.clone(), rx.clone());
                     let daemon = Arc::clone(self);
                     let keys = [key.clone(), raw_key];
+                    let uid = caller.uid;
                     tokio::spawn(async move {
-                        let result = daemon.build(spec, keys).await;
+                        let result = daemon.build(spec, keys, uid).await;
                         daemon.builds.lock().unwrap().remove(&key);
                         let _ = tx.send(Some(result));
                     });
@@ -277,18 +284,16 @@ impl Daemon {
         Some(Arc::clone(&record.built))
     }
 
-    async fn build(self: &Arc<Self>, spec: RuntimeEnvSpec, keys: [String; 2]) -> BuildResult {
+    async fn build(self: &Arc<Self>, spec: RuntimeEnvSpec, keys: [String; 2], caller: u32) -> BuildResult {
         let daemon = Arc::clone(self);
         let start = Instant::now();
+        let policy = VenvPolicy {
+            build_for: Some(caller),
+            ..self.policy.clone()
+        };
         let result = tokio::task::spawn_blocking(move || {
             loop {
-                let built = build_env(
-                    &spec,
-                    Path::new("/"),
-                    &daemon.store,
-                    &daemon.policy,
-                    &Progress::hidden(),
-                )?;
+                let built = build_env(&spec, Path::new("/"), &daemon.store, &policy, &Progress::hidden())?;
                 if let Some(leases) = built.lease(&daemon.store)? {
                     return Ok::<_, crate::Error>((built, leases));
                 }

@@ -26,7 +26,7 @@
 //!                               an env's part goes with the env)
 //!   tools/<name>/               bootstrapped tools (the pinned uv)
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
-//!   uv-cache-<uid>/             the wheel cache of the build user <uid>, that user's
+//!   uv-cache-<b>-for-<c>/       the wheel cache of builds as build user <b> for caller <c>
 //!   logs/                       build logs; logs/workers/: worker output
 //! ```
 
@@ -39,6 +39,10 @@ use crate::digest::{Digest, EnvKey, PackageDigest};
 
 /// The layout version; bump it (and the directory name) for any on-disk format change.
 pub const LAYOUT_DIR: &str = "store-v1";
+
+/// How the wheel caches of build users' builds are named (see
+/// [`Layout::uv_cache_dir_of_build`]).
+pub const BUILD_CACHE_PREFIX: &str = "uv-cache-";
 
 /// Empty files kept ready in [`Layout::worker_logs_dir`] to become a worker's logs by
 /// rename; always fresh, and never pruned as old logs.
@@ -162,6 +166,35 @@ const SUBDIRS: [&str; 13] = [
     "pycache",
 ];
 
+/// Checks `dir` and every directory above it: anyone who could rename a directory on
+/// the way could swap the whole store for one of their own while renv works in it by
+/// path. Each must belong to root or to the user running renv, and one writable by
+/// others must be sticky (as /tmp is).
+pub(super) fn check_ancestors(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = crate::sys::geteuid();
+    for dir in dir.ancestors() {
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(format!(
+                "{} belongs to uid {}; a store must be reached only through directories of \
+                 root or of its owner (uid {me}), or that user could swap the store under renv",
+                dir.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(format!(
+                "{} is writable by others without the sticky bit (mode {:o}); anyone could \
+                 swap the store under renv",
+                dir.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Layout {
     /// The layout under the store directory `store_dir` (which must be absolute).
     pub fn new(store_dir: &Path) -> Layout {
@@ -219,6 +252,7 @@ impl Layout {
             }
             Ok(())
         };
+        check_ancestors(self.root.parent().unwrap_or(Path::new("/")))?;
         check(&self.root)?;
         for sub in SUBDIRS {
             let mut dir = self.root.clone();
@@ -227,14 +261,23 @@ impl Layout {
                 check(&dir)?;
             }
         }
-        // Locks are the owner's: anyone who can open a lock file can hold it and stall
-        // the store. Logs can be reached by name (a worker's caller reads its own), not
-        // listed, so no one finds another's log (or a spare about to become one). The
-        // bytecode caches are per user ([`Self::pycache_of_uid`]), found by name too.
+        // What a daemon's callers reach (through `store-v1`'s ACL) they reach by name,
+        // never by listing: their workers' envs and packages, their logs, their bytecode
+        // cache, and (the build user) its staging dir. The rest is the owner's alone:
+        // locks (whoever can open one can hold it and stall the store), markers and
+        // caches (which say what others asked for), trash.
         for (sub, mode) in [
+            ("pkgs", 0o711),
+            ("envs", 0o711),
+            ("meta", 0o700),
             ("locks", 0o700),
+            ("staging", 0o711),
+            ("trash", 0o700),
             ("logs", 0o711),
             ("logs/workers", 0o711),
+            ("cache", 0o700),
+            ("tools", 0o755),
+            ("uv-cache", 0o700),
             ("pycache", 0o711),
         ] {
             std::fs::set_permissions(self.root.join(sub), std::fs::Permissions::from_mode(mode))
@@ -347,10 +390,11 @@ impl Layout {
         self.root.join("uv-cache")
     }
 
-    /// The wheel cache of builds run as the build user `uid` (theirs to write, so never
-    /// the store owner's own cache).
-    pub fn uv_cache_dir_of_build_user(&self, uid: u32) -> PathBuf {
-        self.root.join(format!("uv-cache-{uid}"))
+    /// The wheel cache of builds run as the build user `build_uid` for the caller
+    /// `caller` (lent to the build user only while such a build runs).
+    pub fn uv_cache_dir_of_build(&self, build_uid: u32, caller: u32) -> PathBuf {
+        self.root
+            .join(format!("{BUILD_CACHE_PREFIX}{build_uid}-for-{caller}"))
     }
 
     /// The users' bytecode caches, outside the read-only entries.

@@ -112,6 +112,11 @@ impl Store {
             path: dir.to_path_buf(),
             reason,
         };
+        // Nothing is created inside a directory that could be turned against us.
+        let absolute = std::path::absolute(dir)?;
+        if let Some(existing) = absolute.ancestors().find(|p| p.symlink_metadata().is_ok()) {
+            layout::check_ancestors(existing).map_err(unusable)?;
+        }
         fs_err::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
         // Absolute, so paths handed to installers (which run in their own cwd) hold.
         let layout = Layout::new(&fs_err::canonicalize(dir)?);
@@ -200,6 +205,18 @@ impl Store {
             "{}: keeps changing; cannot set up the bytecode cache of uid {uid}",
             dir.display()
         )))
+    }
+
+    /// Removes the directory `name` directly in `store-v1` (never a path: a name of the
+    /// store's own, checked), whoever wrote inside it: renamed to trash, then removed
+    /// without following a link.
+    pub fn discard_named(&self, name: &str) -> std::io::Result<()> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(std::io::Error::other(format!(
+                "{name:?} is not a name in the store"
+            )));
+        }
+        self.discard(&self.layout.root().join(name), name)
     }
 
     /// Lets exactly the users `uids` and groups `gids` (besides the owner and root) reach

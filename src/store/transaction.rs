@@ -248,6 +248,12 @@ impl Store {
                 (manifest.file_count() as u64, manifest.content_bytes())
             }
             Contents::Walk { builder } => {
+                // The entry itself must be a real directory: a walk would follow a symlink.
+                if !fs_err::symlink_metadata(&staged)?.is_dir() {
+                    return Err(
+                        std::io::Error::other(format!("{}: not a directory", staged.display())).into(),
+                    );
+                }
                 let walked = walk_tree(&staged)?;
                 sync_walked(&walked, builder, progress)?;
                 // Deepest first, so every directory is still writable while its children
@@ -382,6 +388,15 @@ fn seal(path: &Path, is_dir: bool, builder: Option<u32>) -> std::io::Result<()> 
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let meta = file.metadata()?;
     let me = crate::sys::geteuid();
+    // The store owner's own files in a build user's output are renv's (a record, a
+    // relocated script), never writable by others; one that is was linked in from
+    // elsewhere, and sealing would change it there.
+    if builder.is_some() && meta.uid() == me && meta.mode() & 0o022 != 0 && !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{}: a file of the store's owner writable by others in a build's output; refusing to store it",
+            path.display()
+        )));
+    }
     if meta.uid() != me {
         if Some(meta.uid()) != builder {
             return Err(std::io::Error::other(format!(

@@ -161,6 +161,9 @@ pub struct VenvPolicy {
     pub compile_bytecode: bool,
     /// Who installers run as (`renv daemon --build-user`); `None`: renv's own user.
     pub build_user: Option<BuildUser>,
+    /// The uid a build user's build is for (the daemon's caller): part of the env's
+    /// identity, so what one caller's installs made is never another's env.
+    pub build_for: Option<u32>,
 }
 
 /// Everything that decides what an env holds, and its key.
@@ -195,6 +198,12 @@ pub struct EnvDescription {
     pub index: IndexConfig,
     pub system_site_packages: bool,
     pub compile_bytecode: bool,
+    /// With a build user, the caller the env was built for. An installer run can be
+    /// subverted by what it installs (an sdist's build code, a `.pth` file), so what one
+    /// caller's installs produced is never served to another. Absent otherwise, so keys
+    /// without a build user are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub built_for: Option<u32>,
 }
 
 impl EnvDescription {
@@ -266,6 +275,10 @@ pub fn plan(
         index: policy.index.clone(),
         system_site_packages: policy.system_site_packages,
         compile_bytecode: policy.compile_bytecode,
+        // Every build user's build is for someone: the caller, else renv's own user.
+        built_for: policy
+            .build_user
+            .map(|_| policy.build_for.unwrap_or_else(crate::sys::geteuid)),
     };
     let key = description.key();
     Ok(VenvPlan {
@@ -379,12 +392,25 @@ fn ensure_once(
     {
         // One build at a time per build user; its leftovers are killed when it ends,
         // before the store seals what it made.
-        let slot = plan
-            .build_user
-            .map(|user| sandbox::BuildSlot::take(store, user))
-            .transpose()?;
-        let user = slot.as_ref().map(sandbox::BuildSlot::user);
-        build(plan, &venv, tx.work_dir(), store, log.clone(), timeout, user)?;
+        let slot = match (plan.build_user, plan.description.built_for) {
+            (Some(user), Some(caller)) => Some(sandbox::BuildSlot::take(store, user, caller)?),
+            _ => None,
+        };
+        let built = build(
+            plan,
+            &venv,
+            tx.work_dir(),
+            store,
+            log.clone(),
+            timeout,
+            slot.as_ref(),
+        );
+        let reclaim = slot.is_some();
+        drop(slot);
+        if reclaim {
+            sandbox::reclaim(tx.work_dir())?;
+        }
+        built?;
     }
     if let Installer::Pip { .. } = plan.installer {
         relocate_scripts(&venv, &store.layout().entry_path(id))?;
@@ -412,56 +438,38 @@ fn build(
     store: &Store,
     log: PathBuf,
     timeout: Option<Duration>,
-    user: Option<BuildUser>,
+    slot: Option<&sandbox::BuildSlot>,
 ) -> Result<(), VenvError> {
-    let mut sandbox = Sandbox::new(work, log, timeout, user)?;
+    let mut sandbox = Sandbox::new(work, log, timeout, slot.map(sandbox::BuildSlot::user))?;
     match &plan.installer {
         Installer::Uv { path: uv, .. } => {
-            let cache = match user {
-                None => store.layout().uv_cache_dir(),
-                Some(user) => build_user_cache(store, user)?,
+            // A build user's cache stays writable by whatever runs as it, so its files are
+            // copied into the env, never shared with it (and sealing an env never changes
+            // the cache); the store owner's own cache is hardlinked from.
+            let (cache, link_mode) = match slot {
+                None => (store.layout().uv_cache_dir(), "hardlink"),
+                Some(slot) => (slot.cache().to_path_buf(), "copy"),
             };
-            build_with_uv(plan, uv, venv, &cache, store, &mut sandbox)
+            build_with_uv(plan, uv, venv, (&cache, link_mode), store, &mut sandbox)
         }
         Installer::Pip { pip_version } => build_with_pip(plan, pip_version.as_deref(), venv, &mut sandbox),
     }
-}
-
-/// The build user's own wheel cache, made for it on first use: a real directory owned
-/// by that user (what it writes there is linked into envs only after the store has sealed
-/// each file as the store owner's).
-fn build_user_cache(store: &Store, user: BuildUser) -> Result<PathBuf, VenvError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let dir = store.layout().uv_cache_dir_of_build_user(user.uid);
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => std::os::unix::fs::lchown(&dir, Some(user.uid), Some(user.gid))?,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e.into()),
-    }
-    let meta = fs_err::symlink_metadata(&dir)?;
-    if !meta.is_dir() || meta.uid() != user.uid {
-        return Err(VenvError::Io(std::io::Error::other(format!(
-            "{}: not a directory of the build user (uid {}); refusing to use it",
-            dir.display(),
-            user.uid
-        ))));
-    }
-    Ok(dir)
 }
 
 fn build_with_uv(
     plan: &VenvPlan,
     uv: &Path,
     venv: &Path,
-    cache: &Path,
+    (cache, link_mode): (&Path, &str),
     store: &Store,
     sandbox: &mut Sandbox,
 ) -> Result<(), VenvError> {
     // Builds share the cache; `renv prune` cleans it only when no build holds this.
     let _cache_in_use = store.lock(LockName::UvCache, LockMode::Shared)?;
-    let env: [(&str, &OsStr); 2] = [
+    let env: [(&str, &OsStr); 3] = [
         ("UV_PYTHON_DOWNLOADS", OsStr::new("never")),
         ("UV_CACHE_DIR", cache.as_os_str()),
+        ("UV_LINK_MODE", OsStr::new(link_mode)),
     ];
     let mut args: Vec<OsString> = ["venv", "--relocatable", "--no-config", "--quiet", "--python"]
         .map(OsString::from)
@@ -586,16 +594,35 @@ fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvErr
 /// `python -m venv` writes absolute paths (script shebangs, activate scripts); point those
 /// at where the env will live once published.
 pub fn relocate_scripts(venv: &Path, final_path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
     let from = venv.as_os_str().as_encoded_bytes();
     let to = final_path.as_os_str().as_encoded_bytes();
-    for entry in fs_err::read_dir(venv.join("bin"))? {
+    // An installer's output is not trusted to be what it seems: `bin` must be a real
+    // directory, and each script is opened without following a symlink.
+    let bin = venv.join("bin");
+    if !fs_err::symlink_metadata(&bin)?.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{}: not a directory",
+            bin.display()
+        )));
+    }
+    for entry in fs_err::read_dir(&bin)? {
         let entry = entry?;
         if !entry.file_type()?.is_file() {
             continue;
         }
-        let bytes = fs_err::read(entry.path())?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(entry.path())?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
         if let Some(replaced) = replace_all(&bytes, from, to) {
-            fs_err::write(entry.path(), replaced)?;
+            file.set_len(0)?;
+            std::io::Seek::rewind(&mut file)?;
+            file.write_all(&replaced)?;
         }
     }
     Ok(())
@@ -642,6 +669,7 @@ mod tests {
             index: IndexConfig::default(),
             system_site_packages: false,
             compile_bytecode: false,
+            built_for: None,
         }
     }
 
@@ -679,5 +707,9 @@ mod tests {
             version: "0.13.9".into(),
         };
         assert_eq!(moved.key(), base.key());
+        // A build user's env is its caller's own.
+        let mut built_for = description();
+        built_for.built_for = Some(1000);
+        assert_ne!(built_for.key(), base.key());
     }
 }

@@ -9,6 +9,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -48,22 +49,45 @@ pub struct BuildUser {
 }
 
 /// The build user's, for one build at a time on this node (the store's lock
-/// `build-user-<uid>`): when it is over, every process of that user is killed, so no
-/// leftover of one build (a daemonized child of an sdist's build) can reach into the
-/// next, or into what the store is sealing.
+/// `build-user-<uid>`), with the wheel cache of the user the build is for lent to it.
+///
+/// Whatever runs as the build user (an sdist's build code, a `.pth` an installed wheel
+/// brought) can rewrite that cache, so each caller's builds have their own
+/// (`uv-cache-<build uid>-for-<caller>`), root's and 0700 except while one of that
+/// caller's builds runs: one tenant's build can never reach another's cache. When the
+/// build is over every process of the build user is killed, so no leftover reaches into
+/// the next build, the cache it was lent, or what the store is sealing; then the cache is
+/// taken back.
 pub struct BuildSlot {
     user: BuildUser,
+    cache: PathBuf,
     _lock: LockFile,
 }
 
 impl BuildSlot {
-    pub fn take(store: &Store, user: BuildUser) -> Result<BuildSlot, VenvError> {
+    pub fn take(store: &Store, user: BuildUser, caller: u32) -> Result<BuildSlot, VenvError> {
         let lock = store.lock(LockName::BuildUser(user.uid), LockMode::Exclusive)?;
-        Ok(BuildSlot { user, _lock: lock })
+        let cache = store.layout().uv_cache_dir_of_build(user.uid, caller);
+        match std::fs::DirBuilder::new().mode(0o700).create(&cache) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+            _ => {}
+        }
+        let slot = BuildSlot {
+            user,
+            cache,
+            _lock: lock,
+        };
+        hand_over(&slot.cache, user.uid, user.gid)?;
+        Ok(slot)
     }
 
     pub fn user(&self) -> BuildUser {
         self.user
+    }
+
+    /// The wheel cache lent to this build.
+    pub fn cache(&self) -> &Path {
+        &self.cache
     }
 }
 
@@ -72,7 +96,28 @@ impl Drop for BuildSlot {
         if let Err(e) = crate::sys::kill_all_of(self.user.uid, self.user.gid) {
             tracing::warn!(uid = self.user.uid, error = %e, "could not kill the build user's processes");
         }
+        if let Err(e) = hand_over(&self.cache, crate::sys::geteuid(), crate::sys::getegid()) {
+            tracing::warn!(cache = %self.cache.display(), error = %e, "could not take the wheel cache back");
+        }
     }
+}
+
+/// Gives the directory `dir` (never a symlink's target) to `uid`:`gid`, 0700.
+fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+/// Takes the staging dir `work` back from the build user once its processes are gone
+/// (root's, 0700, through a descriptor that is never a symlink's target): from here on no
+/// one but renv can reach the tree it checks, relocates and seals.
+pub fn reclaim(work: &Path) -> std::io::Result<()> {
+    hand_over(work, crate::sys::geteuid(), crate::sys::getegid())
 }
 
 pub struct Sandbox {
@@ -101,11 +146,22 @@ impl Sandbox {
         fs_err::create_dir_all(&home)?;
         fs_err::create_dir_all(&tmp)?;
         if let Some(user) = user {
+            // The build user's alone while it builds: no other user (an allowed caller
+            // reaches `staging/` through the store's ACL) may look in, or hold a
+            // descriptor inside, to race what root does with the tree afterwards.
             for dir in [work, &home, &tmp] {
                 std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))?;
+                fs_err::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
             }
         }
-        let log = fs_err::File::create(&log_path)?.into_parts().0;
+        // Build logs are the store owner's: they show what was asked for and how.
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?;
         Ok(Sandbox {
             home,
             tmp,

@@ -1,50 +1,50 @@
-//! The installer's wheel caches (`<store>/store-v1/uv-cache`, and `uv-cache-<uid>` of a
-//! build user): builds hold `locks/uv-cache.lock` shared while they use one; pruning
-//! takes it exclusively and non-blocking, so a concurrent install never loses a file it is
-//! about to link. A build user's cache is pruned by uv running as that user: root never
-//! works inside a directory someone else can write.
+//! The installer's wheel caches: the store owner's own (`<store>/store-v1/uv-cache`) and
+//! those lent to a build user's builds (`uv-cache-<b>-for-<c>`, see
+//! [`super::sandbox::BuildSlot`]). Builds hold `locks/uv-cache.lock` shared while they use
+//! one; pruning takes it exclusively and non-blocking, so a concurrent install never loses
+//! a file it is about to link. The owner's cache is pruned by `uv cache prune`; a build
+//! user's caches are written by untrusted code, so root never works inside them: each
+//! goes whole (renamed to trash by its name in `store-v1`, removed without following a
+//! link), and the next build for that caller starts a new one.
 
 use std::path::PathBuf;
 
 use super::installer::UV_VERSION;
+use crate::store::layout::BUILD_CACHE_PREFIX;
 use crate::store::{LockMode, LockName, Store};
 
-/// `uv cache prune` on the store's uv caches, unless a build is using them. Says what
-/// happened, for `renv prune`'s report.
+/// Prunes the store's wheel caches, unless a build is using them. Says what happened, for
+/// `renv prune`'s report.
 pub fn prune(store: &Store) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let mut caches = vec![(store.layout().uv_cache_dir(), None)];
-    if let Ok(entries) = std::fs::read_dir(store.root()) {
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name();
-            let Some(uid) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("uv-cache-"))
-                .and_then(|u| u.parse().ok())
-            else {
-                continue;
-            };
-            // lstat: a real directory of that very user, or it is not one of ours.
-            if let Ok(meta) = entry.path().symlink_metadata()
-                && meta.is_dir()
-                && meta.uid() == uid
-            {
-                caches.push((entry.path(), Some((uid, meta.gid()))));
-            }
-        }
-    }
-    let outcomes: Vec<String> = caches
+    let Ok(Some(_exclusive)) = store.try_lock(LockName::UvCache, LockMode::Exclusive) else {
+        return "skipped: a build is using it".into();
+    };
+    let mut outcome = Vec::new();
+    let build_caches: Vec<String> = std::fs::read_dir(store.root())
         .into_iter()
-        .filter(|(cache, _)| cache.join("CACHEDIR.TAG").exists())
-        .map(|(cache, owner)| prune_one(store, &cache, owner))
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.starts_with(BUILD_CACHE_PREFIX) && name.contains("-for-"))
         .collect();
-    match outcomes.is_empty() {
+    if !build_caches.is_empty() {
+        let removed = build_caches
+            .iter()
+            .filter(|name| store.discard_named(name).is_ok())
+            .count();
+        outcome.push(format!("removed {removed} build caches"));
+    }
+    if store.layout().uv_cache_dir().join("CACHEDIR.TAG").exists() {
+        outcome.push(prune_own(store));
+    }
+    match outcome.is_empty() {
         true => "empty".into(),
-        false => outcomes.join("; "),
+        false => outcome.join("; "),
     }
 }
 
-fn prune_one(store: &Store, cache: &std::path::Path, owner: Option<(u32, u32)>) -> String {
+/// `uv cache prune` on the store owner's cache.
+fn prune_own(store: &Store) -> String {
     let pinned = store
         .layout()
         .tool_dir(&format!("uv-{UV_VERSION}"))
@@ -57,16 +57,9 @@ fn prune_one(store: &Store, cache: &std::path::Path, owner: Option<(u32, u32)>) 
     let Some(uv) = uv else {
         return "skipped: no uv found (set RENV_UV)".into();
     };
-    let Ok(Some(_exclusive)) = store.try_lock(LockName::UvCache, LockMode::Exclusive) else {
-        return "skipped: a build is using it".into();
-    };
-    let mut cmd = std::process::Command::new(&uv);
-    if let Some((uid, gid)) = owner {
-        crate::sys::run_as(&mut cmd, uid, gid, &[]);
-    }
-    let status = cmd
+    let status = std::process::Command::new(&uv)
         .args(["cache", "prune", "--quiet", "--no-config", "--cache-dir"])
-        .arg(cache)
+        .arg(store.layout().uv_cache_dir())
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .stdin(std::process::Stdio::null())

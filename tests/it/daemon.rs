@@ -76,6 +76,8 @@ impl Daemon {
     /// The daemon still answers `/healthz` and a cached env request.
     fn assert_healthy(&self, spec: &Value) {
         assert_eq!(self.get("/healthz")["ok"], true);
+        // (With a build user, envs are per caller: root's may be new.)
+        self.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
         let env = self.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
         assert_eq!(env["created"], false);
         self.client()
@@ -1714,6 +1716,7 @@ fn installers_run_as_the_build_user_and_what_they_make_is_sealed() {
         format!(
             "#!/bin/sh\necho \"$(id -u) $1\" >> {record}\n\
              [ \"$1\" = venv ] && setsid sleep 300 >/dev/null 2>&1 < /dev/null &\n\
+             if [ \"$1\" = venv ]; then for a; do last=$a; done; stat -c 'staging %a %u' \"${{last%/*}}\" >> {record}; fi\n\
              exec {uv} \"$@\"\n",
             record = record.display(),
             uv = crate::common::uv().display()
@@ -1759,6 +1762,10 @@ fn installers_run_as_the_build_user_and_what_they_make_is_sealed() {
         .collect();
     assert!(steps.len() >= 2, "{calls}");
     assert!(
+        calls.contains(&format!("staging 700 {BUILDER}\n")),
+        "the build's staging dir is the build user's alone while it builds: {calls}"
+    );
+    assert!(
         steps.iter().all(|l| l.starts_with(&format!("{BUILDER} "))),
         "every install step ran as the build user: {calls}"
     );
@@ -1774,18 +1781,13 @@ fn installers_run_as_the_build_user_and_what_they_make_is_sealed() {
         (0, 0),
         "sealed, the store owner's"
     );
-    let cache = ws.store_v1(&format!("uv-cache-{BUILDER}"));
-    let shared = Command::new("find")
-        .arg(&cache)
-        .args(["-inum", &meta.ino().to_string()])
-        .output()
-        .unwrap();
-    let shared = String::from_utf8(shared.stdout).unwrap();
-    assert!(
-        !shared.trim().is_empty(),
-        "the env's file is linked from the build user's cache"
-    );
-    for target in [module.to_str().unwrap(), shared.lines().next().unwrap()] {
+    // The build user's cache stays writable by it, so nothing in the env shares an inode
+    // with it; the cache itself is root's again (0700) between builds.
+    assert_eq!(meta.nlink(), 1, "copied from the build user's cache, not linked");
+    let cache = std::fs::symlink_metadata(ws.store_v1(&format!("uv-cache-{BUILDER}-for-1000"))).unwrap();
+    assert_eq!((cache.uid(), cache.mode() & 0o777), (0, 0o700));
+    {
+        let target = module.to_str().unwrap();
         let out = Command::new("setpriv")
             .args([
                 &format!("--reuid={BUILDER}"),
@@ -1873,4 +1875,84 @@ fn a_changed_file_zip_is_read_again() {
     assert_ne!(changed["env_id"], first["env_id"]);
     let main = Path::new(changed["working_dir"].as_str().unwrap()).join("main.py");
     assert_eq!(std::fs::read_to_string(main).unwrap(), "print('two')\n");
+}
+
+/// Whatever runs as the build user can rewrite the wheel cache it is lent: here a uv that,
+/// when asked for `evilpkg`, replaces the cached `tinypkg` as an sdist's build code could.
+/// The poison reaches only envs built for the same caller; another tenant's builds use a
+/// cache of their own, which the poisoning build could not even reach, and never share
+/// an env built from the poisoned one.
+#[test]
+fn one_tenants_build_never_poisons_anothers_env() {
+    const BUILDER: u32 = 1003;
+    let ws = setup();
+    wheelhouse(
+        &ws.path("wheels"),
+        &[("evilpkg", "1.0", "X = 1\n"), ("otherpkg", "1.0", "Y = 1\n")],
+    );
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Where the build notes each other caller's cache it could list (none, it must be).
+    let reached = ws.write("reached", "");
+    std::fs::set_permissions(&reached, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let wrapper = ws.write(
+        "uv-wrapper",
+        format!(
+            "#!/bin/sh\n{uv} \"$@\"; rc=$?\n\
+             case \"$*\" in *evilpkg*) find \"$UV_CACHE_DIR\" -path '*tinypkg/__init__.py' | \
+             while read -r f; do rm -f \"$f\"; echo \"VERSION = 'POISONED'\" > \"$f\"; done;; esac\n\
+             for c in \"$UV_CACHE_DIR\"/../uv-cache-*; do [ \"$c\" -ef \"$UV_CACHE_DIR\" ] || \
+             ! ls \"$c\" >/dev/null 2>&1 || echo \"$c\" >> {reached}; done\n\
+             exit $rc\n",
+            uv = crate::common::uv().display(),
+            reached = reached.display()
+        ),
+    );
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = crate::common::shared_python().to_str().unwrap();
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+            "--python",
+            python,
+            "--uv",
+            wrapper.to_str().unwrap(),
+            "--build-user",
+            &BUILDER.to_string(),
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let version = "import tinypkg; print(tinypkg.VERSION)";
+    let tiny = json!({"pip": ["tinypkg==1.0"]});
+    let both = json!({"pip": ["tinypkg==1.0", "otherpkg"]});
+    // The victim's cache holds tinypkg; then the attacker's cache, then its poison.
+    assert_eq!(python_as(&daemon, 1001, &tiny, version).trim(), "1.0");
+    assert_eq!(python_as(&daemon, 1000, &tiny, version).trim(), "1.0");
+    python_as(&daemon, 1000, &json!({"pip": ["evilpkg"]}), "pass");
+    assert_eq!(
+        python_as(&daemon, 1000, &both, version).trim(),
+        "POISONED",
+        "the poison works where it was planted: the attacker's own later builds"
+    );
+    assert_eq!(
+        python_as(&daemon, 1001, &both, version).trim(),
+        "1.0",
+        "never in another tenant's env"
+    );
+    assert_eq!(python_as(&daemon, 1001, &tiny, version).trim(), "1.0");
+    assert_eq!(
+        std::fs::read_to_string(&reached).unwrap(),
+        "",
+        "a build listed another caller's cache"
+    );
+    daemon.assert_healthy(&tiny);
 }

@@ -2,7 +2,6 @@
 //! is followed as a symlink, and root never maintains a store someone else owns.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::Command;
 
 use serde_json::json;
@@ -157,5 +156,39 @@ fn a_new_store_is_private_to_its_owner() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "another user listed the store");
-    assert!(Path::new(&ws.store_v1("envs")).is_dir());
+    // What a daemon's callers are let reach, they reach by name only; the rest is the
+    // owner's (markers and build logs say what others asked for).
+    for (dir, mode) in [
+        ("envs", 0o711),
+        ("pkgs", 0o711),
+        ("meta", 0o700),
+        ("cache", 0o700),
+        ("trash", 0o700),
+    ] {
+        assert_eq!(crate::common::mode_of(&ws.store_v1(dir)), mode, "{dir}");
+    }
+}
+
+/// A store is reached only through directories of root or its owner: one inside another
+/// user's directory could be swapped for theirs while root works in it.
+#[test]
+fn a_store_inside_another_users_directory_is_refused() {
+    let ws = Workspace::new();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let theirs = ws.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(1000), Some(1000)).unwrap();
+    let out = ws
+        .renv()
+        .args(["ls", "--store"])
+        .arg(theirs.join("store"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("theirs belongs to uid 1000"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(list_dir(&theirs).is_empty(), "nothing was created in it");
 }
