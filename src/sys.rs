@@ -174,6 +174,18 @@ pub fn passwd_entry(matches: impl Fn(&Passwd) -> bool) -> Option<Passwd> {
         .find(|entry| matches(entry))
 }
 
+/// Whether `/etc/group` lists the user `name` as a member of the group `gid`.
+pub fn group_has_member(gid: u32, name: &str) -> bool {
+    let Ok(groups) = std::fs::read_to_string("/etc/group") else {
+        return false;
+    };
+    // name:password:gid:member,member
+    groups.lines().any(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        f.len() == 4 && f[2].parse::<u32>() == Ok(gid) && f[3].split(',').any(|m| m == name)
+    })
+}
+
 /// Lets `cmd`'s child inherit `fds`, which stay close-on-exec in this process (so no
 /// other child, started meanwhile by another thread, gets them): their flag is cleared in
 /// the child between fork and exec. They are closed here when `cmd` is dropped.

@@ -88,7 +88,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .with_writer(std::io::stderr)
         .init();
     let mut policy = args.venv.policy();
-    policy.build_user = build_user(args.build_user.as_deref(), &args.allow_uids)?;
+    policy.build_user = build_user(args.build_user.as_deref(), &args.allow_uids, &args.allow_gids)?;
     // Every lock wait a request can reach (leases, builds, staging) ends by this deadline,
     // so waits for a lock that is never released cannot fill the blocking pool.
     let store = args
@@ -126,7 +126,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
 }
 
 /// Resolves `--build-user` (a name or a uid) against what the daemon runs as.
-fn build_user(arg: Option<&str>, allow_uids: &[u32]) -> Result<Option<BuildUser>, Error> {
+fn build_user(arg: Option<&str>, allow_uids: &[u32], allow_gids: &[u32]) -> Result<Option<BuildUser>, Error> {
     let invalid = |message: String| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
     let me = crate::sys::geteuid();
     let Some(arg) = arg else {
@@ -141,7 +141,8 @@ fn build_user(arg: Option<&str>, allow_uids: &[u32]) -> Result<Option<BuildUser>
             _ => Ok(None),
         };
     };
-    let (uid, gid) = match crate::sys::passwd_entry(|e| e.name == arg || e.uid.to_string() == arg) {
+    let entry = crate::sys::passwd_entry(|e| e.name == arg || e.uid.to_string() == arg);
+    let (uid, gid) = match &entry {
         Some(entry) => (entry.uid, entry.gid),
         None => match arg.parse::<u32>() {
             Ok(uid) => (uid, uid),
@@ -161,10 +162,19 @@ fn build_user(arg: Option<&str>, allow_uids: &[u32]) -> Result<Option<BuildUser>
             "--build-user {arg}: only a daemon running as root can run installers as another user"
         )));
     }
-    if allow_uids.contains(&uid) {
+    // A caller of its own (by uid, or as a member of an allowed group) could run workers
+    // as the build user: into the builds, and killed after each.
+    let in_allowed_group = allow_gids.iter().any(|&allowed| {
+        allowed == gid
+            || entry
+                .as_ref()
+                .is_some_and(|e| crate::sys::group_has_member(allowed, &e.name))
+    });
+    if allow_uids.contains(&uid) || in_allowed_group {
         return Err(invalid(format!(
-            "--build-user {arg} (uid {uid}) is also an allowed caller (--allow-uid); the build user must be \
-             one nothing else runs as: its processes are killed after every build"
+            "--build-user {arg} (uid {uid}) is also an allowed caller (--allow-uid, or a member of an \
+             --allow-gid group); the build user must be one nothing else runs as: its processes are \
+             killed after every build"
         )));
     }
     Ok(Some(BuildUser { uid, gid }))

@@ -1830,6 +1830,13 @@ fn a_root_daemon_needs_a_build_user_of_its_own() {
     .err()
     .unwrap();
     assert!(err.contains("also an allowed caller"), "{err}");
+    let err = Daemon::try_start(
+        &ws,
+        &["--gpus", "none", "--allow-gid", "1002", "--build-user", "1002"],
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("also an allowed caller"), "{err}");
 }
 
 /// The pids of `uid`'s processes that are not zombies (a killed orphan stays one until
