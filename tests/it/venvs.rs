@@ -626,15 +626,22 @@ fn renv_run_forwards_sigterm_and_holds_its_leases() {
         "SIGTERM, lambda *a: sys.exit(42)",
         "SIGINT, lambda *a: sys.exit(43)",
     );
-    let mut child = ws
-        .renv()
-        .arg("run")
+    let mut cmd = ws.renv();
+    cmd.arg("run")
         .args(&flags)
         .arg(&spec)
         .args(["--", "python", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stdout(std::process::Stdio::piped());
+    // A harness run as a background job inherits SIGINT ignored, and renv rightly leaves
+    // an ignored signal alone; this is about forwarding one it gets.
+    // SAFETY: signal(2) is async-signal-safe, called in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     line.clear();
     stdout.read_line(&mut line).unwrap();
