@@ -1705,7 +1705,7 @@ fn one_tenants_bytecode_never_runs_in_anothers_worker() {
 #[test]
 fn installers_run_as_the_build_user_and_what_they_make_is_sealed() {
     use std::os::unix::fs::MetadataExt;
-    const BUILDER: u32 = 1002;
+    const BUILDER: u32 = 1090;
     let ws = setup();
     std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // A uv that says who runs it, and leaves a process behind as an sdist's build could.
@@ -1891,7 +1891,7 @@ fn a_changed_file_zip_is_read_again() {
 /// an env built from the poisoned one.
 #[test]
 fn one_tenants_build_never_poisons_anothers_env() {
-    const BUILDER: u32 = 1003;
+    const BUILDER: u32 = 1091;
     let ws = setup();
     wheelhouse(
         &ws.path("wheels"),
