@@ -89,6 +89,10 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         .init();
     let mut policy = args.venv.policy();
     policy.build_user = build_user(args.build_user.as_deref(), &args.allow_uids, &args.allow_gids)?;
+    // Whatever a previous daemon's builds left running (it was killed mid-build) goes.
+    if let Some(user) = policy.build_user {
+        crate::sys::kill_all_of(user.uid, user.gid)?;
+    }
     // Every lock wait a request can reach (leases, builds, staging) ends by this deadline,
     // so waits for a lock that is never released cannot fill the blocking pool.
     let store = args

@@ -115,7 +115,9 @@ impl Store {
         // Nothing is created inside a directory that could be turned against us.
         let absolute = std::path::absolute(dir)?;
         if let Some(existing) = absolute.ancestors().find(|p| p.symlink_metadata().is_ok()) {
-            layout::check_ancestors(existing).map_err(unusable)?;
+            // The real path: everything after works on it (a root-owned link such as
+            // /var/run → /run is no weakness).
+            layout::check_ancestors(&fs_err::canonicalize(existing)?).map_err(unusable)?;
         }
         fs_err::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
         // Absolute, so paths handed to installers (which run in their own cwd) hold.

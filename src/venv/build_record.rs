@@ -10,6 +10,7 @@
 //! scripts, `.pth` files renv or the installer wrote), are blake3-hashed here.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -57,6 +58,12 @@ pub fn write(env: &Path) -> std::io::Result<()> {
     let covered = record_hashes(env)?.into_keys().collect::<HashSet<_>>();
     let mut paths = BTreeMap::new();
     for (rel, meta) in walk(env)? {
+        if rel == FILE_NAME {
+            return Err(std::io::Error::other(format!(
+                "{}: the build left a file of renv's name; refusing it",
+                env.join(FILE_NAME).display()
+            )));
+        }
         let kind = meta.file_type();
         let recorded = if kind.is_symlink() {
             Recorded::Symlink {
@@ -83,9 +90,20 @@ pub fn write(env: &Path) -> std::io::Result<()> {
         version: VERSION,
         paths,
     };
+    // A new file, never through a name the build left (a symlink there would have root
+    // write wherever it points).
     let path = env.join(FILE_NAME);
-    fs_err::write(&path, serde_json::to_vec(&record).map_err(std::io::Error::other)?)?;
-    Ok(())
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o444)
+        .open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    std::io::Write::write_all(
+        &mut file,
+        &serde_json::to_vec(&record).map_err(std::io::Error::other)?,
+    )
 }
 
 /// What differs between the env at `env` and its build record, if anything: a path added,

@@ -9,6 +9,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,9 @@ pub struct BuildSlot {
 impl BuildSlot {
     pub fn take(store: &Store, user: BuildUser, caller: u32) -> Result<BuildSlot, VenvError> {
         let lock = store.lock(LockName::BuildUser(user.uid), LockMode::Exclusive)?;
+        // Whatever still runs as the build user (a daemon killed mid-build never ran
+        // its slot's drop) goes before a cache is lent to it.
+        crate::sys::kill_all_of(user.uid, user.gid)?;
         let cache = store.layout().uv_cache_dir_of_build(user.uid, caller);
         match std::fs::DirBuilder::new().mode(0o700).create(&cache) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
@@ -113,11 +117,109 @@ fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
 }
 
-/// Takes the staging dir `work` back from the build user once its processes are gone
-/// (root's, 0700, through a descriptor that is never a symlink's target): from here on no
-/// one but renv can reach the tree it checks, relocates and seals.
+/// Takes the staging dir `work` and everything in it back from the build user, once its
+/// processes are gone: from here on no one but renv can change the tree it checks,
+/// relocates, records and seals.
+///
+/// Killing the build user's processes is not enough: one may have passed a descriptor to
+/// another user's process. So, through descriptors that never follow a symlink, every
+/// directory is made root's and 0700 before renv looks inside it (a directory's
+/// permissions are checked on every change, so a descriptor held elsewhere can no longer
+/// add, remove or rename anything in it), and every file of the build user is replaced by
+/// a copy of its own (a file's are checked only at open, so the old inode, which someone
+/// may hold open for writing, is left to them, out of the tree).
 pub fn reclaim(work: &Path) -> std::io::Result<()> {
-    hand_over(work, crate::sys::geteuid(), crate::sys::getegid())
+    use rustix::fs::{Mode, OFlags};
+    let root = rustix::fs::open(
+        work,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", work.display())))?;
+    take_dir(&root, work, 0)
+}
+
+/// Deeper than this, a build's output is refused rather than walked.
+const MAX_DEPTH: usize = 256;
+
+fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let (me, my_group) = (
+        rustix::process::Uid::from_raw(crate::sys::geteuid()),
+        rustix::process::Gid::from_raw(crate::sys::getegid()),
+    );
+    if depth > MAX_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "{}: nested too deep",
+            path.display()
+        )));
+    }
+    rustix::fs::fchown(dir, Some(me), Some(my_group))?;
+    rustix::fs::fchmod(dir, Mode::from_raw_mode(0o700))?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    for name in names {
+        let shown = || path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let stat = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => {
+                let child = rustix::fs::openat(
+                    dir,
+                    &name,
+                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                take_dir(&child, &shown(), depth + 1)?;
+            }
+            FileType::RegularFile if stat.st_uid != me.as_raw() => {
+                replace_with_copy(dir, &name, stat.st_mode & 0o755)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", shown().display())))?;
+            }
+            FileType::RegularFile => {}
+            FileType::Symlink => {
+                rustix::fs::chownat(dir, &name, Some(me), Some(my_group), AtFlags::SYMLINK_NOFOLLOW)?;
+            }
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "{}: not a regular file, directory or symlink",
+                    shown().display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the file `name` in `dir` by a copy that is renv's (a new inode, `mode`).
+fn replace_with_copy(dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr, mode: u32) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let source = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let temp = format!(
+        ".renv-own-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let target = rustix::fs::openat(
+        dir,
+        temp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )?;
+    std::io::copy(&mut std::fs::File::from(source), &mut std::fs::File::from(target))?;
+    rustix::fs::renameat(dir, temp.as_str(), dir, name)?;
+    Ok(())
 }
 
 pub struct Sandbox {

@@ -1963,3 +1963,126 @@ fn one_tenants_build_never_poisons_anothers_env() {
     );
     daemon.assert_healthy(&tiny);
 }
+
+/// What a build leaves cannot be turned against root or the env once the build user's
+/// processes are gone: a descriptor the build passed to another user's process writes
+/// only to a file that is no longer the env's, and a symlink at the name of renv's build
+/// record refuses the build instead of sending root's write elsewhere.
+#[test]
+fn a_builds_leftovers_cannot_reach_the_committed_env() {
+    const BUILDER: u32 = 1092;
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket_name = format!("renv-test-fd-{}", std::process::id());
+    // uid 1000 waits for a descriptor, then writes through it once the env is served.
+    let taker = ws.write(
+        "taker.py",
+        format!(
+            "import socket, array, sys, time\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             s.bind('\\0{socket_name}'); s.listen(1)\n\
+             print('listening', flush=True)\n\
+             c, _ = s.accept()\n\
+             fds = array.array('i')\n\
+             msg, anc, _, _ = c.recvmsg(1, socket.CMSG_LEN(fds.itemsize))\n\
+             fds.frombytes(anc[0][2][:fds.itemsize])\n\
+             print('got', flush=True)\n\
+             sys.stdin.readline()\n\
+             import os; os.lseek(fds[0], 0, 0); os.write(fds[0], b\"VERSION = 'POISONED'\\n\")\n\
+             print('wrote', flush=True)\n"
+        ),
+    );
+    let giver = ws.write(
+        "giver.py",
+        format!(
+            "import socket, array, os, sys, glob\n\
+             venv = sys.argv[1]\n\
+             f = glob.glob(venv + '/lib/python*/site-packages/tinypkg/__init__.py')[0]\n\
+             fd = os.open(f, os.O_RDWR)\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect('\\0{socket_name}')\n\
+             s.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd]))])\n"
+        ),
+    );
+    let python = crate::common::shared_python().to_str().unwrap();
+    let wrapper = ws.write(
+        "uv-wrapper",
+        format!(
+            "#!/bin/sh\n{uv} \"$@\"; rc=$?\n\
+             if [ \"$1\" = pip ] && [ \"$2\" = install ]; then\n\
+             py=; prev=; for a; do [ \"$prev\" = --python ] && py=$a; prev=$a; done; venv=${{py%/bin/python}}\n\
+             case \"$*\" in *evilpkg*) ln -s {victim} \"$venv/.renv-build.json\";; \
+             *) {python} {giver} \"$venv\";; esac\n\
+             fi\nexit $rc\n",
+            uv = crate::common::uv().display(),
+            victim = ws.path("victim").display(),
+            giver = giver.display(),
+        ),
+    );
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = ws.write("victim", "root's\n");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    wheelhouse(&ws.path("wheels"), &[("evilpkg", "1.0", "X = 1\n")]);
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--python",
+            python,
+            "--uv",
+            wrapper.to_str().unwrap(),
+            "--build-user",
+            &BUILDER.to_string(),
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+
+    let mut taker = Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "sh",
+            "-c",
+            "exec \"$0\" \"$1\"",
+        ])
+        .arg(python)
+        .arg(&taker)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(taker.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let env = json!({"pip": ["tinypkg==1.0"]});
+    let version = "import tinypkg; print(tinypkg.VERSION)";
+    assert_eq!(python_as(&daemon, 1000, &env, version).trim(), "1.0");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "got", "the build handed its descriptor over");
+    taker.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "wrote");
+    taker.wait().unwrap();
+    assert_eq!(
+        python_as(&daemon, 1000, &env, version).trim(),
+        "1.0",
+        "the write went to a file that is no longer the env's"
+    );
+
+    let body = json!({"runtime_env": {"pip": ["evilpkg"]}, "argv": ["true"]});
+    let (status, answer) = as_user(&daemon.socket, 1000, "POST", "/v1/workers", Some(&body));
+    assert_ne!(status, 200, "{answer}");
+    assert!(answer.to_string().contains(".renv-build.json"), "{answer}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    daemon.assert_healthy(&env);
+}

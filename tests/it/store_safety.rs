@@ -191,4 +191,14 @@ fn a_store_inside_another_users_directory_is_refused() {
         stderr(&out)
     );
     assert!(list_dir(&theirs).is_empty(), "nothing was created in it");
+    // A path through root's own symlink (as /var/run → /run) is judged by where it leads.
+    std::fs::create_dir(ws.path("real")).unwrap();
+    std::os::unix::fs::symlink(ws.path("real"), ws.path("link")).unwrap();
+    let out = ws
+        .renv()
+        .args(["ls", "--store"])
+        .arg(ws.path("link/store"))
+        .output()
+        .unwrap();
+    assert_success(&out);
 }
