@@ -30,8 +30,53 @@ use super::peer::{Caller, PeerPolicy};
 /// answer), and most it may send meanwhile.
 const REFUSED_LINGER: Duration = Duration::from_secs(2);
 
-/// Refused connections being answered at once; more are closed without an answer.
-pub const MAX_ANSWERED_REFUSALS: usize = 64;
+/// Refused connections being answered at once, in all and per uid; more are closed
+/// without an answer, so a flood can neither use up the daemon's descriptors nor take
+/// every answer from other users.
+const MAX_ANSWERED_REFUSALS: usize = 64;
+const MAX_ANSWERED_REFUSALS_PER_UID: usize = 8;
+
+/// Who is being answered a refusal right now (see [`MAX_ANSWERED_REFUSALS`]).
+#[derive(Default)]
+pub struct Refusals(std::sync::Mutex<(usize, HashMap<u32, usize>)>);
+
+/// One refusal being answered; dropped when it is done.
+pub struct RefusalSlot {
+    refusals: Arc<Refusals>,
+    uid: u32,
+}
+
+impl Refusals {
+    /// A slot to answer a refusal of `uid` (an unknown peer counts as `u32::MAX`), if any.
+    pub fn take(self: &Arc<Self>, uid: u32) -> Option<RefusalSlot> {
+        let mut guard = self.0.lock().unwrap();
+        let (total, by_uid) = &mut *guard;
+        let mine = by_uid.entry(uid).or_default();
+        if *total >= MAX_ANSWERED_REFUSALS || *mine >= MAX_ANSWERED_REFUSALS_PER_UID {
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(RefusalSlot {
+            refusals: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        let mut guard = self.refusals.0.lock().unwrap();
+        let (total, by_uid) = &mut *guard;
+        *total -= 1;
+        if let Some(mine) = by_uid.get_mut(&self.uid) {
+            *mine -= 1;
+            if *mine == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
 const REFUSED_DRAIN_BYTES: usize = 1 << 20;
 
 /// The admission policy and what admitted connections hold.
@@ -207,6 +252,21 @@ pub async fn refuse(mut stream: UnixStream, refused: Refused) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_answered_a_few_per_uid_and_a_few_dozen_in_all() {
+        let refusals = Arc::new(Refusals::default());
+        let flood: Vec<_> = std::iter::from_fn(|| refusals.take(1000)).take(100).collect();
+        assert_eq!(flood.len(), MAX_ANSWERED_REFUSALS_PER_UID, "one uid gets its few");
+        assert!(
+            refusals.take(1001).is_some(),
+            "and another uid still gets answers"
+        );
+        let many: Vec<_> = (2000..2100).filter_map(|uid| refusals.take(uid)).collect();
+        assert_eq!(many.len(), MAX_ANSWERED_REFUSALS - MAX_ANSWERED_REFUSALS_PER_UID);
+        drop(flood);
+        assert!(refusals.take(1000).is_some(), "slots come back when answered");
+    }
 
     fn admission(max: usize, per_uid: usize) -> Admission {
         let peers = PeerPolicy {

@@ -143,7 +143,7 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     };
     let admission =
         connections::Admission::new(peers, config.max_connections, config.max_connections_per_uid);
-    let refusing = Arc::new(tokio::sync::Semaphore::new(connections::MAX_ANSWERED_REFUSALS));
+    let refusing = Arc::new(connections::Refusals::default());
 
     loop {
         let accepted = tokio::select! {
@@ -170,13 +170,13 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
             Ok(admitted) => admitted,
             Err(refused) => {
                 tracing::debug!(?cred, reason = refused.kind(), "connection refused");
-                // Answering takes a descriptor for a while; past a few dozen at once
-                // (a flood), a refused connection is closed without an answer, so
-                // refusals can never use up the daemon's descriptors.
-                if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
+                // Answering takes a descriptor for a while: a few at once per uid, a
+                // few dozen in all; past that (a flood) a refusal is closed unanswered.
+                let uid = cred.map_or(u32::MAX, |(uid, _, _)| uid);
+                if let Some(slot) = refusing.take(uid) {
                     tokio::spawn(async move {
                         connections::refuse(stream, refused).await;
-                        drop(permit);
+                        drop(slot);
                     });
                 }
                 continue;
