@@ -15,9 +15,15 @@
 //!
 //! Bytecode: a committed env is read-only, so workers cannot write `__pycache__` into it.
 //! By default nothing is compiled at build time (for numpy + pandas that would cost 25×
-//! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at the node's
-//! writable bytecode cache outside the entries, so the modules they really import are
-//! compiled once per node. `--compile-bytecode` compiles everything at build time instead.
+//! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at their own user's
+//! bytecode cache outside the entries (`BuiltEnv::context_for`), so the modules they
+//! really import are compiled once per node and user, and no user loads bytecode another
+//! wrote. `--compile-bytecode` compiles everything at build time instead.
+//!
+//! With a build user (a root daemon's `--build-user`), every installer step runs as that
+//! user ([`sandbox`]), the env is its caller's own ([`EnvDescription::built_for`]), and
+//! the tree is taken back ([`sandbox::reclaim`]), recorded ([`build_record`]) and sealed
+//! by the store before anyone uses it.
 
 pub mod build_record;
 pub mod installer;
