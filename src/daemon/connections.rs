@@ -36,7 +36,7 @@ const REFUSED_LINGER: Duration = Duration::from_secs(2);
 const MAX_ANSWERED_REFUSALS: usize = 64;
 const MAX_ANSWERED_REFUSALS_PER_UID: usize = 8;
 
-/// Who is being answered a refusal right now (see [`MAX_ANSWERED_REFUSALS`]).
+/// Who is being answered a refusal right now: at most 64 in all, 8 per uid.
 #[derive(Default)]
 pub struct Refusals(std::sync::Mutex<(usize, HashMap<u32, usize>)>);
 
