@@ -32,6 +32,7 @@ pub mod layout;
 mod lock;
 pub mod marker;
 pub mod prune;
+pub mod record;
 mod single_flight;
 pub mod transaction;
 pub mod usage;

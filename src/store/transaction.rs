@@ -27,7 +27,7 @@
 //! [`Store::commit_staged`] after: the same steps 2 and 4, the committed entry winning if
 //! one appeared meanwhile. Lock order: a source's own lock (a zip's), then the entry's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,7 @@ use serde_json::Value;
 use super::layout::{EntryId, EntryName, LockName};
 use super::lock::{LockFile, LockMode};
 use super::marker::{Marker, write_json_atomic};
+use super::record;
 use super::{Store, StoreError, fsync_dir, remove_tree};
 use crate::package::{self, Manifest};
 use crate::progress::Progress;
@@ -84,8 +85,13 @@ pub enum Contents<'a> {
     /// from its cache is sealed there too, so no one can change it in either place) and
     /// owned by the store's owner. Files of `builder` (the build user an installer ran
     /// as) are taken over; anything owned by anyone else, or that is no regular file,
-    /// directory or symlink, refuses the commit.
-    Walk { builder: Option<u32> },
+    /// directory or symlink, refuses the commit. What was sealed is recorded in the entry
+    /// ([`super::record`]), with the content hash of every file not in `vouched` (paths
+    /// relative to the entry whose content the committer can check another way).
+    Walk {
+        builder: Option<u32>,
+        vouched: &'a HashSet<String>,
+    },
 }
 
 /// What a caller hands over with its filled staging dir.
@@ -239,7 +245,7 @@ impl Store {
         let start = Instant::now();
         let staged = staging.entry_dir();
         let builder = match commit.contents {
-            Contents::Walk { builder } => builder,
+            Contents::Walk { builder, .. } => builder,
             Contents::Manifest(_) => None,
         };
         let (files, bytes) = match commit.contents {
@@ -247,7 +253,7 @@ impl Store {
                 sync_manifest(&staged, manifest, progress)?;
                 (manifest.file_count() as u64, manifest.content_bytes())
             }
-            Contents::Walk { builder } => {
+            Contents::Walk { builder, vouched } => {
                 // The entry itself must be a real directory: a walk would follow a symlink.
                 if !fs_err::symlink_metadata(&staged)?.is_dir() {
                     return Err(
@@ -255,12 +261,35 @@ impl Store {
                     );
                 }
                 let walked = walk_tree(&staged)?;
-                sync_walked(&walked, builder, progress)?;
+                let mut paths = sync_walked(&walked, builder, vouched, progress)?;
+                for (rel, target) in &walked.symlinks {
+                    paths.insert(
+                        rel.clone(),
+                        record::Recorded::Symlink {
+                            target: target.clone(),
+                        },
+                    );
+                }
+                for dir in &walked.dirs {
+                    paths.insert(
+                        relative(&walked.root, dir),
+                        record::Recorded::Dir {
+                            mode: package::tree::DIR_MODE,
+                        },
+                    );
+                }
+                write_record(
+                    &staged,
+                    record::SealedRecord {
+                        version: record::VERSION,
+                        paths,
+                    },
+                )?;
                 // Deepest first, so every directory is still writable while its children
                 // are sealed; the root once it is in place (moving a directory to another
                 // parent rewrites its `..`, which needs it writable).
                 for dir in walked.dirs.iter().rev() {
-                    seal(dir, true, builder)?;
+                    seal(dir, true, builder, false)?;
                 }
                 fsync_dir(&staged)?;
                 (walked.files.len() as u64, walked.bytes)
@@ -271,7 +300,7 @@ impl Store {
         let start = Instant::now();
         fs_err::rename(&staged, &path)?;
         fsync_dir(&self.layout.entries_dir(entry_id.kind))?;
-        seal(&path, true, builder)?;
+        seal(&path, true, builder, false)?;
         let marker = Marker::new(entry_id, bytes, files, commit.source, commit.description);
         write_json_atomic(&marker_path, &marker)?;
         drop(staging);
@@ -366,16 +395,20 @@ fn sync_manifest(root: &Path, manifest: &Manifest, progress: &Progress) -> std::
 }
 
 struct Walked {
+    root: PathBuf,
     /// Directories below the root (not the root), parents first.
     dirs: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    /// Relative path and target.
+    symlinks: Vec<(String, PathBuf)>,
     bytes: u64,
 }
 
 /// Makes the file or directory at `path` the store owner's and read-only, through a
 /// descriptor that is never a symlink's target (see [`Contents::Walk`]); a file is also
-/// made durable. Returns nothing to undo: a refused commit is discarded whole.
-fn seal(path: &Path, is_dir: bool, builder: Option<u32>) -> std::io::Result<()> {
+/// made durable, and hashed if `hash`. Returns what was sealed (nothing to undo: a
+/// refused commit is discarded whole).
+fn seal(path: &Path, is_dir: bool, builder: Option<u32>, hash: bool) -> std::io::Result<record::Recorded> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
     if is_dir {
@@ -417,17 +450,59 @@ fn seal(path: &Path, is_dir: bool, builder: Option<u32>) -> std::io::Result<()> 
     if mode != sealed || meta.uid() != me {
         file.set_permissions(std::fs::Permissions::from_mode(sealed))?;
     }
-    if !is_dir {
-        file.sync_data()?;
+    if is_dir {
+        return Ok(record::Recorded::Dir { mode: sealed });
     }
-    Ok(())
+    file.sync_data()?;
+    let blake3 = match hash {
+        false => None,
+        true => {
+            let mut hasher = blake3::Hasher::new();
+            std::io::copy(&mut &file, &mut hasher)?;
+            Some(crate::digest::Digest::from(hasher.finalize()).to_string())
+        }
+    };
+    Ok(record::Recorded::File {
+        mode: sealed,
+        size: meta.len(),
+        blake3,
+    })
+}
+
+/// `path` relative to `root`, `/`-separated.
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .expect("walked below the root")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Writes the entry's record at its root: a new file, never through a name the builder
+/// left (the walk refused one already there).
+fn write_record(staged: &Path, record: record::SealedRecord) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = staged.join(record::FILE_NAME);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o444)
+        .open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    std::io::Write::write_all(
+        &mut file,
+        &serde_json::to_vec(&record).map_err(std::io::Error::other)?,
+    )?;
+    file.sync_data()
 }
 
 /// Lists a freshly built tree without following symlinks.
 fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     let mut walked = Walked {
+        root: root.to_path_buf(),
         dirs: Vec::new(),
         files: Vec::new(),
+        symlinks: Vec::new(),
         bytes: 0,
     };
     let mut pending = vec![root.to_path_buf()];
@@ -439,9 +514,24 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
                 walked.dirs.push(entry.path());
                 pending.push(entry.path());
             } else if kind.is_file() {
+                if dir == root && entry.file_name() == record::FILE_NAME {
+                    return Err(std::io::Error::other(format!(
+                        "{}: the build left a file of the store's name; refusing it",
+                        entry.path().display()
+                    )));
+                }
                 walked.bytes += entry.metadata()?.len();
                 walked.files.push(entry.path());
-            } else if !kind.is_symlink() {
+            } else if kind.is_symlink() {
+                if dir == root && entry.file_name() == record::FILE_NAME {
+                    return Err(std::io::Error::other(format!(
+                        "{}: the build left a symlink at the store's name; refusing it",
+                        entry.path().display()
+                    )));
+                }
+                let target = fs_err::read_link(entry.path())?;
+                walked.symlinks.push((relative(root, &entry.path()), target));
+            } else {
                 return Err(std::io::Error::other(format!(
                     "{}: not a regular file, directory or symlink; refusing to store it",
                     entry.path().display()
@@ -453,8 +543,15 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     Ok(walked)
 }
 
-/// Seals and fdatasyncs every file and fsyncs every directory of a walked tree.
-fn sync_walked(walked: &Walked, builder: Option<u32>, progress: &Progress) -> std::io::Result<()> {
+/// Seals and fdatasyncs every file and fsyncs every directory of a walked tree; returns
+/// what each file was sealed as, its content hashed unless `vouched` for.
+fn sync_walked(
+    walked: &Walked,
+    builder: Option<u32>,
+    vouched: &HashSet<String>,
+    progress: &Progress,
+) -> std::io::Result<BTreeMap<String, record::Recorded>> {
+    let sealed = std::sync::Mutex::new(BTreeMap::new());
     let all: Vec<(&PathBuf, bool)> = walked
         .files
         .iter()
@@ -466,11 +563,13 @@ fn sync_walked(walked: &Walked, builder: Option<u32>, progress: &Progress) -> st
         let (path, is_dir) = all[i];
         phase.inc(1);
         if is_dir {
-            fsync_dir(path)
-        } else {
-            seal(path, false, builder)
+            return fsync_dir(path);
         }
+        let rel = relative(&walked.root, path);
+        let recorded = seal(path, false, builder, !vouched.contains(&rel))?;
+        sealed.lock().unwrap().insert(rel, recorded);
+        Ok(())
     })?;
     phase.finish();
-    Ok(())
+    Ok(sealed.into_inner().unwrap())
 }

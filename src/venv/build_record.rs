@@ -1,109 +1,25 @@
-//! The build record: what an env held when it was built, written into the env before the
-//! store seals it (`.renv-build.json` at its root), so `renv verify` checks an env
-//! against what was built rather than against its wheels' RECORD files alone (which
-//! anyone who could change the env could rewrite too).
+//! Checking an env against what the store sealed (its record, [`crate::store::record`]),
+//! so `renv verify` compares an env with what was built rather than with its wheels'
+//! RECORD files alone (which anyone who could change the env could rewrite too).
 //!
-//! Every path is recorded with its kind, its mode once sealed, and its size or symlink
-//! target. Content is checked two ways, so that building costs no hashing of the bulk of
-//! an env: a file a wheel's RECORD lists with a sha256 is checked against that sha256,
-//! and the RECORD files themselves, with everything no RECORD covers (`pyvenv.cfg`,
-//! scripts, `.pth` files renv or the installer wrote), are blake3-hashed here.
+//! Content is checked two ways, so that building costs no hashing of the bulk of an env:
+//! a file a wheel's RECORD lists with a sha256 is checked against that sha256 (the
+//! installer vouches for it, see [`vouched`]), and everything else — the RECORD files
+//! themselves, `pyvenv.cfg`, scripts, `.pth` files — against the blake3 the store
+//! recorded when it sealed the env.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::store::record::{FILE_NAME, Recorded, SealedRecord, VERSION};
 
-/// The record's name at the env's root.
-pub const FILE_NAME: &str = ".renv-build.json";
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum Recorded {
-    Dir {
-        mode: u32,
-    },
-    File {
-        mode: u32,
-        size: u64,
-        /// blake3, for files no RECORD covers (and the RECORDs).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        blake3: Option<String>,
-    },
-    Symlink {
-        target: PathBuf,
-    },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct BuildRecord {
-    version: u32,
-    /// Paths relative to the env, `/`-separated.
-    paths: BTreeMap<String, Recorded>,
-}
-
-const VERSION: u32 = 1;
-
-/// The mode the store gives a file or directory when it seals an entry.
-fn sealed_mode(mode: u32, is_dir: bool) -> u32 {
-    if is_dir { 0o555 } else { mode & 0o555 }
-}
-
-/// Records the built (not yet sealed) env at `env`.
-pub fn write(env: &Path) -> std::io::Result<()> {
-    let covered = record_hashes(env)?.into_keys().collect::<HashSet<_>>();
-    let mut paths = BTreeMap::new();
-    for (rel, meta) in walk(env)? {
-        if rel == FILE_NAME {
-            return Err(std::io::Error::other(format!(
-                "{}: the build left a file of renv's name; refusing it",
-                env.join(FILE_NAME).display()
-            )));
-        }
-        let kind = meta.file_type();
-        let recorded = if kind.is_symlink() {
-            Recorded::Symlink {
-                target: fs_err::read_link(env.join(&rel))?,
-            }
-        } else if kind.is_dir() {
-            Recorded::Dir {
-                mode: sealed_mode(mode_of(&meta), true),
-            }
-        } else {
-            let blake3 = match covered.contains(&rel) {
-                true => None,
-                false => Some(Digest::of(&fs_err::read(env.join(&rel))?).to_string()),
-            };
-            Recorded::File {
-                mode: sealed_mode(mode_of(&meta), false),
-                size: meta.len(),
-                blake3,
-            }
-        };
-        paths.insert(rel, recorded);
-    }
-    let record = BuildRecord {
-        version: VERSION,
-        paths,
-    };
-    // A new file, never through a name the build left (a symlink there would have root
-    // write wherever it points).
-    let path = env.join(FILE_NAME);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o444)
-        .open(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    std::io::Write::write_all(
-        &mut file,
-        &serde_json::to_vec(&record).map_err(std::io::Error::other)?,
-    )
+/// The files of the env at `env` that a wheel's RECORD lists with a sha256 (relative to
+/// the env): the store need not hash them when it seals the env.
+pub fn vouched(env: &Path) -> std::io::Result<HashSet<String>> {
+    Ok(record_hashes(env)?.into_keys().collect())
 }
 
 /// What differs between the env at `env` and its build record, if anything: a path added,
@@ -118,7 +34,7 @@ pub fn check(env: &Path) -> Option<String> {
             ));
         }
     };
-    let record: BuildRecord = match serde_json::from_slice(&text) {
+    let record: SealedRecord = match serde_json::from_slice(&text) {
         Ok(record) => record,
         Err(e) => return Some(format!("its build record {FILE_NAME} is not valid ({e})")),
     };

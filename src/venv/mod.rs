@@ -421,13 +421,14 @@ fn ensure_once(
     if let Installer::Pip { .. } = plan.installer {
         relocate_scripts(&venv, &store.layout().entry_path(id))?;
     }
-    build_record::write(&venv)?;
+    let vouched = build_record::vouched(&venv)?;
     let install_ms = start.elapsed().as_millis() as u64;
     // The last successful build's log, under a stable name.
     let _ = fs_err::rename(&log, store.layout().last_build_log_path(id));
     let commit = Commit {
         contents: Contents::Walk {
             builder: plan.build_user.map(|user| user.uid),
+            vouched: &vouched,
         },
         source: serde_json::to_value(&plan.description.requirements).expect("strings serialize"),
         description: serde_json::to_value(&plan.description).expect("an env description serializes"),
