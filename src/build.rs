@@ -159,6 +159,21 @@ pub fn build_env(
             entry,
         });
     }
+    let py_modules = resolve::resolve_py_modules(
+        spec,
+        base_dir,
+        store.options().threads,
+        Some(&hash_cache),
+        progress,
+    )?;
+    for source in py_modules {
+        let entry = source.ensure(store, progress)?;
+        record(&entry.timings_ms);
+        env_packages.push(EnvPackage {
+            role: PackageRole::PyModule,
+            entry,
+        });
+    }
 
     let venv = match &plan {
         None => None,

@@ -112,6 +112,45 @@ pub fn resolve_working_dir(
     }))
 }
 
+/// Resolves `py_modules`, in order: a local directory is scanned (with the spec's
+/// excludes) and packaged under its own name, so `import <name>` works; a zip, a
+/// `file://` zip and a `pkg://` digest are used as they are.
+pub fn resolve_py_modules(
+    spec: &RuntimeEnvSpec,
+    base_dir: &Path,
+    threads: usize,
+    hash_cache_dir: Option<&Path>,
+    progress: &Progress,
+) -> Result<Vec<PackageSource>, ResolveError> {
+    spec.py_modules
+        .iter()
+        .map(|module| {
+            Ok(match module {
+                WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
+                WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
+                WorkingDirSpec::Local(path) => {
+                    let path = base_dir.join(path);
+                    match fs_err::metadata(&path) {
+                        Err(_) => return Err(PackageError::NotFound(path).into()),
+                        Ok(meta) if meta.is_dir() => {
+                            // Its own name, not `.` or a trailing slash's empty one.
+                            let path = fs_err::canonicalize(&path)
+                                .map_err(|_| PackageError::NotFound(path.clone()))?;
+                            let tree =
+                                package::scan_dir(&path, &spec.excludes, threads, hash_cache_dir, progress)?;
+                            PackageSource::Tree(tree.nested()?)
+                        }
+                        Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
+                            PackageSource::Zip(path)
+                        }
+                        Ok(_) => return Err(PackageError::NotADirectory(path).into()),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 fn existing_zip(path: &Path) -> Result<PathBuf, ResolveError> {
     match fs_err::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),

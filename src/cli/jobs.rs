@@ -11,7 +11,7 @@ use crate::client::Client;
 use crate::env_vars;
 use crate::error::Error;
 use crate::package::zip_write::{Compression, write_zip};
-use crate::package::{scan_dir, worker_threads};
+use crate::package::{ScannedTree, scan_dir, worker_threads};
 use crate::progress::Progress;
 use crate::spec::{PackageList, RuntimeEnvSpec, WorkingDirSpec};
 
@@ -113,12 +113,36 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
     }
     // Validate here too, so errors name the field before anything is uploaded.
     let spec = RuntimeEnvSpec::from_value(&runtime_env)?;
+    // Local directories are packaged here, with the user's rights, and uploaded: the
+    // daemon never reads a client's files.
+    let progress = Progress::for_stderr();
+    let scan = |dir: &Path| scan_dir(dir, &spec.excludes, worker_threads(), None, &progress);
+    let mut packaged = false;
     if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
-        let digest = upload_working_dir(&client, &base_dir.join(path), &spec.excludes)?;
+        let digest = upload_tree(&client, scan(&base_dir.join(path))?, &progress)?;
         runtime_env["working_dir"] = Value::String(format!("pkg://{digest}"));
-        if let Some(map) = runtime_env.as_object_mut() {
-            map.remove("excludes");
+        packaged = true;
+    }
+    for (i, module) in spec.py_modules.iter().enumerate() {
+        if let WorkingDirSpec::Local(path) = module {
+            let path = base_dir.join(path);
+            let uri = match path.extension().is_some_and(|e| e == "zip") {
+                // A zip is uploaded as the package it unpacks to.
+                true => format!("pkg://{}", upload_zip(&client, &path)?),
+                false => {
+                    let dir = fs_err::canonicalize(&path)?;
+                    format!(
+                        "pkg://{}",
+                        upload_tree(&client, scan(&dir)?.nested()?, &progress)?
+                    )
+                }
+            };
+            runtime_env["py_modules"][i] = Value::String(uri);
+            packaged = true;
         }
+    }
+    if packaged && let Some(map) = runtime_env.as_object_mut() {
+        map.remove("excludes");
     }
     // A requirements file is read here, with the user's rights: the daemon never reads a
     // client's files.
@@ -179,10 +203,8 @@ fn parse_object(text: &str) -> Result<Value, Error> {
     Ok(value)
 }
 
-/// Packages `dir` as `renv package` does and uploads it unless the daemon has it.
-fn upload_working_dir(client: &Client, dir: &Path, excludes: &[String]) -> Result<String, Error> {
-    let progress = Progress::for_stderr();
-    let tree = scan_dir(dir, excludes, worker_threads(), None, &progress)?;
+/// Uploads the package `tree` as `renv package` zips it, unless the daemon has it.
+fn upload_tree(client: &Client, tree: ScannedTree, progress: &Progress) -> Result<String, Error> {
     let digest = tree.manifest.digest().to_string();
     let head = client.send("HEAD", &format!("/v1/packages/{digest}"), None)?;
     if head.status == 200 {
@@ -193,10 +215,38 @@ fn upload_working_dir(client: &Client, dir: &Path, excludes: &[String]) -> Resul
         &tree,
         std::io::BufWriter::new(&mut zip),
         Compression::Stored,
-        &progress,
+        progress,
     )?;
-    let len = zip.metadata()?.len();
+    put_package(client, &digest, zip)
+}
+
+/// Uploads a local zip as the package it unpacks to (its digest, as `renv package` prints).
+fn upload_zip(client: &Client, path: &Path) -> Result<String, Error> {
+    // Unpacked here with the store's checks, only to learn the digest it unpacks to.
+    let unpacked = tempfile::tempdir()?;
+    let manifest = crate::package::zip_read::unpack(
+        path,
+        unpacked.path(),
+        crate::package::zip_read::UnpackLimits::default(),
+        worker_threads(),
+        &Progress::hidden(),
+    )
+    .map_err(|source| crate::sources::SourceError::Archive {
+        path: Some(path.to_path_buf()),
+        source,
+    })?;
+    let digest = manifest.digest().to_string();
+    let head = client.send("HEAD", &format!("/v1/packages/{digest}"), None)?;
+    if head.status == 200 {
+        return Ok(digest);
+    }
+    put_package(client, &digest, fs_err::File::open(path)?.into_parts().0)
+}
+
+/// `PUT /v1/packages/<digest>` with the zip `zip`.
+fn put_package(client: &Client, digest: &str, mut zip: std::fs::File) -> Result<String, Error> {
     use std::io::Seek;
+    let len = zip.metadata()?.len();
     zip.seek(std::io::SeekFrom::Start(0))?;
     let response = client.send(
         "PUT",
@@ -204,7 +254,7 @@ fn upload_working_dir(client: &Client, dir: &Path, excludes: &[String]) -> Resul
         Some(("application/zip", len, &mut zip as &mut dyn std::io::Read)),
     )?;
     response.into_json()?;
-    Ok(digest)
+    Ok(digest.to_string())
 }
 
 /// Copies a job's stream to `out` until the job ends.

@@ -194,26 +194,44 @@ impl Daemon {
             .map_err(|e| StateError::bad_request("runtime_env", format!("invalid JSON: {e}")))?;
         let spec =
             RuntimeEnvSpec::from_value(&runtime_env).map_err(|e| StateError::from(crate::Error::from(e)))?;
-        if let Some(WorkingDirSpec::FileZip(path)) = &spec.working_dir
-            && !caller.admin
-        {
-            // Read with the daemon's rights, not the caller's: only the daemon's own user
-            // and root may name one.
-            return Err(StateError::Forbidden(format!(
-                "working_dir: {:?} would be read with the daemon's rights, not yours; upload it \
-                 (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
-                path.display().to_string()
-            )));
-        }
-        if let Some(WorkingDirSpec::Local(path)) = &spec.working_dir {
-            return Err(StateError::bad_request(
-                "working_dir",
-                format!(
-                    "{:?} is a local path; the daemon never reads a client's directory. Upload the package \
-                     (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
-                    path.display().to_string()
-                ),
-            ));
+        let locations = spec
+            .working_dir
+            .iter()
+            .map(|wd| ("working_dir".to_string(), wd))
+            .chain(
+                spec.py_modules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("py_modules[{i}]"), m)),
+            );
+        for (field, location) in locations {
+            match location {
+                // Read with the daemon's rights, not the caller's: only the daemon's own
+                // user and root may name one.
+                WorkingDirSpec::FileZip(path) if !caller.admin => {
+                    return Err(StateError::Forbidden(format!(
+                        "{field}: {:?} would be read with the daemon's rights, not yours; upload it \
+                         (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
+                        path.display().to_string()
+                    )));
+                }
+                WorkingDirSpec::Local(path) => {
+                    return Err(StateError::BadRequest {
+                        field: if field == "working_dir" {
+                            "working_dir"
+                        } else {
+                            "py_modules"
+                        },
+                        message: format!(
+                            "{field}: {:?} is a local path; the daemon never reads a client's directory. \
+                             Upload the package (renv package -o, then PUT /v1/packages/<digest>) and use \
+                             pkg://<digest>",
+                            path.display().to_string()
+                        ),
+                    });
+                }
+                _ => {}
+            }
         }
         if let Some(PackageSpec {
             field,
@@ -232,7 +250,11 @@ impl Daemon {
             });
         }
         let key = format!("{for_caller}{}", spec.canonical_json());
-        let names_a_file = matches!(spec.working_dir, Some(WorkingDirSpec::FileZip(_)));
+        let names_a_file = spec
+            .working_dir
+            .iter()
+            .chain(&spec.py_modules)
+            .any(|p| matches!(p, WorkingDirSpec::FileZip(_)));
         if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));

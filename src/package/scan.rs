@@ -25,11 +25,47 @@ use crate::progress::Progress;
 pub struct ScannedTree {
     pub root: PathBuf,
     pub manifest: Manifest,
+    /// The directory every entry is nested under in the package (see [`Self::nested`]).
+    nested: Option<String>,
 }
 
 impl ScannedTree {
     pub fn source_path(&self, entry: &ManifestEntry) -> PathBuf {
-        self.root.join(&entry.path)
+        let path = match &self.nested {
+            Some(name) if entry.path == *name => "",
+            Some(name) => entry
+                .path
+                .strip_prefix(name.as_str())
+                .and_then(|p| p.strip_prefix('/'))
+                .expect("every entry of a nested tree is under its name"),
+            None => &entry.path,
+        };
+        self.root.join(path)
+    }
+
+    /// The same tree as a package holding it under its own directory's name, as Ray
+    /// packages a `py_modules` directory: unpacked onto `PYTHONPATH`, `import <name>` works.
+    pub fn nested(self) -> Result<ScannedTree, PackageError> {
+        let name = self
+            .root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty() && *n != "..")
+            .ok_or_else(|| PackageError::NotADirectory(self.root.clone()))?
+            .to_string();
+        let mut entries = vec![ManifestEntry {
+            path: name.clone(),
+            kind: crate::package::manifest::EntryKind::Dir,
+        }];
+        entries.extend(self.manifest.entries().iter().map(|e| ManifestEntry {
+            path: format!("{name}/{}", e.path),
+            kind: e.kind.clone(),
+        }));
+        Ok(ScannedTree {
+            root: self.root,
+            manifest: Manifest::new(entries),
+            nested: Some(name),
+        })
     }
 }
 
@@ -119,6 +155,7 @@ fn scan(
     Ok(ScannedTree {
         root,
         manifest: Manifest::new(entries),
+        nested: None,
     })
 }
 

@@ -18,8 +18,9 @@ pub use requirement::Requirement;
 use crate::digest::PackageDigest;
 
 /// Top-level fields renv understands, in the order error messages list them.
-pub const SUPPORTED_FIELDS: [&str; 7] = [
+pub const SUPPORTED_FIELDS: [&str; 8] = [
     "working_dir",
+    "py_modules",
     "excludes",
     "env_vars",
     "pip",
@@ -81,6 +82,9 @@ impl SpecError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeEnvSpec {
     pub working_dir: Option<WorkingDirSpec>,
+    /// Ray's `py_modules`: packages put on the worker's `PYTHONPATH` after the
+    /// working_dir; a local directory is importable by its name.
+    pub py_modules: Vec<WorkingDirSpec>,
     /// gitignore-style patterns, relative to the working_dir root.
     pub excludes: Vec<String>,
     pub env_vars: BTreeMap<String, String>,
@@ -88,7 +92,7 @@ pub struct RuntimeEnvSpec {
     pub config: Config,
 }
 
-/// Where the working_dir comes from.
+/// Where a package (the working_dir, a py_module) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkingDirSpec {
     /// A path on the machine running the CLI: a directory or a `.zip` file.
@@ -178,6 +182,7 @@ impl RuntimeEnvSpec {
         };
         let mut spec = RuntimeEnvSpec {
             working_dir: None,
+            py_modules: Vec::new(),
             excludes: Vec::new(),
             env_vars: BTreeMap::new(),
             packages: None,
@@ -186,6 +191,7 @@ impl RuntimeEnvSpec {
         for (key, value) in map {
             match key.as_str() {
                 "working_dir" => spec.working_dir = parse_working_dir(value)?,
+                "py_modules" => spec.py_modules = parse_py_modules(value)?,
                 "excludes" => spec.excludes = parse_excludes(value)?,
                 "env_vars" => spec.env_vars = parse_env_vars(value)?,
                 "pip" => spec.packages = parse_packages(value, InstallerField::Pip)?,
@@ -209,15 +215,13 @@ impl RuntimeEnvSpec {
                 "`pip` and `uv` cannot both be given; use one of them",
             ));
         }
-        if !spec.excludes.is_empty()
-            && matches!(
-                spec.working_dir,
-                Some(WorkingDirSpec::FileZip(_) | WorkingDirSpec::Package(_))
-            )
-        {
+        // As in Ray, excludes apply to every local directory packaged (the working_dir
+        // and py_modules); with none, they would be silently ignored.
+        let local = |p: &WorkingDirSpec| matches!(p, WorkingDirSpec::Local(_));
+        if !spec.excludes.is_empty() && !spec.working_dir.iter().chain(&spec.py_modules).any(local) {
             return Err(SpecError::new(
                 "excludes",
-                "applies only to a local directory working_dir; a zip or package is used as it is",
+                "applies only to local directories (working_dir, py_modules); a zip or package is used as it is",
             ));
         }
         Ok(spec)
@@ -228,12 +232,11 @@ impl RuntimeEnvSpec {
     pub fn canonical_json(&self) -> Value {
         let mut out = Map::new();
         if let Some(wd) = &self.working_dir {
-            let wd = match wd {
-                WorkingDirSpec::Local(p) => p.display().to_string(),
-                WorkingDirSpec::FileZip(p) => format!("file://{}", p.display()),
-                WorkingDirSpec::Package(d) => format!("pkg://{d}"),
-            };
-            out.insert("working_dir".into(), wd.into());
+            out.insert("working_dir".into(), wd.to_string().into());
+        }
+        if !self.py_modules.is_empty() {
+            let modules: Vec<Value> = self.py_modules.iter().map(|m| m.to_string().into()).collect();
+            out.insert("py_modules".into(), modules.into());
         }
         if !self.excludes.is_empty() {
             out.insert("excludes".into(), self.excludes.clone().into());
@@ -289,14 +292,65 @@ fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+impl std::fmt::Display for WorkingDirSpec {
+    /// As a spec spells it (the canonical form).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkingDirSpec::Local(p) => write!(f, "{}", p.display()),
+            WorkingDirSpec::FileZip(p) => write!(f, "file://{}", p.display()),
+            WorkingDirSpec::Package(d) => write!(f, "pkg://{d}"),
+        }
+    }
+}
+
+/// Most `py_modules` one spec may list.
+const MAX_PY_MODULES: usize = 64;
+
+fn parse_py_modules(value: &Value) -> Result<Vec<WorkingDirSpec>, SpecError> {
+    let items = match value {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(items) => items,
+        other => return Err(expected("py_modules", "a list of strings", other)),
+    };
+    if items.len() > MAX_PY_MODULES {
+        return Err(SpecError::new(
+            "py_modules",
+            format!("at most {MAX_PY_MODULES} modules, got {}", items.len()),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = format!("py_modules[{i}]");
+            let location = parse_location(&field, item)?;
+            if let WorkingDirSpec::Local(path) = &location
+                && path.extension().is_some_and(|e| e == "whl")
+            {
+                return Err(SpecError::new(
+                    &field,
+                    "wheels are not supported in py_modules yet; list the requirement in `pip`",
+                ));
+            }
+            Ok(location)
+        })
+        .collect()
+}
+
 fn parse_working_dir(value: &Value) -> Result<Option<WorkingDirSpec>, SpecError> {
-    const FIELD: &str = "working_dir";
+    match value {
+        Value::Null => Ok(None),
+        value => parse_location("working_dir", value).map(Some),
+    }
+}
+
+/// A package location: a local directory or `.zip`, `file:///abs.zip`, or `pkg://<digest>`.
+fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecError> {
     let s = match value {
-        Value::Null => return Ok(None),
         Value::String(s) => s.as_str(),
         other => {
             return Err(expected(
-                FIELD,
+                field,
                 "a string (a directory, a .zip, file://…zip or pkg://<digest>)",
                 other,
             ));
@@ -304,41 +358,41 @@ fn parse_working_dir(value: &Value) -> Result<Option<WorkingDirSpec>, SpecError>
     };
     if s.is_empty() {
         return Err(SpecError::new(
-            FIELD,
+            field,
             "expected a path or URI, got an empty string",
         ));
     }
     if s.contains('\0') || has_control(s) {
-        return Err(SpecError::new(FIELD, "control characters are not allowed"));
+        return Err(SpecError::new(field, "control characters are not allowed"));
     }
     if let Some(hex) = s.strip_prefix("pkg://") {
         let digest = hex.parse().map_err(|_| {
             SpecError::new(
-                FIELD,
+                field,
                 format!("expected pkg://<64 lowercase hex digits>, got {s:?}"),
             )
         })?;
-        return Ok(Some(WorkingDirSpec::Package(digest)));
+        return Ok(WorkingDirSpec::Package(digest));
     }
     if let Some(path) = s.strip_prefix("file://") {
         let path = PathBuf::from(path);
         if !path.is_absolute() || path.extension().is_none_or(|e| e != "zip") {
             return Err(SpecError::new(
-                FIELD,
+                field,
                 format!("expected file:///absolute/path.zip, got {s:?}"),
             ));
         }
-        return Ok(Some(WorkingDirSpec::FileZip(path)));
+        return Ok(WorkingDirSpec::FileZip(path));
     }
     if let Some((scheme, _)) = s.split_once("://") {
         return Err(SpecError::new(
-            FIELD,
+            field,
             format!(
                 "remote URIs ({scheme}://) are not supported yet; use a local directory, a .zip, file://…zip or pkg://<digest>"
             ),
         ));
     }
-    Ok(Some(WorkingDirSpec::Local(PathBuf::from(s))))
+    Ok(WorkingDirSpec::Local(PathBuf::from(s)))
 }
 
 fn parse_excludes(value: &Value) -> Result<Vec<String>, SpecError> {

@@ -39,7 +39,7 @@ fn validation_errors_name_the_field() {
         ),
         (
             r#"{"conda": "env.yaml"}"#,
-            "conda: unknown field; supported fields are: working_dir, excludes, env_vars, pip, uv, config, _ray_commit",
+            "conda: unknown field; supported fields are: working_dir, py_modules, excludes, env_vars, pip, uv, config, _ray_commit",
         ),
         (
             r#"{"pip": ["a"], "uv": ["b"]}"#,
@@ -144,7 +144,7 @@ fn validation_errors_name_the_field() {
         ),
         (
             r#"{"working_dir": "pkg://0000000000000000000000000000000000000000000000000000000000000000", "excludes": ["x"]}"#,
-            "excludes: applies only to a local directory working_dir",
+            "excludes: applies only to local directories (working_dir, py_modules)",
         ),
         ("[1]", "expected a JSON object, got a list"),
         ("{", "invalid JSON"),

@@ -11,6 +11,7 @@ mod digest;
 mod excludes;
 mod hostile_zips;
 mod prune;
+mod py_modules;
 mod python_sdk;
 mod spec_cli;
 mod store_safety;

@@ -20,7 +20,7 @@ fn invalid_specs_exit_2_naming_the_field() {
         ),
         (
             r#"{"conda": {}}"#,
-            "conda: unknown field; supported fields are: working_dir, excludes, env_vars, pip, uv, config, _ray_commit",
+            "conda: unknown field; supported fields are: working_dir, py_modules, excludes, env_vars, pip, uv, config, _ray_commit",
         ),
         (
             r#"{"pip": ["a"], "uv": ["a"]}"#,

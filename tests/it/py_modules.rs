@@ -1,0 +1,145 @@
+//! `py_modules`, with Ray's semantics: a local directory importable by its name, a zip
+//! and a `pkg://` package as they are, all on `PYTHONPATH` after the working_dir.
+
+use serde_json::{Value, json};
+
+use crate::common::{Workspace, assert_success};
+
+const IMPORT_ALL: &str = "import sys, alpha, beta, gamma; print(alpha.V, beta.V, gamma.V); \
+     print([p.rsplit('/', 1)[-1][:8] for p in sys.path[1:5]])";
+
+/// Three modules: a directory (`mods/alpha`, with a file the excludes drop), a zip
+/// holding `beta/`, and a stored package holding `gamma/`; returns its `pkg://` URI.
+fn modules(ws: &Workspace) -> String {
+    ws.write("wd/main.py", "");
+    ws.write("mods/alpha/__init__.py", "V = 'a'\n");
+    ws.write("mods/alpha/scratch.tmp", "dropped");
+    ws.write("zsrc/beta/__init__.py", "V = 'b'\n");
+    ws.package_zip("zsrc", "beta.zip");
+    ws.write("gsrc/gamma/__init__.py", "V = 'g'\n");
+    let out = ws.renv().args(["package", "gsrc", "--json"]).output().unwrap();
+    assert_success(&out);
+    let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    format!("pkg://{}", stored["digest"].as_str().unwrap())
+}
+
+#[test]
+fn a_directory_a_zip_and_a_package_are_each_importable() {
+    let ws = Workspace::new();
+    let gamma = modules(&ws);
+    let spec = ws.spec(
+        "env.json",
+        &json!({"working_dir": "wd", "py_modules": ["mods/alpha", "beta.zip", gamma], "excludes": ["*.tmp"]}),
+    );
+    let out = ws
+        .renv()
+        .args(["run"])
+        .arg(&spec)
+        .args(["--", "python3", "-c", IMPORT_ALL])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("a b g"));
+    let built = ws.build(&spec);
+    let python_path = built["env"]["PYTHONPATH"].as_str().unwrap();
+    let entries: Vec<&str> = python_path.split(':').collect();
+    assert_eq!(entries.len(), 4, "{python_path}");
+    assert_eq!(
+        entries[0],
+        built["working_dir"].as_str().unwrap(),
+        "the working_dir first"
+    );
+    // The directory is packaged under its own name, without what the excludes drop.
+    let alpha = std::path::Path::new(entries[1]);
+    assert_eq!(crate::common::list_dir(alpha), ["alpha"]);
+    assert_eq!(crate::common::list_dir(&alpha.join("alpha")), ["__init__.py"]);
+    // The same modules in another order are another env.
+    let swapped = ws.spec(
+        "swapped.json",
+        &json!({"working_dir": "wd", "py_modules": ["beta.zip", "mods/alpha", gamma], "excludes": ["*.tmp"]}),
+    );
+    assert_ne!(ws.build(&swapped)["env_id"], built["env_id"]);
+}
+
+#[test]
+fn bad_py_modules_are_refused_naming_the_entry() {
+    let ws = Workspace::new();
+    for (modules, expected) in [
+        (json!("mods"), "py_modules: expected a list of strings"),
+        (json!(["ok", 3]), "py_modules[1]: expected a string"),
+        (json!(["x.whl"]), "py_modules[0]: wheels are not supported"),
+        (json!(["s3://bucket/m.zip"]), "py_modules[0]: remote URIs (s3://)"),
+        (
+            json!(["pkg://abc"]),
+            "py_modules[0]: expected pkg://<64 lowercase hex digits>",
+        ),
+    ] {
+        let spec = ws.spec("bad.json", &json!({"py_modules": modules}));
+        let (code, err) = ws.build_fails(&spec, &[]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(expected), "{expected:?} not in {err}");
+    }
+    let spec = ws.spec("missing.json", &json!({"py_modules": ["nowhere"]}));
+    let (code, err) = ws.build_fails(&spec, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+/// The job CLI packages local modules itself and the daemon gets `pkg://` URIs; the
+/// daemon refuses a local path outright (it never reads a client's files).
+#[test]
+fn a_job_gets_its_local_modules_through_the_daemon() {
+    let ws = Workspace::new();
+    let gamma = modules(&ws);
+    let socket = ws.path("renv.sock");
+    let mut daemon = ws
+        .renv()
+        .args(["daemon", "--gpus", "none", "--socket"])
+        .arg(&socket)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let runtime_env =
+        json!({"working_dir": "wd", "py_modules": ["mods/alpha", "beta.zip", gamma], "excludes": ["*.tmp"]});
+    let out = ws
+        .renv()
+        .env("RENV_SOCKET", &socket)
+        .args([
+            "submit",
+            "--runtime-env-json",
+            &runtime_env.to_string(),
+            "--",
+            "python3",
+            "-c",
+            IMPORT_ALL,
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("a b g\n"));
+
+    let client = renv::client::Client::new(&socket);
+    let local = json!({"runtime_env": {"py_modules": ["mods/alpha"]}});
+    match client.json("POST", "/v1/envs", Some(&local)) {
+        Err(renv::client::ClientError::Api { status, message, .. }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains("py_modules[0]") && message.contains("local path"),
+                "{message}"
+            );
+        }
+        other => panic!("a local py_module was accepted: {other:?}"),
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
