@@ -216,15 +216,21 @@ class RenvClient:
 
     # -- packages -------------------------------------------------------------------
 
-    def upload_package(self, path: Union[str, os.PathLike], *, excludes: Sequence[str] = ()) -> str:
+    def upload_package(
+        self, path: Union[str, os.PathLike], *, excludes: Sequence[str] = (), as_module: bool = False
+    ) -> str:
         """Packages a directory (or a ``.zip``) as ``renv package`` does and uploads it
-        unless the daemon already has it. Returns its ``pkg://<digest>`` URI."""
+        unless the daemon already has it. Returns its ``pkg://<digest>`` URI. With
+        ``as_module``, a directory is packaged under its own name, as a ``py_modules``
+        directory is (``import <dirname>`` works)."""
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"working_dir {path}: not found")
+            raise FileNotFoundError(f"{path}: not found")
         with tempfile.TemporaryDirectory(prefix="renv-upload-") as tmp:
             zip_path = os.path.join(tmp, "package.zip")
             cmd = [self._renv(), "package", path, "-o", zip_path, "--json"]
+            if as_module:
+                cmd.append("--as-module")
             for pattern in excludes:
                 cmd += ["--exclude", pattern]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
@@ -248,23 +254,37 @@ class RenvClient:
         return found
 
     def _with_uploaded_working_dir(self, runtime_env: Dict[str, Any]) -> Dict[str, Any]:
-        """The spec with a local working_dir — a directory, a ``.zip``, or a ``file://``
-        URI of either — replaced by its uploaded ``pkg://`` URI (its ``excludes`` applied
-        by the packaging, so dropped). The daemon never reads the client's files: what it
-        would open with its own rights, the client uploads with its own."""
+        """The spec with a local working_dir and local ``py_modules`` — directories,
+        ``.zip`` files, or ``file://`` URIs of either — replaced by their uploaded
+        ``pkg://`` URIs (``excludes`` applied by the packaging, so dropped). The daemon
+        never reads the client's files: what it would open with its own rights, the
+        client uploads with its own."""
         if not isinstance(runtime_env, dict):
             raise TypeError(f"runtime_env: expected a dict, got {type(runtime_env).__name__}")
-        working_dir = runtime_env.get("working_dir")
-        if not isinstance(working_dir, (str, os.PathLike)):
-            return runtime_env
-        local = _local_path(os.fspath(working_dir))
-        if local is None:
-            return runtime_env
         spec = dict(runtime_env)
-        excludes = spec.pop("excludes", None) or []
+        excludes = spec.get("excludes") or []
         if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
             raise TypeError("excludes: expected a list of strings")
-        spec["working_dir"] = self.upload_package(local, excludes=excludes)
+        packaged = False
+        working_dir = spec.get("working_dir")
+        local = _local_path(os.fspath(working_dir)) if isinstance(working_dir, (str, os.PathLike)) else None
+        if local is not None:
+            spec["working_dir"] = self.upload_package(local, excludes=excludes)
+            packaged = True
+        modules = spec.get("py_modules")
+        if isinstance(modules, list):
+            uploaded = []
+            for module in modules:
+                local = _local_path(os.fspath(module)) if isinstance(module, (str, os.PathLike)) else None
+                if local is None:
+                    uploaded.append(module)
+                    continue
+                as_module = os.path.isdir(local)
+                uploaded.append(self.upload_package(local, excludes=excludes if as_module else (), as_module=as_module))
+                packaged = True
+            spec["py_modules"] = uploaded
+        if packaged:
+            spec.pop("excludes", None)
         return spec
 
     # -- jobs -----------------------------------------------------------------------

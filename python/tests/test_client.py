@@ -150,6 +150,15 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(self.client.wait_job(failing).exit_code, 3)
         self.assertEqual(self.client.get_job_status(failing), JobStatus.FAILED)
 
+    def test_local_py_modules_are_uploaded_and_importable(self):
+        mods = self.project({"mymod/__init__.py": "WORD = 'module'\n", "mymod/junk.tmp": "dropped"})
+        job = self.client.submit_job(
+            entrypoint=["python", "-c", "import mymod, os; print(mymod.WORD, sorted(os.listdir(mymod.__path__[0])))"],
+            runtime_env={"py_modules": [os.path.join(mods, "mymod")], "excludes": ["*.tmp"]},
+        )
+        self.assertEqual(self.client.wait_job(job).status, JobStatus.SUCCEEDED, self.client.get_job_logs(job, stream="stderr"))
+        self.assertEqual(self.client.get_job_logs(job), "module ['__init__.py']\n")
+
     def test_tail_follows_a_job_until_it_ends_and_stop_stops_it(self):
         code = "import time\nfor i in range(3):\n    print('line', i, flush=True)\n    time.sleep(0.2)\n"
         job = self.client.submit_job(entrypoint=["python", "-c", code])

@@ -26,6 +26,10 @@ pub struct PackageArgs {
     /// gitignore-style pattern to leave out (repeatable), as `excludes` in a runtime_env.
     #[arg(long = "exclude", value_name = "PAT")]
     excludes: Vec<String>,
+    /// Package the directory under its own name, as a `py_modules` directory is (so that
+    /// `import <dirname>` works with the package on PYTHONPATH).
+    #[arg(long)]
+    as_module: bool,
     /// Zip compression.
     #[arg(long, value_enum, default_value_t = Compression::Stored)]
     compression: Compression,
@@ -43,6 +47,21 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
         Progress::for_stderr()
     };
     let is_zip = args.dir.is_file();
+    if is_zip && args.as_module {
+        return Err(crate::package::PackageError::NotADirectory(args.dir.clone()).into());
+    }
+    let scan = |cache: Option<&std::path::Path>| -> Result<crate::package::ScannedTree, Error> {
+        let dir = match args.as_module {
+            // Its own name: not `.`, nor a trailing slash's empty one.
+            true => fs_err::canonicalize(&args.dir)?,
+            false => args.dir.clone(),
+        };
+        let tree = scan_dir(&dir, &args.excludes, args.store.threads(), cache, &progress)?;
+        Ok(match args.as_module {
+            true => tree.nested()?,
+            false => tree,
+        })
+    };
     if is_zip && !args.excludes.is_empty() {
         return Err(crate::package::PackageError::BadExclude {
             pattern: args.excludes[0].clone(),
@@ -63,13 +82,7 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                 // The store's own path: a checked unpack straight into staging.
                 PackageSource::Zip(args.dir.clone())
             } else {
-                PackageSource::Tree(scan_dir(
-                    &args.dir,
-                    &args.excludes,
-                    args.store.threads(),
-                    Some(&store.layout().hash_cache_dir()),
-                    &progress,
-                )?)
+                PackageSource::Tree(scan(Some(&store.layout().hash_cache_dir()))?)
             };
             let entry = source.ensure(&store, &progress)?;
             let location = json!({"path": entry.path, "created": entry.created});
@@ -93,13 +106,7 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                     })?;
                     crate::package::scan::scan_exact(dir.path(), args.store.threads())?
                 }
-                None => scan_dir(
-                    &args.dir,
-                    &args.excludes,
-                    args.store.threads(),
-                    store.as_ref().map(|s| s.layout().hash_cache_dir()).as_deref(),
-                    &progress,
-                )?,
+                None => scan(store.as_ref().map(|s| s.layout().hash_cache_dir()).as_deref())?,
             };
             write_zip_atomically(&tree, out, args.compression, &progress)?;
             let manifest = &tree.manifest;
