@@ -152,7 +152,10 @@ pub fn build_env(
         if let crate::sources::PackageSource::Tree(_) = source {
             record(&BTreeMap::from([("scan", start.elapsed().as_millis() as u64)]));
         }
-        let entry = source.ensure(store, progress)?;
+        let entry = source.ensure(store, progress).map_err(|source| Error::SourceOf {
+            field: "working_dir".into(),
+            source,
+        })?;
         record(&entry.timings_ms);
         env_packages.push(EnvPackage {
             role: PackageRole::WorkingDir,
@@ -166,8 +169,11 @@ pub fn build_env(
         Some(&hash_cache),
         progress,
     )?;
-    for source in py_modules {
-        let entry = source.ensure(store, progress)?;
+    for (i, source) in py_modules.into_iter().enumerate() {
+        let entry = source.ensure(store, progress).map_err(|source| Error::SourceOf {
+            field: format!("py_modules[{i}]"),
+            source,
+        })?;
         record(&entry.timings_ms);
         env_packages.push(EnvPackage {
             role: PackageRole::PyModule,

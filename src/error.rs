@@ -15,6 +15,14 @@ pub enum Error {
     Package(#[from] PackageError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A package source's failure, with the spec entry that named it (`working_dir`,
+    /// `py_modules[2]`).
+    #[error("{field}: {source}")]
+    SourceOf {
+        field: String,
+        #[source]
+        source: SourceError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -45,7 +53,7 @@ impl Error {
             Error::Spec(_) => true,
             Error::Venv(e) => e.is_user_error(),
             Error::Package(e) => e.is_user_error(),
-            Error::Source(e) => e.is_user_error(),
+            Error::Source(e) | Error::SourceOf { source: e, .. } => e.is_user_error(),
             Error::Store(_) => false,
             Error::Worker(e) => !matches!(e, crate::worker::WorkerError::Io(_)),
             Error::Client(e) => e.is_user_error(),

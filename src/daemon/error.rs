@@ -90,7 +90,12 @@ fn lock_timeout(e: &crate::Error) -> Option<(&std::path::Path, std::time::Durati
         }
     }
     let store = match e {
-        crate::Error::Store(store) | crate::Error::Source(SourceError::Store(store)) => store,
+        crate::Error::Store(store)
+        | crate::Error::Source(SourceError::Store(store))
+        | crate::Error::SourceOf {
+            source: SourceError::Store(store),
+            ..
+        } => store,
         crate::Error::Venv(venv) => in_venv(venv)?,
         _ => return None,
     };
@@ -131,16 +136,17 @@ impl From<&crate::Error> for ApiError {
                 Some(spec.field.clone()).filter(|f| !f.is_empty()),
                 spec.message.clone(),
             ),
-            Error::Source(SourceError::NotFound(_)) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                Some("working_dir".into()),
-                message,
-            ),
-            Error::Source(SourceError::Archive { .. }) => ApiError::new(
+            Error::SourceOf {
+                field,
+                source: SourceError::NotFound(_),
+            } => ApiError::new(StatusCode::NOT_FOUND, "not_found", Some(field.clone()), message),
+            Error::SourceOf {
+                field,
+                source: SourceError::Archive { .. },
+            } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_archive",
-                Some("working_dir".into()),
+                Some(field.clone()),
                 message,
             ),
             Error::Venv(v) if e.is_user_error() => {

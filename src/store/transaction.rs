@@ -480,15 +480,7 @@ fn relative(root: &Path, path: &Path) -> String {
 /// Writes the entry's record at its root: a new file, never through a name the builder
 /// left (the walk refused one already there).
 fn write_record(staged: &Path, record: record::SealedRecord) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = staged.join(record::FILE_NAME);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o444)
-        .open(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let mut file = package::tree::create_file(staged, record::FILE_NAME, false)?;
     std::io::Write::write_all(
         &mut file,
         &serde_json::to_vec(&record).map_err(std::io::Error::other)?,

@@ -580,7 +580,6 @@ fn build_with_pip(
 /// sees that venv's packages: a `.pth` file lists them, so they come after the env's own
 /// packages (a requested version wins) and before the base interpreter's.
 fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvError> {
-    use std::os::unix::fs::OpenOptionsExt;
     if !plan.system_site_packages || plan.python.parent_site_packages.is_empty() {
         return Ok(());
     }
@@ -596,13 +595,7 @@ fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvErr
         lines.push('\n');
     }
     // A new file, never through a name someone left there.
-    let path = site_packages.join("_renv_parent_venv.pth");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let mut file = crate::package::tree::create_file(&site_packages, "_renv_parent_venv.pth", false)?;
     std::io::Write::write_all(&mut file, lines.as_bytes())?;
     Ok(())
 }

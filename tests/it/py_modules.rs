@@ -140,6 +140,14 @@ fn a_job_gets_its_local_modules_through_the_daemon() {
         }
         other => panic!("a local py_module was accepted: {other:?}"),
     }
+    let missing =
+        json!({"runtime_env": {"py_modules": [gamma.clone(), format!("pkg://{}", "a".repeat(64))]}});
+    match client.json("POST", "/v1/envs", Some(&missing)) {
+        Err(renv::client::ClientError::Api { status, field, .. }) => {
+            assert_eq!((status, field.as_deref()), (404, Some("py_modules[1]")));
+        }
+        other => panic!("a missing package was accepted: {other:?}"),
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
