@@ -10,6 +10,7 @@ use crate::context::{Context, PackageRole};
 use crate::digest::{Digest, EnvId};
 use crate::error::Error;
 use crate::progress::Progress;
+use crate::remote::Remotes;
 use crate::resolve;
 use crate::spec::RuntimeEnvSpec;
 use crate::store::{EntryId, EnvEntry, Lease, PackageEntry, Store};
@@ -105,12 +106,14 @@ impl BuiltEnv {
 }
 
 /// Builds (or finds) everything `spec` needs. Relative paths in the spec are taken from
-/// `base_dir`; `policy` is the node's configuration for virtualenvs.
+/// `base_dir`; `policy` is the node's configuration for virtualenvs; packages the store
+/// lacks are fetched through `remotes`.
 pub fn build_env(
     spec: &RuntimeEnvSpec,
     base_dir: &Path,
     store: &Store,
     policy: &VenvPolicy,
+    remotes: &Remotes,
     progress: &Progress,
 ) -> Result<BuiltEnv, Error> {
     let total = Instant::now();
@@ -152,10 +155,12 @@ pub fn build_env(
         if let crate::sources::PackageSource::Tree(_) = source {
             record(&BTreeMap::from([("scan", start.elapsed().as_millis() as u64)]));
         }
-        let entry = source.ensure(store, progress).map_err(|source| Error::SourceOf {
-            field: "working_dir".into(),
-            source,
-        })?;
+        let entry = source
+            .ensure(store, remotes, progress)
+            .map_err(|source| Error::SourceOf {
+                field: "working_dir".into(),
+                source,
+            })?;
         record(&entry.timings_ms);
         env_packages.push(EnvPackage {
             role: PackageRole::WorkingDir,
@@ -170,10 +175,12 @@ pub fn build_env(
         progress,
     )?;
     for (i, source) in py_modules.into_iter().enumerate() {
-        let entry = source.ensure(store, progress).map_err(|source| Error::SourceOf {
-            field: format!("py_modules[{i}]"),
-            source,
-        })?;
+        let entry = source
+            .ensure(store, remotes, progress)
+            .map_err(|source| Error::SourceOf {
+                field: format!("py_modules[{i}]"),
+                source,
+            })?;
         record(&entry.timings_ms);
         env_packages.push(EnvPackage {
             role: PackageRole::PyModule,

@@ -42,6 +42,12 @@ pub const RENV_COMPILE_BYTECODE: &str = "RENV_COMPILE_BYTECODE";
 /// Let venvs see the base interpreter's site-packages (`--system-site-packages`).
 pub const RENV_SYSTEM_SITE_PACKAGES: &str = "RENV_SYSTEM_SITE_PACKAGES";
 
+/// The cluster-wide package store (`--remote`): `s3://bucket/prefix`, `gs://…`,
+/// `file:///shared/dir`; `pkg://<digest>` missing here is fetched from it.
+pub const RENV_REMOTE: &str = "RENV_REMOTE";
+/// Remote URI prefixes requests to the daemon may name, comma-separated (`--allow-remote`).
+pub const RENV_ALLOW_REMOTE: &str = "RENV_ALLOW_REMOTE";
+
 /// The default store root.
 pub fn default_store_dir() -> std::path::PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")

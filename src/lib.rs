@@ -43,6 +43,7 @@ pub mod error;
 pub mod maintenance;
 pub mod package;
 pub mod progress;
+pub mod remote;
 pub mod resolve;
 pub mod sources;
 pub mod spec;

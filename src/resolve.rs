@@ -87,6 +87,7 @@ pub fn resolve_working_dir(
     };
     Ok(Some(match wd {
         WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
+        WorkingDirSpec::Remote(uri) => PackageSource::Remote(uri.clone()),
         WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
         WorkingDirSpec::Local(path) => {
             let path = base_dir.join(path);
@@ -127,6 +128,7 @@ pub fn resolve_py_modules(
         .map(|module| {
             Ok(match module {
                 WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
+                WorkingDirSpec::Remote(uri) => PackageSource::Remote(uri.clone()),
                 WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
                 WorkingDirSpec::Local(path) => {
                     let path = base_dir.join(path);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use super::{StoreArgs, VenvArgs, print_stdout};
+use super::{RemoteArgs, StoreArgs, VenvArgs, print_stdout};
 use crate::build::{BuiltEnv, build_env};
 use crate::context::Context;
 use crate::env_vars;
@@ -28,6 +28,8 @@ pub struct BuildArgs {
     store: StoreArgs,
     #[command(flatten)]
     venv: VenvArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 pub fn run(args: BuildArgs) -> Result<(), Error> {
@@ -35,12 +37,13 @@ pub fn run(args: BuildArgs) -> Result<(), Error> {
     let spec = RuntimeEnvSpec::from_json(&text)?;
     let timeout = spec.config.setup_timeout_seconds.map(Duration::from_secs);
     let store = args.store.open(timeout)?;
+    let remotes = args.remote.remotes()?;
     let progress = if args.json {
         Progress::hidden()
     } else {
         Progress::for_stderr()
     };
-    let built = build_env(&spec, &base_dir, &store, &args.venv.policy(), &progress)?;
+    let built = build_env(&spec, &base_dir, &store, &args.venv.policy(), &remotes, &progress)?;
     let context = built.context_for(&store, crate::sys::geteuid(), crate::sys::getegid())?;
     print_stdout(&if args.json {
         to_json(&built, &context)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{StoreArgs, VenvArgs};
+use super::{RemoteArgs, StoreArgs, VenvArgs};
 use crate::daemon::gpus::{GpuSpec, ZeroGpus};
 use crate::daemon::{DaemonConfig, serve};
 use crate::env_vars;
@@ -75,10 +75,18 @@ pub struct DaemonArgs {
     /// used beyond are forgotten (the store keeps them).
     #[arg(long, default_value_t = 4096)]
     max_idle_envs: usize,
+    /// A remote URI prefix requests may name in working_dir / py_modules (repeatable):
+    /// `s3://team-bucket/`, `https://artifacts.example/ml/`. Any other remote URI is
+    /// refused; the daemon fetches with its own credentials, so this is what a caller may
+    /// make it read.
+    #[arg(long = "allow-remote", env = env_vars::RENV_ALLOW_REMOTE, value_name = "PREFIX", value_delimiter = ',')]
+    allow_remote: Vec<String>,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
     venv: VenvArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 pub fn run(args: DaemonArgs) -> Result<(), Error> {
@@ -120,12 +128,15 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         gc_min_age: args.gc_min_age,
         max_ended_workers: args.max_ended_workers,
         max_idle_envs: args.max_idle_envs,
+        allow_remote: crate::remote::AllowList::new(&args.allow_remote)
+            .map_err(|e| crate::spec::SpecError::new("--allow-remote", e.to_string()))?,
     };
+    let remotes = args.remote.remotes()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime
-        .block_on(serve(config, store, policy))
+        .block_on(serve(config, store, policy, remotes))
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
 }
 

@@ -75,6 +75,30 @@ struct StoreArgs {
     max_zip_entries: usize,
 }
 
+/// Where packages this node lacks come from.
+#[derive(Debug, Args)]
+struct RemoteArgs {
+    /// The cluster-wide package store: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `file:///shared/dir`. A `pkg://<digest>` missing locally is fetched from
+    /// `<remote>/pkgs/<digest>.zip` and checked against its digest. Credentials and
+    /// endpoints come from the environment (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS).
+    #[arg(long, env = env_vars::RENV_REMOTE, value_name = "URL")]
+    remote: Option<String>,
+}
+
+impl RemoteArgs {
+    fn remotes(&self) -> Result<crate::remote::Remotes, Error> {
+        let shared = self
+            .remote
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .map(crate::remote::SharedRemote::parse)
+            .transpose()
+            .map_err(|e| crate::spec::SpecError::new("--remote", e.to_string()))?;
+        Ok(crate::remote::Remotes::new(shared, Default::default()))
+    }
+}
+
 /// Node policy for virtualenvs: which interpreter and installer, where packages come from.
 #[derive(Debug, Args)]
 struct VenvArgs {

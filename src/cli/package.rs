@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{StoreArgs, print_stdout};
+use super::{RemoteArgs, StoreArgs, print_stdout};
 use crate::env_vars;
 use crate::error::Error;
 use crate::package::scan_dir;
@@ -33,11 +33,18 @@ pub struct PackageArgs {
     /// Zip compression.
     #[arg(long, value_enum, default_value_t = Compression::Stored)]
     compression: Compression,
+    /// Put the package's zip in the shared package store (`--remote`) as
+    /// `<remote>/pkgs/<digest>.zip`, unless it is there already (one HEAD), instead of in
+    /// the local store. Every node with that remote can then use its `pkg://` URI.
+    #[arg(long)]
+    push: bool,
     /// Print one JSON object on stdout.
     #[arg(long, env = env_vars::RENV_JSON)]
     json: bool,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 pub fn run(args: PackageArgs) -> Result<(), Error> {
@@ -69,26 +76,39 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
         }
         .into());
     }
+    let remotes = args.remote.remotes()?;
+    let shared = match (args.push, &remotes.shared) {
+        (false, _) => None,
+        (true, Some(shared)) => Some(shared),
+        (true, None) => {
+            return Err(crate::spec::SpecError::new(
+                "--push",
+                "needs the shared package store: pass --remote URL or set RENV_REMOTE",
+            )
+            .into());
+        }
+    };
     // The store holds the stat cache that spares re-hashing an unchanged tree. Writing a
     // zip does not need the store, so there it is used only if it opens.
-    let store = match args.output {
-        Some(_) => args.store.open(None).ok(),
-        None => Some(args.store.open(None)?),
+    let into_store = args.output.is_none() && !args.push;
+    let store = match into_store {
+        false => args.store.open(None).ok(),
+        true => Some(args.store.open(None)?),
     };
-    let (digest, files, bytes, location) = match &args.output {
-        None => {
-            let store = store.expect("opened above when there is no -o");
+    let (digest, files, bytes, location) = match into_store {
+        true => {
+            let store = store.expect("opened above when the package goes into the store");
             let source = if is_zip {
                 // The store's own path: a checked unpack straight into staging.
                 PackageSource::Zip(args.dir.clone())
             } else {
                 PackageSource::Tree(scan(Some(&store.layout().hash_cache_dir()))?)
             };
-            let entry = source.ensure(&store, &progress)?;
+            let entry = source.ensure(&store, &remotes, &progress)?;
             let location = json!({"path": entry.path, "created": entry.created});
             (entry.id, entry.files, entry.bytes, location)
         }
-        Some(out) => {
+        false => {
             // A zip is unpacked (with the store's checks) and re-packed from its contents.
             let unpacked = if is_zip { Some(tempfile::tempdir()?) } else { None };
             let tree = match &unpacked {
@@ -108,13 +128,40 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                 }
                 None => scan(store.as_ref().map(|s| s.layout().hash_cache_dir()).as_deref())?,
             };
-            write_zip_atomically(&tree, out, args.compression, &progress)?;
             let manifest = &tree.manifest;
+            let digest = manifest.digest();
+            let mut location = serde_json::Map::new();
+            // HEAD first: a package the remote holds is neither zipped nor sent again.
+            let target = shared.map(|shared| shared.package(digest));
+            let present = match &target {
+                Some(uri) => remotes.client.exists(uri).map_err(SourceError::from)?,
+                None => false,
+            };
+            let scratch = tempfile::tempdir()?;
+            let zip = match &args.output {
+                Some(out) => Some(out.clone()),
+                None if !present => Some(scratch.path().join("package.zip")),
+                None => None,
+            };
+            if let Some(zip) = &zip {
+                write_zip_atomically(&tree, zip, args.compression, &progress)?;
+                if args.output.is_some() {
+                    location.insert("zip".into(), json!(zip));
+                }
+            }
+            if let Some(uri) = &target {
+                let pushed = match (&zip, present) {
+                    (Some(zip), false) => remotes.client.put_file(uri, zip).map_err(SourceError::from)?,
+                    _ => false,
+                };
+                location.insert("remote".into(), json!(uri.as_str()));
+                location.insert("pushed".into(), json!(pushed));
+            }
             (
-                manifest.digest(),
+                digest,
                 manifest.file_count() as u64,
                 manifest.content_bytes(),
-                json!({"zip": out}),
+                serde_json::Value::Object(location),
             )
         }
     };
@@ -131,10 +178,22 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
     let text = if args.json {
         format!("{value}\n")
     } else {
-        let place = match &args.output {
+        let mut place = match &args.output {
             Some(out) => format!("wrote {}", out.display()),
+            None if args.push => String::new(),
             None => "in the store".to_string(),
         };
+        if let Some(remote) = location["remote"].as_str() {
+            let done = match location["pushed"].as_bool() {
+                Some(true) => "pushed to",
+                _ => "already in",
+            };
+            place = [place, format!("{done} {remote}")]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
         format!(
             "pkg://{digest}\n{files} files, {}, {place}\n",
             super::build::human_bytes(bytes)

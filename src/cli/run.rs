@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{StoreArgs, VenvArgs};
+use super::{RemoteArgs, StoreArgs, VenvArgs};
 use crate::build::build_env;
 use crate::error::Error;
 use crate::progress::Progress;
@@ -27,6 +27,8 @@ pub struct RunArgs {
     store: StoreArgs,
     #[command(flatten)]
     venv: VenvArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 /// Builds, leases, runs; returns the command's exit code.
@@ -35,11 +37,12 @@ pub fn run(args: RunArgs) -> Result<u8, Error> {
     let spec = RuntimeEnvSpec::from_json(&text)?;
     let timeout = spec.config.setup_timeout_seconds.map(Duration::from_secs);
     let store = args.store.open(timeout)?;
+    let remotes = args.remote.remotes()?;
     let policy = args.venv.policy();
     let progress = Progress::for_stderr();
     // An entry pruned between the build and the lease is built again.
     let (built, leases) = loop {
-        let built = build_env(&spec, &base_dir, &store, &policy, &progress)?;
+        let built = build_env(&spec, &base_dir, &store, &policy, &remotes, &progress)?;
         if let Some(leases) = built.lease(&store)? {
             break (built, leases);
         }

@@ -3,7 +3,7 @@
 //! Errors are always `{"error": {"kind", "field", "message"}}` with a status that fits:
 //! 400 bad input, 403 peer not allowed, 404, 408 a body too slow to arrive, 409, 413 too
 //! large, 429 too many connections of one uid, 503 busy (no free GPUs, no free connection,
-//! a store lock another process held too long), 500 internal.
+//! a store lock another process held too long), 502 remote storage failing, 500 internal.
 //!
 //! This is the top of the error stack, not the bottom: the state layer ([`super::state`],
 //! [`super::workers`], [`super::packages`]) returns its own [`StateError`], which says
@@ -138,7 +138,7 @@ impl From<&crate::Error> for ApiError {
             ),
             Error::SourceOf {
                 field,
-                source: SourceError::NotFound(_),
+                source: SourceError::NotFound { .. },
             } => ApiError::new(StatusCode::NOT_FOUND, "not_found", Some(field.clone()), message),
             Error::SourceOf {
                 field,
@@ -149,6 +149,18 @@ impl From<&crate::Error> for ApiError {
                 Some(field.clone()),
                 message,
             ),
+            Error::SourceOf {
+                field,
+                source: SourceError::Remote(remote),
+            } => match remote.is_user_error() {
+                true => ApiError::new(StatusCode::BAD_REQUEST, "remote", Some(field.clone()), message),
+                false => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "remote_unavailable",
+                    Some(field.clone()),
+                    message,
+                ),
+            },
             Error::Venv(v) if e.is_user_error() => {
                 let field = match v {
                     crate::venv::VenvError::OptionNotAllowed { field, .. }
@@ -184,6 +196,9 @@ impl From<StateError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_archive", None, message)
             }
             StateError::Internal(message) => ApiError::internal(message),
+            StateError::Upstream(message) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "remote_unavailable", None, message)
+            }
             StateError::Build(e) => ApiError::from(&*e),
         }
     }

@@ -83,6 +83,8 @@ pub struct DaemonConfig {
     /// Envs nothing holds remembered for the fast path (the least recently used beyond
     /// are forgotten; the store keeps them).
     pub max_idle_envs: usize,
+    /// Remote URI prefixes requests may name (`--allow-remote`).
+    pub allow_remote: crate::remote::AllowList,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +99,12 @@ pub enum DaemonError {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, stops workers and removes the
 /// socket.
-pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Result<(), DaemonError> {
+pub async fn serve(
+    config: DaemonConfig,
+    store: Store,
+    policy: VenvPolicy,
+    remotes: crate::remote::Remotes,
+) -> Result<(), DaemonError> {
     // Handlers first: a stop that comes as soon as the socket exists still removes it.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -118,7 +125,13 @@ pub async fn serve(config: DaemonConfig, store: Store, policy: VenvPolicy) -> Re
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
     tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
-    let daemon = Arc::new(Daemon::new(Arc::new(store), policy, config.max_idle_envs));
+    let daemon = Arc::new(Daemon::new(
+        Arc::new(store),
+        policy,
+        Arc::new(remotes),
+        config.allow_remote.clone(),
+        config.max_idle_envs,
+    ));
     let workers = Arc::new(Workers::new(
         Arc::clone(&daemon),
         pool,

@@ -55,6 +55,24 @@ where
     })
 }
 
+/// Puts package `digest` in the shared package store (`--remote`), if one is configured:
+/// `Some(sent)`, or `None` without one. Done before an upload is answered, so a package
+/// uploaded to one node can be used on every node.
+pub async fn push(
+    store: &Arc<Store>,
+    remotes: &Arc<crate::remote::Remotes>,
+    digest: PackageDigest,
+) -> Result<Option<bool>, StateError> {
+    if remotes.shared.is_none() {
+        return Ok(None);
+    }
+    let (store, remotes) = (Arc::clone(store), Arc::clone(remotes));
+    tokio::task::spawn_blocking(move || crate::sources::remote::push(&store, &remotes, digest))
+        .await
+        .map_err(|e| StateError::Internal(format!("pushing pkg://{digest}: {e}")))?
+        .map_err(|e| StateError::Upstream(format!("pushing pkg://{digest} to the shared remote: {e}")))
+}
+
 /// Bytes of committed packages, from their markers.
 pub fn package_bytes(store: &Store) -> u64 {
     store.bytes_of(EntryKind::Package)

@@ -26,6 +26,7 @@ use super::peer::Caller;
 use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
+use crate::remote::{AllowList, Remotes};
 use crate::spec::{PackageList, PackageSpec, RuntimeEnvSpec, WorkingDirSpec};
 use crate::store::{Lease, Store};
 use crate::venv::VenvPolicy;
@@ -54,6 +55,9 @@ pub enum StateError {
     BadArchive(String),
     #[error("{0}")]
     Internal(String),
+    /// Remote storage the daemon depends on failed (the shared package store).
+    #[error("{0}")]
+    Upstream(String),
     /// Building, validating or storing failed in renv itself.
     #[error(transparent)]
     Build(Arc<crate::Error>),
@@ -125,6 +129,10 @@ pub struct Metrics {
 pub struct Daemon {
     pub store: Arc<Store>,
     policy: VenvPolicy,
+    /// Where packages this node lacks are fetched from (and uploads pushed to).
+    pub remotes: Arc<Remotes>,
+    /// Remote URIs requests may name (`--allow-remote`).
+    allow_remote: AllowList,
     pub metrics: Metrics,
     /// Unix time the daemon started (for `renv_uptime_seconds`).
     pub started_at: f64,
@@ -150,8 +158,16 @@ pub fn now() -> f64 {
 }
 
 impl Daemon {
-    pub fn new(store: Arc<Store>, policy: VenvPolicy, max_idle_envs: usize) -> Daemon {
+    pub fn new(
+        store: Arc<Store>,
+        policy: VenvPolicy,
+        remotes: Arc<Remotes>,
+        allow_remote: AllowList,
+        max_idle_envs: usize,
+    ) -> Daemon {
         Daemon {
+            remotes,
+            allow_remote,
             max_idle_envs,
             started_at: now(),
             gc_wakeup: tokio::sync::Notify::new(),
@@ -173,12 +189,15 @@ impl Daemon {
         caller: &Caller,
     ) -> Result<(Arc<BuiltEnv>, bool), StateError> {
         // The request's exact text: a repeat skips parsing and validation altogether — but
-        // not a request that may name a `file://` zip: who may name one is checked on the
-        // parsed spec below, and the zip can change under the same text (it is looked at
-        // again every time; its hash is cached by its stat). (A JSON string can spell
-        // `file:` only literally or with a `\` escape.)
+        // not a request that may name a `file://` zip or a remote URI: who may name one is
+        // checked on the parsed spec below, and the object can change under the same text
+        // (it is looked at again every time: a zip's hash is cached by its stat, a remote
+        // object's by its revision). (A JSON string can spell `file:` or `://` only
+        // literally or with a `\` escape; `pkg://` names only a digest.)
         let text = runtime_env.get();
-        let may_name_a_file = text.contains("file:") || text.contains('\\');
+        let may_name_a_file = text.contains("file:")
+            || text.contains('\\')
+            || text.matches("://").count() != text.matches("pkg://").count();
         // With a build user, envs are per caller (see `EnvDescription::built_for`), and
         // so are the fast paths' keys.
         let for_caller = match self.policy.build_user {
@@ -214,6 +233,23 @@ impl Daemon {
                          (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
                         path.display().to_string()
                     )));
+                }
+                WorkingDirSpec::Remote(uri) if !self.allow_remote.allows(uri) => {
+                    let allowed = match self.allow_remote.prefixes() {
+                        [] => "none is allowed".to_string(),
+                        prefixes => format!("allowed: {}", prefixes.join(", ")),
+                    };
+                    return Err(StateError::BadRequest {
+                        field: if field == "working_dir" {
+                            "working_dir"
+                        } else {
+                            "py_modules"
+                        },
+                        message: format!(
+                            "{field}: {uri} is not under a remote this daemon may fetch from ({allowed}); \
+                             the node's operator allows prefixes with --allow-remote"
+                        ),
+                    });
                 }
                 WorkingDirSpec::Local(path) => {
                     return Err(StateError::BadRequest {
@@ -254,7 +290,7 @@ impl Daemon {
             .working_dir
             .iter()
             .chain(&spec.py_modules)
-            .any(|p| matches!(p, WorkingDirSpec::FileZip(_)));
+            .any(|p| matches!(p, WorkingDirSpec::FileZip(_) | WorkingDirSpec::Remote(_)));
         if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));
@@ -315,7 +351,14 @@ impl Daemon {
         };
         let result = tokio::task::spawn_blocking(move || {
             loop {
-                let built = build_env(&spec, Path::new("/"), &daemon.store, &policy, &Progress::hidden())?;
+                let built = build_env(
+                    &spec,
+                    Path::new("/"),
+                    &daemon.store,
+                    &policy,
+                    &daemon.remotes,
+                    &Progress::hidden(),
+                )?;
                 if let Some(leases) = built.lease(&daemon.store)? {
                     return Ok::<_, crate::Error>((built, leases));
                 }

@@ -7,11 +7,15 @@
 //!
 //! - [`tree`]: a local directory, scanned and hashed by `package::scan`, then copied.
 //! - [`zip`]: a zip file on this machine, recognized by the digest of its bytes.
-//! - [`stored`]: `pkg://<digest>`, which must already be committed.
+//! - [`stored`]: `pkg://<digest>`: committed already, or fetched from the shared package
+//!   store (`--remote`) and checked against its digest.
+//! - [`remote`]: a zip in remote storage (`s3://`, `gs://`, `https://`, shared `file://`),
+//!   known by its URI and revision.
 //! - [`upload`]: a zip streamed to the daemon, claiming a digest it must unpack to. Not a
 //!   [`PackageSource`]: nothing in a `runtime_env` names it; the daemon's upload route
 //!   calls it.
 
+pub mod remote;
 pub mod stored;
 pub mod tree;
 pub mod upload;
@@ -23,6 +27,7 @@ use crate::digest::PackageDigest;
 use crate::package::zip_read::ArchiveError;
 use crate::package::{PackageError, ScannedTree};
 use crate::progress::Progress;
+use crate::remote::{RemoteError, RemoteUri, Remotes};
 use crate::store::{PackageEntry, Store, StoreError};
 
 /// A package as a request named it, resolved to something the store can ensure.
@@ -32,27 +37,43 @@ pub enum PackageSource {
     Tree(ScannedTree),
     /// A zip on this machine; its digest is known once unpacked (or from a previous unpack).
     Zip(PathBuf),
-    /// An entry that must already be in the store.
+    /// An entry in the store, or in the shared package store.
     Stored(PackageDigest),
+    /// A zip in remote storage.
+    Remote(RemoteUri),
 }
 
 impl PackageSource {
     /// Ensures the package is committed, building it only if it is new.
-    pub fn ensure(&self, store: &Store, progress: &Progress) -> Result<PackageEntry, SourceError> {
+    pub fn ensure(
+        &self,
+        store: &Store,
+        remotes: &Remotes,
+        progress: &Progress,
+    ) -> Result<PackageEntry, SourceError> {
         match self {
             PackageSource::Tree(tree) => tree::ensure(store, tree, progress),
             PackageSource::Zip(path) => zip::ensure(store, path, progress),
-            PackageSource::Stored(digest) => stored::lookup(store, *digest),
+            PackageSource::Stored(digest) => stored::ensure(store, remotes, *digest, progress),
+            PackageSource::Remote(uri) => remote::ensure(store, remotes, uri, progress),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("pkg://{0} is not in the store; upload or build it first")]
-    NotFound(PackageDigest),
-    #[error("the uploaded zip unpacks to package {actual}, not {expected}; nothing was kept")]
+    #[error(
+        "pkg://{digest} is not in the store{}; upload or build it first",
+        remote.as_ref().map(|r| format!(" nor in the shared remote {r}")).unwrap_or_default()
+    )]
+    NotFound {
+        digest: PackageDigest,
+        /// The shared package store that was asked too.
+        remote: Option<String>,
+    },
+    #[error("{what} unpacks to package {actual}, not {expected}; nothing was kept")]
     DigestMismatch {
+        what: String,
         expected: PackageDigest,
         actual: PackageDigest,
     },
@@ -70,6 +91,8 @@ pub enum SourceError {
         source: ArchiveError,
     },
     #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -79,12 +102,13 @@ impl SourceError {
     /// True when the input is at fault (exit code 2), false for an internal failure.
     pub fn is_user_error(&self) -> bool {
         match self {
-            SourceError::NotFound(_)
+            SourceError::NotFound { .. }
             | SourceError::DigestMismatch { .. }
             | SourceError::TooLarge { .. }
             | SourceError::Body(_) => true,
             SourceError::Package(e) => e.is_user_error(),
             SourceError::Archive { source, .. } => matches!(source, ArchiveError::Rejected { .. }),
+            SourceError::Remote(e) => e.is_user_error(),
             SourceError::Store(_) | SourceError::Io(_) => false,
         }
     }

@@ -5,18 +5,14 @@
 //! The staged file is created once and unpacked through that same open file
 //! ([`OpenZip`]), never reopened by its path.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::{SourceError, during};
+use super::SourceError;
 use crate::digest::PackageDigest;
-use crate::package;
-use crate::package::zip_read::OpenZip;
 use crate::progress::Progress;
 use crate::store::{PackageEntry, Staging, Store};
 
@@ -100,36 +96,15 @@ fn commit(
     if let Some(hit) = store.find(expected)? {
         return Ok(hit);
     }
-    let progress = Progress::hidden();
-    let start = Instant::now();
-    let unpack = || -> Result<package::Manifest, SourceError> {
-        let zip = OpenZip::from_file(file, &zip_path(&staging))
-            .map_err(|source| SourceError::Archive { path: None, source })?;
-        fs_err::create_dir(staging.entry_dir())?;
-        zip.unpack(
-            &staging.entry_dir(),
-            store.options().unpack_limits,
-            store.options().threads,
-            &progress,
-        )
-        .map_err(|source| SourceError::Archive { path: None, source })
-    };
-    let manifest = unpack().map_err(during("unpacking", &format!("the upload of pkg://{expected}")))?;
-    let unpack_ms = start.elapsed().as_millis() as u64;
-    let digest = manifest.digest();
-    if digest != expected {
-        return Err(SourceError::DigestMismatch {
-            expected,
-            actual: digest,
-        });
-    }
-    let commit = crate::store::Commit {
-        contents: crate::store::Contents::Manifest(&manifest),
-        source: Value::String("upload".into()),
-        description: Value::Null,
-        timings_ms: BTreeMap::from([("unpack", unpack_ms)]),
-    };
-    store
-        .commit_staged(staging, digest, commit, &progress)
-        .map_err(|e| during("publishing", &format!("pkg://{digest}"))(e.into()))
+    let zip = zip_path(&staging);
+    super::zip::commit_received(
+        store,
+        staging,
+        file,
+        &zip,
+        Some(expected),
+        Value::String("upload".into()),
+        &format!("the upload of pkg://{expected}"),
+        &Progress::hidden(),
+    )
 }

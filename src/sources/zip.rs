@@ -17,11 +17,11 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::{SourceError, during};
-use crate::digest::Digest;
+use crate::digest::{Digest, PackageDigest};
 use crate::package::hash_cache::HashCache;
 use crate::package::{self, zip_read::OpenZip};
 use crate::progress::Progress;
-use crate::store::{Commit, Contents, LockMode, LockName, PackageEntry, Store};
+use crate::store::{Commit, Contents, LockMode, LockName, PackageEntry, Staging, Store};
 
 pub fn ensure(store: &Store, zip_path: &Path, progress: &Progress) -> Result<PackageEntry, SourceError> {
     let archive_error = |e: SourceError| match e {
@@ -108,4 +108,55 @@ fn hash_zip(store: &Store, zip: &OpenZip) -> Result<Digest, SourceError> {
         let _ = cache.save(&path);
     }
     Ok(digest)
+}
+
+/// Unpacks a zip received into `staging` (written at `zip_path` there, still open as
+/// `file`, never reopened by its path) and commits it: as `expected` when the sender
+/// claimed a digest (anything else is refused and nothing kept), else as whatever it
+/// unpacks to. `what` names the zip in errors.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn commit_received(
+    store: &Store,
+    staging: Staging,
+    file: std::fs::File,
+    zip_path: &Path,
+    expected: Option<PackageDigest>,
+    source: Value,
+    what: &str,
+    progress: &Progress,
+) -> Result<PackageEntry, SourceError> {
+    let start = Instant::now();
+    let unpack = || -> Result<package::Manifest, SourceError> {
+        let zip = OpenZip::from_file(file, zip_path)
+            .map_err(|source| SourceError::Archive { path: None, source })?;
+        fs_err::create_dir(staging.entry_dir())?;
+        zip.unpack(
+            &staging.entry_dir(),
+            store.options().unpack_limits,
+            store.options().threads,
+            progress,
+        )
+        .map_err(|source| SourceError::Archive { path: None, source })
+    };
+    let manifest = unpack().map_err(during("unpacking", what))?;
+    let unpack_ms = start.elapsed().as_millis() as u64;
+    let digest = manifest.digest();
+    if let Some(expected) = expected
+        && digest != expected
+    {
+        return Err(SourceError::DigestMismatch {
+            what: what.to_string(),
+            expected,
+            actual: digest,
+        });
+    }
+    let commit = Commit {
+        contents: Contents::Manifest(&manifest),
+        source,
+        description: Value::Null,
+        timings_ms: BTreeMap::from([("unpack", unpack_ms)]),
+    };
+    store
+        .commit_staged(staging, digest, commit, progress)
+        .map_err(|e| during("publishing", &format!("pkg://{digest}"))(e.into()))
 }

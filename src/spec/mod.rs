@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 pub use requirement::Requirement;
 
 use crate::digest::PackageDigest;
+use crate::remote::RemoteUri;
 
 /// Top-level fields renv understands, in the order error messages list them.
 pub const SUPPORTED_FIELDS: [&str; 8] = [
@@ -99,8 +100,10 @@ pub enum WorkingDirSpec {
     Local(PathBuf),
     /// `file:///abs/path.zip`.
     FileZip(PathBuf),
-    /// `pkg://<digest>`: an entry already in the store.
+    /// `pkg://<digest>`: an entry in the store, or in the shared package store.
     Package(PackageDigest),
+    /// A zip in remote storage: `s3://`, `gs://`, `https://`, `http://`.
+    Remote(RemoteUri),
 }
 
 /// Which `runtime_env` field asked for packages.
@@ -299,6 +302,7 @@ impl std::fmt::Display for WorkingDirSpec {
             WorkingDirSpec::Local(p) => write!(f, "{}", p.display()),
             WorkingDirSpec::FileZip(p) => write!(f, "file://{}", p.display()),
             WorkingDirSpec::Package(d) => write!(f, "pkg://{d}"),
+            WorkingDirSpec::Remote(uri) => write!(f, "{uri}"),
         }
     }
 }
@@ -351,7 +355,7 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
         other => {
             return Err(expected(
                 field,
-                "a string (a directory, a .zip, file://…zip or pkg://<digest>)",
+                "a string (a directory, a .zip, file://…zip, pkg://<digest>, or an s3://, gs://, https:// zip)",
                 other,
             ));
         }
@@ -384,13 +388,21 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
         }
         return Ok(WorkingDirSpec::FileZip(path));
     }
-    if let Some((scheme, _)) = s.split_once("://") {
-        return Err(SpecError::new(
-            field,
-            format!(
-                "remote URIs ({scheme}://) are not supported yet; use a local directory, a .zip, file://…zip or pkg://<digest>"
-            ),
-        ));
+    if s.contains("://") {
+        let uri = RemoteUri::parse(s).map_err(|e| SpecError::new(field, e.to_string()))?;
+        if uri.file_name().ends_with(".whl") {
+            return Err(SpecError::new(
+                field,
+                "wheels are not supported in py_modules yet; list the requirement in `pip`",
+            ));
+        }
+        if !uri.file_name().ends_with(".zip") {
+            return Err(SpecError::new(
+                field,
+                format!("expected a remote .zip (as Ray accepts), got {s:?}"),
+            ));
+        }
+        return Ok(WorkingDirSpec::Remote(uri));
     }
     Ok(WorkingDirSpec::Local(PathBuf::from(s)))
 }

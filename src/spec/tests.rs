@@ -119,8 +119,20 @@ fn validation_errors_name_the_field() {
         ),
         (r#"{"working_dir": 5}"#, "working_dir: expected a string"),
         (
-            r#"{"working_dir": "s3://bucket/wd.zip"}"#,
-            "working_dir: remote URIs (s3://) are not supported yet",
+            r#"{"working_dir": "s3://bucket/wd.tar"}"#,
+            "working_dir: expected a remote .zip (as Ray accepts), got \"s3://bucket/wd.tar\"",
+        ),
+        (
+            r#"{"working_dir": "https://host/team/../other/wd.zip"}"#,
+            "working_dir: \"https://host/team/../other/wd.zip\": expected its canonical spelling",
+        ),
+        (
+            r#"{"working_dir": "ftp://host/wd.zip"}"#,
+            "working_dir: \"ftp://host/wd.zip\": ftp:// is not a supported remote",
+        ),
+        (
+            r#"{"py_modules": ["gs://bucket/m-1.0-py3-none-any.whl"]}"#,
+            "py_modules[0]: wheels are not supported in py_modules yet",
         ),
         (
             r#"{"working_dir": "pkg://abc"}"#,

@@ -134,6 +134,8 @@ pub enum LockName<'a> {
     Entry(EntryId),
     /// Unpacking the zip with these bytes (lock order: zip lock, then package lock).
     Zip(Digest),
+    /// Fetching the remote object whose URI has this digest (then the package lock).
+    Remote(Digest),
     Staging,
     Prune,
     UvCache,
@@ -320,19 +322,28 @@ impl Layout {
         self.meta_dir().join(format!("zip-{zip}.json"))
     }
 
-    /// The zip digest a file in [`Self::meta_dir`] is the alias of.
-    pub fn zip_alias_named(&self, file_name: &str) -> Option<Digest> {
-        file_name
-            .strip_prefix("zip-")?
-            .strip_suffix(".json")?
-            .parse()
-            .ok()
+    /// Which package the remote object whose URI has digest `uri` unpacked to, and at
+    /// which revision of the object.
+    pub fn remote_alias_path(&self, uri: Digest) -> PathBuf {
+        self.meta_dir().join(format!("remote-{uri}.json"))
+    }
+
+    /// Whether a file in [`Self::meta_dir`] is an alias (of a zip or a remote object).
+    pub fn is_alias(&self, file_name: &str) -> bool {
+        let digest = |prefix: &str| {
+            file_name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(".json"))
+                .is_some_and(|d| d.parse::<Digest>().is_ok())
+        };
+        digest("zip-") || digest("remote-")
     }
 
     pub fn lock_path(&self, lock: LockName<'_>) -> PathBuf {
         let name = match lock {
             LockName::Entry(id) => id.to_string(),
             LockName::Zip(digest) => format!("zip-{digest}"),
+            LockName::Remote(digest) => format!("remote-{digest}"),
             LockName::Staging => "staging".into(),
             LockName::Prune => "prune".into(),
             LockName::UvCache => "uv-cache".into(),
@@ -440,6 +451,9 @@ mod tests {
         assert_eq!(layout.entry_named(EntryKind::Env, "not-a-digest"), None);
         let alias = layout.zip_alias_path(digest);
         let name = alias.file_name().unwrap().to_str().unwrap();
-        assert_eq!(layout.zip_alias_named(name), Some(digest));
+        assert!(layout.is_alias(name));
+        let alias = layout.remote_alias_path(digest);
+        assert!(layout.is_alias(alias.file_name().unwrap().to_str().unwrap()));
+        assert!(!layout.is_alias(&format!("pkg-{digest}.json")));
     }
 }

@@ -76,9 +76,19 @@ impl Marker {
     }
 }
 
-/// `meta/zip-<zip digest>.json`: the package a zip's bytes unpacked to.
+/// `meta/zip-<zip digest>.json`: the package a zip's bytes unpacked to. (Prune reads a
+/// remote alias as this too: both name their package in `package`.)
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ZipAlias {
+    pub package: String,
+}
+
+/// `meta/remote-<digest of the URI>.json`: the package a remote object unpacked to, at
+/// the revision (version, ETag, or time and size) its `HEAD` gave then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteAlias {
+    pub uri: String,
+    pub revision: String,
     pub package: String,
 }
 
@@ -92,6 +102,38 @@ impl super::Store {
             return Ok(None);
         };
         Ok(self.find(digest)?.map(|entry| entry.id))
+    }
+
+    /// The package the remote object `uri` unpacked to, if it was at `revision` then and
+    /// the package is still committed.
+    pub fn remote_alias(&self, uri: &str, revision: &str) -> Result<Option<PackageDigest>, StoreError> {
+        let path = self.layout().remote_alias_path(Digest::of(uri.as_bytes()));
+        let Some(alias) = read_json::<RemoteAlias>(&path)? else {
+            return Ok(None);
+        };
+        if alias.uri != uri || alias.revision != revision {
+            return Ok(None);
+        }
+        let Ok(digest) = alias.package.parse() else {
+            return Ok(None);
+        };
+        Ok(self.find(digest)?.map(|entry| entry.id))
+    }
+
+    /// Records that the remote object `uri`, at `revision`, unpacks to `package`.
+    pub fn record_remote_alias(
+        &self,
+        uri: &str,
+        revision: &str,
+        package: PackageDigest,
+    ) -> Result<(), StoreError> {
+        let alias = RemoteAlias {
+            uri: uri.to_string(),
+            revision: revision.to_string(),
+            package: package.to_string(),
+        };
+        let path = self.layout().remote_alias_path(Digest::of(uri.as_bytes()));
+        Ok(write_json_atomic(&path, &alias)?)
     }
 
     /// Records that the zip with these bytes unpacks to `package`.

@@ -7,7 +7,7 @@
 //! is emulated per process, and threads of one process would not exclude each other).
 //!
 //! - [`layout`]: every path and lock name, derived from an entry's kind and digest.
-//! - [`marker`]: completion markers and zip aliases, as types.
+//! - [`marker`]: completion markers and aliases (of zips, of remote objects), as types.
 //! - [`transaction`]: the one publish protocol (begin → fill staging → commit or drop).
 //! - [`usage`]: last use, leases, holders, and the listing `renv ls` prints.
 //! - [`prune`]: LRU / age eviction, orphans, old logs.

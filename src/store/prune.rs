@@ -207,10 +207,7 @@ impl Store {
         for entry in fs_err::read_dir(self.layout.meta_dir())? {
             let entry = entry?;
             let name = entry.file_name();
-            if name
-                .to_str()
-                .and_then(|n| self.layout.zip_alias_named(n))
-                .is_some()
+            if name.to_str().is_some_and(|n| self.layout.is_alias(n))
                 && let Some(alias) = read_json::<ZipAlias>(&entry.path())?
                 && !packages.contains(&alias.package)
             {

@@ -70,7 +70,10 @@ fn bad_py_modules_are_refused_naming_the_entry() {
         (json!("mods"), "py_modules: expected a list of strings"),
         (json!(["ok", 3]), "py_modules[1]: expected a string"),
         (json!(["x.whl"]), "py_modules[0]: wheels are not supported"),
-        (json!(["s3://bucket/m.zip"]), "py_modules[0]: remote URIs (s3://)"),
+        (
+            json!(["s3://bucket/m.whl"]),
+            "py_modules[0]: wheels are not supported",
+        ),
         (
             json!(["pkg://abc"]),
             "py_modules[0]: expected pkg://<64 lowercase hex digits>",

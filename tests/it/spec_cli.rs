@@ -59,8 +59,8 @@ fn invalid_specs_exit_2_naming_the_field() {
             "env_vars.BAD-NAME: invalid variable name",
         ),
         (
-            r#"{"working_dir": "gs://bucket/x.zip"}"#,
-            "working_dir: remote URIs (gs://) are not supported yet",
+            r#"{"working_dir": "gs://bucket/x.tar"}"#,
+            "working_dir: expected a remote .zip",
         ),
         (
             r#"{"working_dir": "pkg://nothex"}"#,

@@ -1,5 +1,5 @@
 //! `/v1/packages/{digest}`: is the package stored (`HEAD`), upload it (`PUT`, the zip as
-//! the body).
+//! the body; with a shared remote, pushed there before the answer).
 
 use axum::Json;
 use axum::body::Body;
@@ -50,7 +50,10 @@ pub(super) async fn put(
         app.limits.idle,
     )
     .await?;
-    Ok(Json(
-        json!({"digest": digest.to_string(), "created": uploaded.created, "files": uploaded.files}),
-    ))
+    let mut answer =
+        json!({"digest": digest.to_string(), "created": uploaded.created, "files": uploaded.files});
+    if let Some(pushed) = packages::push(&app.daemon.store, &app.daemon.remotes, digest).await? {
+        answer["pushed"] = json!(pushed);
+    }
+    Ok(Json(answer))
 }

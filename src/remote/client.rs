@@ -1,0 +1,370 @@
+//! Reading and writing objects through `object_store`, behind a blocking API: the store
+//! and the sources are synchronous (they run on the CLI's thread or the daemon's blocking
+//! pool), so the requests run on one small runtime of their own and callers wait.
+//!
+//! Credentials and endpoints come from the standard chains of this process's environment
+//! (`AWS_*`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `GOOGLE_APPLICATION_CREDENTIALS`,
+//! instance metadata), never from a request. Requests are retried with backoff by
+//! `object_store`; a download whose body breaks off is started again (the object must
+//! still be the one its `HEAD` described: `If-Match` on its ETag).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ClientConfigKey, GetOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use tokio::io::AsyncWriteExt;
+
+use super::uri::{RemoteUri, Scheme};
+
+/// Timeouts and retries for every remote request.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteOptions {
+    pub connect_timeout: Duration,
+    /// A response (or its body) that sends nothing for this long fails (and is retried).
+    pub idle_timeout: Duration,
+    /// Attempts after the first, for a request and for a download that breaks off.
+    pub retries: usize,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            retries: 3,
+        }
+    }
+}
+
+/// What a `HEAD` says of an object: enough to know, next time, whether it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    /// Seconds since the epoch.
+    pub last_modified: i64,
+}
+
+impl ObjectInfo {
+    /// The object's identity as of this `HEAD`: its version, else its ETag, else (a
+    /// server that sends neither) its modification time and size.
+    pub fn revision(&self) -> String {
+        match (&self.version, &self.etag) {
+            (Some(version), _) => format!("version:{version}"),
+            (None, Some(etag)) => format!("etag:{etag}"),
+            (None, None) => format!("modified:{}:{}", self.last_modified, self.size),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{uri}: no such object")]
+    NotFound { uri: String },
+    #[error("{uri}: {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { uri: String, size: u64, limit: u64 },
+    #[error("{uri} changed while it was being downloaded; nothing was kept, try again")]
+    Changed { uri: String },
+    #[error("{uri}: access denied ({message}); the daemon uses its own credentials")]
+    Denied { uri: String, message: String },
+    #[error("{uri}: {message}")]
+    Failed { uri: String, message: String },
+}
+
+impl RemoteError {
+    /// The request's fault (a missing or forbidden object), not the node's.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, RemoteError::Failed { .. })
+    }
+
+    fn of(uri: &RemoteUri, e: object_store::Error) -> RemoteError {
+        let uri = uri.to_string();
+        match e {
+            object_store::Error::NotFound { .. } => RemoteError::NotFound { uri },
+            object_store::Error::Precondition { .. } => RemoteError::Changed { uri },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => RemoteError::Denied {
+                uri,
+                message: source.to_string(),
+            },
+            other => RemoteError::Failed {
+                uri,
+                message: error_chain(&other),
+            },
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = inner.source();
+    }
+    message
+}
+
+/// A client for every remote this process names, one `object_store` per bucket or host.
+pub struct RemoteClient {
+    options: RemoteOptions,
+    stores: Mutex<HashMap<(Scheme, String), Arc<dyn ObjectStore>>>,
+}
+
+/// The runtime remote requests run on, made on first use; never dropped (dropping a
+/// runtime from within the daemon's would panic).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("renv-remote")
+            .enable_all()
+            .build()
+            .expect("the remote runtime starts")
+    })
+}
+
+impl RemoteClient {
+    pub fn new(options: RemoteOptions) -> RemoteClient {
+        RemoteClient {
+            options,
+            stores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn options(&self) -> RemoteOptions {
+        self.options
+    }
+
+    /// The object's size and revision.
+    pub fn head(&self, uri: &RemoteUri) -> Result<ObjectInfo, RemoteError> {
+        let (store, path) = self.store_for(uri)?;
+        let meta = runtime()
+            .block_on(store.head(&path))
+            .map_err(|e| RemoteError::of(uri, e))?;
+        Ok(ObjectInfo {
+            size: meta.size,
+            etag: meta.e_tag,
+            version: meta.version,
+            last_modified: meta.last_modified.timestamp(),
+        })
+    }
+
+    /// Whether the object exists.
+    pub fn exists(&self, uri: &RemoteUri) -> Result<bool, RemoteError> {
+        match self.head(uri) {
+            Ok(_) => Ok(true),
+            Err(RemoteError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Downloads the object `info` describes into `file` (from its start), refusing more
+    /// than `limit` bytes. A body that breaks off is fetched again from the start, up to
+    /// the retry count; an object that changed since `info` is [`RemoteError::Changed`].
+    /// Returns the bytes written.
+    pub fn download(
+        &self,
+        uri: &RemoteUri,
+        info: &ObjectInfo,
+        file: &mut std::fs::File,
+        limit: u64,
+    ) -> Result<u64, RemoteError> {
+        let too_large = |size| RemoteError::TooLarge {
+            uri: uri.to_string(),
+            size,
+            limit,
+        };
+        if info.size > limit {
+            return Err(too_large(info.size));
+        }
+        let (store, path) = self.store_for(uri)?;
+        let io_error = |e: std::io::Error| RemoteError::Failed {
+            uri: uri.to_string(),
+            message: format!("writing the download: {e}"),
+        };
+        let mut attempt = 0;
+        loop {
+            file.set_len(0).map_err(io_error)?;
+            file.rewind().map_err(io_error)?;
+            let options = GetOptions {
+                if_match: info.etag.clone(),
+                version: info.version.clone(),
+                ..GetOptions::default()
+            };
+            let result = runtime().block_on(async {
+                let got = store.get_opts(&path, options).await?;
+                let mut stream = got.into_stream();
+                let mut written = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    written += chunk.len() as u64;
+                    if written > limit {
+                        return Ok(Err(too_large(written)));
+                    }
+                    // A blocking write on the remote runtime's thread: this runtime serves
+                    // only these requests, and the disk is not the slow part.
+                    file.write_all(&chunk).map_err(|e| object_store::Error::Generic {
+                        store: "renv",
+                        source: Box::new(e),
+                    })?;
+                }
+                Ok::<_, object_store::Error>(Ok(written))
+            });
+            match result {
+                Ok(Ok(written)) if written == info.size => return Ok(written),
+                Ok(Ok(written)) => {
+                    return Err(RemoteError::Failed {
+                        uri: uri.to_string(),
+                        message: format!("got {written} bytes, its HEAD said {}", info.size),
+                    });
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(object_store::Error::Generic {
+                    store: "renv",
+                    source,
+                }) => {
+                    return Err(RemoteError::Failed {
+                        uri: uri.to_string(),
+                        message: format!("writing the download: {source}"),
+                    });
+                }
+                Err(e) => {
+                    let e = RemoteError::of(uri, e);
+                    if !matches!(e, RemoteError::Failed { .. }) || attempt >= self.options.retries {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    tracing::warn!(%uri, attempt, error = %e, "download broke off; starting again");
+                    std::thread::sleep(Duration::from_millis(200 << attempt.min(5)));
+                }
+            }
+        }
+    }
+
+    /// Uploads the file at `path` as the object (in parts when large), unless it exists
+    /// already. Returns whether it was uploaded. The object appears whole or not at all.
+    pub fn put_file(&self, uri: &RemoteUri, path: &Path) -> Result<bool, RemoteError> {
+        if self.exists(uri)? {
+            return Ok(false);
+        }
+        let (store, object) = self.store_for(uri)?;
+        let failed = |message: String| RemoteError::Failed {
+            uri: uri.to_string(),
+            message,
+        };
+        let mut file =
+            std::fs::File::open(path).map_err(|e| failed(format!("reading {}: {e}", path.display())))?;
+        runtime().block_on(async {
+            let mut writer = object_store::buffered::BufWriter::new(store, object);
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = file
+                    .read(&mut buf)
+                    .map_err(|e| failed(format!("reading {}: {e}", path.display())))?;
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = writer.write_all(&buf[..n]).await {
+                    let _ = writer.abort().await;
+                    return Err(failed(format!("uploading: {e}")));
+                }
+            }
+            writer
+                .shutdown()
+                .await
+                .map_err(|e| failed(format!("uploading: {e}")))
+        })?;
+        Ok(true)
+    }
+
+    fn store_for(&self, uri: &RemoteUri) -> Result<(Arc<dyn ObjectStore>, ObjectPath), RemoteError> {
+        let failed = |message: String| RemoteError::Failed {
+            uri: uri.to_string(),
+            message,
+        };
+        // For file://, the local store has no prefix: its paths are absolute.
+        let path =
+            ObjectPath::from_url_path(uri.key()).map_err(|e| failed(format!("not an object path: {e}")))?;
+        let key = (uri.scheme(), uri.authority().to_string());
+        let mut stores = self.stores.lock().unwrap();
+        if let Some(store) = stores.get(&key) {
+            return Ok((Arc::clone(store), path));
+        }
+        let store = self.build_store(uri).map_err(|e| failed(error_chain(&e)))?;
+        stores.insert(key, Arc::clone(&store));
+        Ok((store, path))
+    }
+
+    fn build_store(&self, uri: &RemoteUri) -> Result<Arc<dyn ObjectStore>, object_store::Error> {
+        // One TLS implementation for every client, chosen before the first is built
+        // (ring: no C toolchain needed to build renv). A second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let o = self.options;
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: o.retries,
+            retry_timeout: Duration::from_secs(120),
+        };
+        // No overall deadline on a request: a large download may take minutes. Stalls are
+        // caught by the read timeout instead.
+        let client = [
+            (
+                ClientConfigKey::ConnectTimeout,
+                format!("{}s", o.connect_timeout.as_secs()),
+            ),
+            (
+                ClientConfigKey::ReadTimeout,
+                format!("{}s", o.idle_timeout.as_secs()),
+            ),
+            (ClientConfigKey::Timeout, format!("{}s", 24 * 3600)),
+        ];
+        Ok(match uri.scheme() {
+            Scheme::S3 => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(uri.authority())
+                    .with_retry(retry);
+                for (key, value) in client {
+                    builder = builder.with_config(object_store::aws::AmazonS3ConfigKey::Client(key), value);
+                }
+                Arc::new(builder.build()?)
+            }
+            Scheme::Gcs => {
+                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(uri.authority())
+                    .with_retry(retry);
+                for (key, value) in client {
+                    builder = builder.with_config(object_store::gcp::GoogleConfigKey::Client(key), value);
+                }
+                Arc::new(builder.build()?)
+            }
+            Scheme::Https | Scheme::Http => {
+                let mut builder = object_store::http::HttpBuilder::new()
+                    .with_url(format!("{}://{}", uri.scheme().as_str(), uri.authority()))
+                    .with_retry(retry)
+                    // Whether plain http may be named at all is the operator's
+                    // --allow-remote decision, made before this.
+                    .with_config(ClientConfigKey::AllowHttp, "true");
+                for (key, value) in client {
+                    builder = builder.with_config(key, value);
+                }
+                Arc::new(builder.build()?)
+            }
+            Scheme::File => Arc::new(object_store::local::LocalFileSystem::new()),
+        })
+    }
+}

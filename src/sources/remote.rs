@@ -1,0 +1,154 @@
+//! Zips in remote storage: a `working_dir`/`py_modules` entry that is `s3://…`, `gs://…`,
+//! `https://…` or `file://` on a shared filesystem (the remote side of [`super::zip`]), and
+//! `pkg://<digest>` fetched from the shared package store (`--remote`).
+//!
+//! A remote URI maps to its package through an alias (`meta/remote-<digest of the URI>`)
+//! that records the object's revision (version, ETag, or time and size): each use costs
+//! one `HEAD`, and an object that changed is fetched again — where Ray keys its cache by
+//! URI and keeps serving what it fetched first. A new object is downloaded under the
+//! alias's lock, so concurrent requests (threads or processes) download it once; into a
+//! staging dir, under the zip size cap, then unpacked with every check a local zip gets.
+//! A failed or killed download leaves only staging, which is swept.
+
+use std::os::unix::fs::OpenOptionsExt;
+
+use serde_json::Value;
+
+use super::SourceError;
+use crate::digest::{Digest, PackageDigest};
+use crate::progress::Progress;
+use crate::remote::{ObjectInfo, RemoteUri, Remotes};
+use crate::store::{LockMode, LockName, PackageEntry, Store};
+
+/// Ensures the zip at `uri` is committed; one `HEAD` when it is unchanged since last time.
+pub fn ensure(
+    store: &Store,
+    remotes: &Remotes,
+    uri: &RemoteUri,
+    progress: &Progress,
+) -> Result<PackageEntry, SourceError> {
+    let info = remotes.client.head(uri)?;
+    let revision = info.revision();
+    let find_by_alias = || -> Result<Option<PackageEntry>, SourceError> {
+        match store.remote_alias(uri.as_str(), &revision)? {
+            Some(digest) => Ok(store.find(digest)?),
+            None => Ok(None),
+        }
+    };
+    if let Some(hit) = find_by_alias()? {
+        return Ok(hit);
+    }
+    let _fetching = store.lock(
+        LockName::Remote(Digest::of(uri.as_str().as_bytes())),
+        LockMode::Exclusive,
+    )?;
+    if let Some(hit) = find_by_alias()? {
+        return Ok(hit);
+    }
+    let entry = download_and_commit(store, remotes, uri, &info, None, progress)?;
+    store.record_remote_alias(uri.as_str(), &revision, entry.id)?;
+    Ok(entry)
+}
+
+/// Fetches package `digest` from the shared package store, if one is configured and holds
+/// it: what it unpacks to must be `digest`, or nothing is kept. `None` when there is no
+/// shared store or it does not hold the package.
+pub fn fetch_shared(
+    store: &Store,
+    remotes: &Remotes,
+    digest: PackageDigest,
+    progress: &Progress,
+) -> Result<Option<PackageEntry>, SourceError> {
+    let Some(shared) = &remotes.shared else {
+        return Ok(None);
+    };
+    let uri = shared.package(digest);
+    let _fetching = store.lock(
+        LockName::Remote(Digest::of(uri.as_str().as_bytes())),
+        LockMode::Exclusive,
+    )?;
+    if let Some(hit) = store.find(digest)? {
+        return Ok(Some(hit));
+    }
+    let info = match remotes.client.head(&uri) {
+        Ok(info) => info,
+        Err(crate::remote::RemoteError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    download_and_commit(store, remotes, &uri, &info, Some(digest), progress).map(Some)
+}
+
+fn download_and_commit(
+    store: &Store,
+    remotes: &Remotes,
+    uri: &RemoteUri,
+    info: &ObjectInfo,
+    expected: Option<PackageDigest>,
+    progress: &Progress,
+) -> Result<PackageEntry, SourceError> {
+    let start = std::time::Instant::now();
+    let staging = store.stage()?;
+    let zip_path = staging.work_dir().join("download.zip");
+    let mut file = std::fs::OpenOptions::new()
+        .mode(0o600)
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&zip_path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (while creating {})", zip_path.display())))?;
+    let limit = store.options().unpack_limits.max_bytes;
+    remotes.client.download(uri, info, &mut file, limit)?;
+    let download_ms = start.elapsed().as_millis() as u64;
+    let mut entry = super::zip::commit_received(
+        store,
+        staging,
+        file,
+        &zip_path,
+        expected,
+        Value::String(uri.to_string()),
+        uri.as_str(),
+        progress,
+    )?;
+    entry.timings_ms.insert("download", download_ms);
+    Ok(entry)
+}
+
+/// Puts package `digest` (committed here) in the shared package store as renv's
+/// reproducible zip, unless it is there already. `None` when no shared store is
+/// configured, else whether it was sent. The zip is written from the entry (re-hashed on
+/// the way, so a damaged entry is never shared).
+pub fn push(store: &Store, remotes: &Remotes, digest: PackageDigest) -> Result<Option<bool>, SourceError> {
+    let Some(shared) = &remotes.shared else {
+        return Ok(None);
+    };
+    let uri = shared.package(digest);
+    if remotes.client.exists(&uri)? {
+        return Ok(Some(false));
+    }
+    let entry = store
+        .find(digest)?
+        .ok_or(SourceError::NotFound { digest, remote: None })?;
+    let tree = crate::package::scan::scan_exact(&entry.path, store.options().threads)?;
+    if tree.manifest.digest() != digest {
+        return Err(SourceError::DigestMismatch {
+            what: format!("the stored package {}", entry.path.display()),
+            expected: digest,
+            actual: tree.manifest.digest(),
+        });
+    }
+    let staging = store.stage()?;
+    let zip_path = staging.work_dir().join("push.zip");
+    let file = std::fs::OpenOptions::new()
+        .mode(0o600)
+        .write(true)
+        .create_new(true)
+        .open(&zip_path)?;
+    let out = crate::package::zip_write::write_zip(
+        &tree,
+        std::io::BufWriter::with_capacity(1 << 20, file),
+        crate::package::zip_write::Compression::Stored,
+        &Progress::hidden(),
+    )?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(Some(remotes.client.put_file(&uri, &zip_path)?))
+}
