@@ -161,6 +161,12 @@ impl From<&crate::Error> for ApiError {
                     message,
                 ),
             },
+            Error::SourceOf { field, .. } if e.is_user_error() => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Some(field.clone()),
+                message,
+            ),
             Error::Venv(v) if e.is_user_error() => {
                 let field = match v {
                     crate::venv::VenvError::OptionNotAllowed { field, .. }

@@ -313,36 +313,212 @@ pub fn uv() -> &'static Path {
             return PathBuf::from(uv);
         }
         let version = renv::venv::UV_VERSION;
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("target/test-tools")
-            .join(format!("uv-{version}"));
-        let uv = dir.join("bin/uv");
-        if !uv.exists() {
-            let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-            let out = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&tmp)
-                .arg(format!("uv=={version}"))
-                .output()
-                .expect("python3 -m pip");
-            assert!(
-                out.status.success(),
-                "installing uv for the tests: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            // Another test binary may have won the race; either copy is fine.
-            let _ = std::fs::rename(&tmp, &dir);
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        uv
+        pip_install_once(&format!("uv-{version}"), &[&format!("uv=={version}")]).join("bin/uv")
     })
+}
+
+/// Installs `requirements` with pip into `target/test-tools/<name>` unless it is there
+/// (per checkout; concurrent test binaries may both install, one copy wins).
+fn pip_install_once(name: &str, requirements: &[&str]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tools")
+        .join(name);
+    if !dir.exists() {
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--ignore-installed",
+                "--target",
+            ])
+            .arg(&tmp)
+            .args(requirements)
+            .output()
+            .expect("python3 -m pip");
+        assert!(
+            out.status.success(),
+            "installing {requirements:?} for the tests: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::rename(&tmp, &dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
+}
+
+/// A free port on 127.0.0.1 (for servers that cannot report the one they bound).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn servers_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/servers.py")
+}
+
+/// A plain http server on 127.0.0.1 serving a directory (`tests/it/servers.py http`),
+/// logging each request; killed on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub root: PathBuf,
+    pub url: String,
+    log: PathBuf,
+}
+
+impl HttpServer {
+    pub fn start(root: &Path) -> HttpServer {
+        std::fs::create_dir_all(root).unwrap();
+        let port_file = root.with_extension("port");
+        let log = root.with_extension("log");
+        let child = Command::new("python3")
+            .arg(servers_py())
+            .arg("http")
+            .args([root, &port_file, &log])
+            .spawn()
+            .unwrap();
+        let port = wait_for(
+            || std::fs::read_to_string(&port_file).ok(),
+            "the http server's port",
+        );
+        HttpServer {
+            child,
+            root: root.to_path_buf(),
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// What GETs do from now on: `normal`, `slow`, `break-once`, `break-always`.
+    pub fn behave(&self, behaviour: &str) {
+        std::fs::write(self.root.join(".behaviour"), behaviour).unwrap();
+    }
+
+    /// Requests so far with this method and path.
+    pub fn requests(&self, method: &str, path: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let want = format!("{method} {path}");
+        log.lines().filter(|l| *l == want).count()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local S3 API (`moto`, installed once into `target/test-tools`) on 127.0.0.1, with a
+/// bucket; killed on drop. Its request log counts downloads.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+    pub bucket: String,
+    log: PathBuf,
+    moto: PathBuf,
+}
+
+const MOTO: &str = "moto[s3]==5.1.18";
+
+impl S3Server {
+    pub fn start(ws: &Workspace, bucket: &str) -> S3Server {
+        let moto = pip_install_once("moto-5.1.18", &[MOTO, "flask<4", "flask-cors<7"]);
+        let port = free_port();
+        let log = ws.path(&format!("moto-{port}.log"));
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("PYTHONPATH", &moto)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_for(
+            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+            "the S3 server",
+        );
+        let server = S3Server {
+            child,
+            endpoint,
+            bucket: bucket.to_string(),
+            log,
+            moto,
+        };
+        server.call(&["create-bucket", bucket]);
+        server
+    }
+
+    /// The environment renv needs to reach it (the standard AWS variables).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// Uploads a file as `key`; returns its ETag.
+    pub fn put(&self, key: &str, file: &Path) -> String {
+        self.call(&["put", &self.bucket, key, file.to_str().unwrap()])
+    }
+
+    /// Keys under `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        self.call(&["list", &self.bucket, prefix])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// GETs of `/bucket/key` so far.
+    pub fn downloads(&self, key: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let want = format!("\"GET /{}/{key} ", self.bucket);
+        log.lines().filter(|l| l.contains(&want)).count()
+    }
+
+    fn call(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .arg(servers_py())
+            .args(["s3", &self.endpoint])
+            .args(args)
+            .env("PYTHONPATH", &self.moto)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it gives a value (30 s at most).
+pub fn wait_for<T>(mut check: impl FnMut() -> Option<T>, what: &str) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// A wrapper around the test uv that logs each call's first two arguments, to count

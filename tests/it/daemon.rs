@@ -12,21 +12,33 @@ use serde_json::{Value, json};
 
 use crate::common::{Workspace, assert_success, list_dir, wheelhouse};
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Daemon {
-    fn start(ws: &Workspace, extra: &[&str]) -> Daemon {
+    pub(crate) fn start(ws: &Workspace, extra: &[&str]) -> Daemon {
         Self::try_start(ws, extra).expect("daemon started")
     }
 
     fn try_start(ws: &Workspace, extra: &[&str]) -> Result<Daemon, String> {
-        let socket = ws.path("run/renv.sock");
+        Self::try_start_with(ws, "run/renv.sock", extra, &[])
+    }
+
+    /// A daemon on the socket `socket` (relative to the workspace), with more variables
+    /// in its environment.
+    pub(crate) fn try_start_with(
+        ws: &Workspace,
+        socket: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Daemon, String> {
+        let socket = ws.path(socket);
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let mut child = ws
             .renv()
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .args(["daemon", "--socket"])
             .arg(&socket)
             .args(["--find-links"])
@@ -53,15 +65,15 @@ impl Daemon {
         })
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client::new(&self.socket)
     }
 
-    fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         self.client().json("GET", path, None).unwrap()
     }
 
-    fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.client().json("POST", path, Some(body))
     }
 
@@ -99,13 +111,13 @@ impl Drop for Daemon {
     }
 }
 
-fn setup() -> Workspace {
+pub(crate) fn setup() -> Workspace {
     let ws = Workspace::new();
     wheelhouse(&ws.path("wheels"), &[("tinypkg", "1.0", "VERSION = '1.0'\n")]);
     ws
 }
 
-fn api_error(result: Result<Value, ClientError>) -> (u16, String, Option<String>, String) {
+pub(crate) fn api_error(result: Result<Value, ClientError>) -> (u16, String, Option<String>, String) {
     match result {
         Err(ClientError::Api {
             status,

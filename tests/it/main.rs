@@ -13,6 +13,7 @@ mod hostile_zips;
 mod prune;
 mod py_modules;
 mod python_sdk;
+mod remote;
 mod spec_cli;
 mod store_safety;
 mod venvs;

@@ -1,0 +1,120 @@
+"""Servers and object-store calls for the remote tests (tests/it/remote.rs).
+
+    servers.py http ROOT PORT_FILE LOG_FILE
+        Serves ROOT over plain http on 127.0.0.1 (a free port, written to PORT_FILE) and
+        appends "METHOD /path" to LOG_FILE for each request. Like a plain web server it
+        sends Last-Modified and Content-Length but no ETag. What a GET does is read from
+        ROOT/.behaviour at each request:
+          normal         the whole file
+          slow           64 KiB every 50 ms (a download to kill half-way)
+          break-once     the first GET of each path sends half the body and closes
+          break-always   every GET sends half the body and closes
+
+    servers.py s3 ENDPOINT create-bucket BUCKET
+    servers.py s3 ENDPOINT put BUCKET KEY FILE
+    servers.py s3 ENDPOINT list BUCKET PREFIX
+        S3 calls with boto3 (installed with moto) against a local S3 API.
+"""
+
+import http.server
+import os
+import sys
+import threading
+import time
+
+_broken = set()
+_lock = threading.Lock()
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _log(self):
+        with _lock, open(self.server.log_file, "a") as log:
+            log.write(f"{self.command} {self.path}\n")
+
+    def do_HEAD(self):
+        self._log()
+        super().do_HEAD()
+
+    def do_GET(self):
+        self._log()
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            return super().do_GET()
+        try:
+            with open(os.path.join(self.server.root, ".behaviour")) as f:
+                behaviour = f.read().strip()
+        except FileNotFoundError:
+            behaviour = "normal"
+        with open(path, "rb") as f:
+            body = f.read()
+        stat = os.stat(path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+        self.end_headers()
+        with _lock:
+            first = self.path not in _broken
+            _broken.add(self.path)
+        if behaviour == "break-always" or (behaviour == "break-once" and first):
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if behaviour == "slow":
+            for i in range(0, len(body), 64 << 10):
+                self.wfile.write(body[i : i + (64 << 10)])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
+        self.wfile.write(body)
+
+
+def serve_http(root, port_file, log_file):
+    os.chdir(root)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.root = os.path.abspath(root)
+    server.log_file = os.path.abspath(log_file)
+    tmp = port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(server.server_address[1]))
+    os.rename(tmp, port_file)
+    server.serve_forever()
+
+
+def s3(endpoint, command, *args):
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    if command == "create-bucket":
+        client.create_bucket(Bucket=args[0])
+    elif command == "put":
+        bucket, key, path = args
+        with open(path, "rb") as f:
+            print(client.put_object(Bucket=bucket, Key=key, Body=f.read())["ETag"])
+    elif command == "list":
+        bucket, prefix = args
+        for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+            print(item["Key"])
+    else:
+        raise SystemExit(f"unknown s3 command {command}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "http":
+        serve_http(*sys.argv[2:5])
+    elif sys.argv[1] == "s3":
+        s3(*sys.argv[2:])
+    else:
+        raise SystemExit(__doc__)
