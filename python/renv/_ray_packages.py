@@ -15,6 +15,7 @@ own ``gcs://_ray_pkg_<hash>.zip`` packages), where the plugin on every node find
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -287,6 +288,15 @@ def prepare_spec(spec: Dict[str, Any], staged: Optional[_Staged], remote: bool) 
 # the driver connects to GCS (worker.py: _maybe_modify_runtime_env, then connect()).
 _pending_lock = threading.Lock()
 _pending: Optional[_Staged] = None
+
+
+@atexit.register
+def _drop_pending() -> None:
+    """A driver that exits without connecting leaves no zips behind."""
+    with _pending_lock:
+        staged = _pending
+    if staged is not None:
+        staged.cleanup()
 
 
 def _upload_pending() -> None:

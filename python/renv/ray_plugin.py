@@ -5,15 +5,26 @@ Register it when starting Ray on every node::
 
     RAY_RUNTIME_ENV_PLUGINS='[{"class": "renv.ray_plugin.RenvPlugin"}]' ray start …
 
-and ask for it under its own key::
+and ask for it under its own key (the driver with ``RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook``
+for local paths under ``renv``)::
 
-    runtime_env={"working_dir": "./", "renv": {"pip": ["requests==2.26.0"], "env_vars": {…}}}
+    runtime_env={"renv": {"working_dir": "./", "pip": ["requests==2.26.0"], "env_vars": {…}}}
 
-The ``renv`` value is a renv runtime_env (``pip``/``uv``, ``env_vars``, ``config``, a
-``working_dir`` as ``pkg://<digest>``). On each node the plugin asks the local daemon
-(``$RENV_SOCKET``, else renv's default socket) to get or create the env, points the
-worker's ``py_executable`` at the env's python and applies renv's variables. Ray's own
-``working_dir`` (and ``env_vars``, ``py_modules``) work alongside it.
+The ``renv`` value is a renv runtime_env (``pip``/``uv``, ``env_vars``, ``config``,
+``working_dir`` and ``py_modules`` as ``pkg://<digest>``). On each node the plugin asks
+the local daemon (``$RENV_SOCKET``, else renv's default socket) to get or create the env,
+points the worker's ``py_executable`` at the env's python and applies renv's variables.
+Ray's own ``working_dir`` (and ``env_vars``, ``py_modules``) work alongside it.
+
+Local packages, on any number of nodes: with ``RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook``
+in the driver's environment, ``ray.init`` packages a local ``renv.working_dir`` /
+``renv.py_modules`` (``renv package``), rewrites them to ``pkg://<digest>`` and puts the
+zips in Ray's GCS (or, with ``RENV_REMOTE``, pushes them to renv's remote);
+``RENV_RAY_TAKEOVER=1`` also moves Ray's own ``pip``/``uv``/``working_dir``/
+``py_modules``/``env_vars``/``excludes`` under ``renv`` (see ``renv._ray_packages``).
+Before asking for the env, the plugin gives the node's daemon any ``pkg://`` package it
+lacks, read from GCS (once per digest at a time); a local path that reaches a node means
+the driver ran without the hook, and ``validate`` says so.
 
 References: the plugin takes one daemon reference per URI Ray holds, and releases it when
 Ray deletes the URI, so an env is leased (``renv prune`` keeps it) while Ray's workers may
@@ -209,8 +220,9 @@ class RenvPlugin(RuntimeEnvPlugin):
             with lock:
                 if self.client().has_package(digest):
                     continue
-                if self._gcs is None:
-                    self._gcs = _agent_gcs_client()
+                with self._lock:
+                    if self._gcs is None:
+                        self._gcs = _agent_gcs_client()
                 if self._gcs is None:
                     logger.warning("renv: no GCS to fetch %s (pkg://%s) from; the daemon may have it", field, digest)
                     continue

@@ -50,6 +50,11 @@ ray.init(runtime_env=json.loads(sys.argv[1]))
 probe = ray.remote(probe)
 refs = {n: probe.options(resources={n: 0.01}).remote() for n in ("node1", "node2")}
 print("RESULT " + json.dumps({n: ray.get(r) for n, r in refs.items()}), flush=True)
+if len(sys.argv) > 2:
+    # A task's own runtime_env through the hook, on a connected driver: uploaded at once.
+    from renv.ray_plugin import hook
+    task_env = hook(json.loads(sys.argv[2]))
+    print("TASK " + json.dumps(ray.get(probe.options(resources={"node2": 0.01}, runtime_env=task_env).remote())))
 '''
 
 
@@ -67,11 +72,11 @@ def run(cmd, env, timeout=300, check=True):
     return done
 
 
-def result_line(output):
+def result_line(output, tag="RESULT"):
     for line in output.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"no RESULT line in:\n{output}")
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
+    raise AssertionError(f"no {tag} line in:\n{output}")
 
 
 def free_port():
@@ -210,6 +215,21 @@ def main():
             assert third[node]["python"] == first[node]["python"], (node, first, third)
             assert clients[node].metrics()["renv_builds_total"] == 1, f"{node} built again for the takeover"
             assert clients[node].healthz()
+
+        # 4. A task's runtime_env passed through the hook by hand, another working_dir: its
+        #    package goes to GCS at once and reaches node2 alone.
+        other = os.path.join(work, "other")
+        os.makedirs(other)
+        with open(os.path.join(other, "data.txt"), "w") as f:
+            f.write("from the task's working_dir\n")
+        other_digest = package(other, os.path.join(work, "other.zip"))
+        task_spec = dict(spec, working_dir=other)
+        out = run([sys.executable, driver, json.dumps({"renv": spec}), json.dumps({"renv": task_spec})], driver_env)
+        task = result_line(out.stdout, "TASK")
+        log(f"the task with its own runtime_env saw {task}")
+        assert task["data"] == "from the task's working_dir" and task["module"] == "netmod", task
+        assert task["python"].startswith(daemons["node2"].store), task
+        assert fetches(temps["node2"], other_digest) == 1 and not clients["node1"].has_package(other_digest)
     finally:
         for env in reversed(started):
             run([ray, "stop", "--force"], env, check=False)
