@@ -77,7 +77,7 @@ def _truthy(name: str) -> bool:
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 # -- RENV_RAY_TAKEOVER ---------------------------------------------------------------

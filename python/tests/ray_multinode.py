@@ -120,12 +120,65 @@ def check_unit():
         assert "py_modules[1]" in str(e) and "RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook" in str(e), e
 
 
+def check_fetch_once(work):
+    """Concurrent creates on one node needing the same package fetch it from GCS once; a
+    package GCS lacks is left to the daemon; a package over GCS's cap is refused naming
+    its field."""
+    import logging
+    import threading
+
+    import renv._ray_packages as packages
+    from renv.ray_plugin import RenvPlugin
+
+    digest, missing = "a" * 64, "b" * 64
+    puts, gets = [], []
+
+    class Daemon:
+        def has_package(self, d):
+            return d in puts
+
+        def put_package(self, d, data):
+            puts.append(d)
+
+    class Gcs:
+        def internal_kv_get(self, key, namespace, timeout=None):
+            gets.append(key)
+            time.sleep(0.2)
+            return b"zip" if key == packages.gcs_key(digest) else None
+
+    plugin = RenvPlugin()
+    plugin._client, plugin._gcs = Daemon(), Gcs()
+    spec = {"working_dir": "pkg://" + digest, "py_modules": ["pkg://" + missing]}
+    threads = [threading.Thread(target=plugin._fetch_packages, args=(spec, logging.getLogger("t"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert puts == [digest], puts
+    assert gets.count(packages.gcs_key(digest)) == 1, gets
+
+    big = os.path.join(work, "big")
+    os.makedirs(big)
+    with open(os.path.join(big, "blob"), "wb") as f:
+        f.write(b"x" * 4096)
+    cap = packages.gcs_max_bytes
+    packages.gcs_max_bytes = lambda: 1024
+    try:
+        packages.hook({"renv": {"py_modules": [big]}})
+        raise AssertionError("a package over GCS's cap was accepted")
+    except ValueError as e:
+        assert "runtime_env.renv.py_modules[0]" in str(e) and "over the 1024 bytes" in str(e), e
+    finally:
+        packages.gcs_max_bytes = cap
+
+
 def main():
     check_unit()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     work = tempfile.mkdtemp(prefix="renv-ray2-")
     wheels = os.path.join(work, "wheels")
     make_wheels(wheels, [("raypkg", "1.0", "VERSION = '1.0'\n")])
+    check_fetch_once(work)
 
     # The driver's files: a working_dir (the tasks' cwd) and a module directory.
     project = os.path.join(work, "project")
