@@ -172,6 +172,33 @@ def check_fetch_once(work):
         packages.gcs_max_bytes = cap
 
 
+def check_remote(work):
+    """With RENV_REMOTE, packages are pushed by `renv package --push` (stood in for here by
+    a script printing its JSON) and nothing waits for GCS."""
+    import renv._ray_packages as packages
+
+    fake = os.path.join(work, "fake-renv")
+    argv_log = os.path.join(work, "fake-renv.args")
+    with open(fake, "w") as f:
+        f.write(f"#!/bin/sh\necho \"$@\" >> {argv_log}\n"
+                f"echo '{{\"digest\": \"{'c' * 64}\", \"uri\": \"pkg://{'c' * 64}\"}}'\n")
+    os.chmod(fake, 0o755)
+    saved = {k: os.environ.get(k) for k in ("RENV_BIN", "RENV_REMOTE")}
+    os.environ.update(RENV_BIN=fake, RENV_REMOTE="s3://bucket/renv")
+    try:
+        env = packages.hook({"renv": {"working_dir": work, "excludes": ["*.log"]}})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert env == {"renv": {"working_dir": "pkg://" + "c" * 64}}, env
+    with open(argv_log) as f:
+        assert f.read().split() == ["package", work, "--json", "--push", "--exclude", "*.log"]
+    assert packages._pending is None
+
+
 def main():
     check_unit()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -179,6 +206,7 @@ def main():
     wheels = os.path.join(work, "wheels")
     make_wheels(wheels, [("raypkg", "1.0", "VERSION = '1.0'\n")])
     check_fetch_once(work)
+    check_remote(work)
 
     # The driver's files: a working_dir (the tasks' cwd) and a module directory.
     project = os.path.join(work, "project")
