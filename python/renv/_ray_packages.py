@@ -333,10 +333,18 @@ def _defer(staged: _Staged) -> None:
     global _pending
     from ray._private import worker
 
+    hooks = getattr(worker, "_post_init_hooks", None)
+    if not isinstance(hooks, list):
+        staged.cleanup()
+        raise RuntimeError(
+            "renv.ray_plugin.hook: this Ray has no ray._private.worker._post_init_hooks to upload "
+            "packages after ray.init connects (tested with Ray 2.60); set RENV_REMOTE, or give "
+            "renv.working_dir/py_modules as pkg:// URIs"
+        )
     with _pending_lock:
         previous, _pending = _pending, staged
-        if _upload_pending not in worker._post_init_hooks:
-            worker._post_init_hooks.append(_upload_pending)
+        if _upload_pending not in hooks:
+            hooks.append(_upload_pending)
     if previous is not None:
         # An earlier ray.init failed before connecting: its packages are stale.
         previous.cleanup()
