@@ -155,6 +155,44 @@ def _local_path(working_dir: str) -> Optional[str]:
     return None if "://" in working_dir else working_dir
 
 
+def renv_binary(renv_bin: Optional[str] = None) -> str:
+    """The ``renv`` binary: ``renv_bin``, else ``$RENV_BIN``, else ``renv`` on ``PATH``."""
+    found = renv_bin or os.environ.get("RENV_BIN") or shutil.which("renv")
+    if not found:
+        raise FileNotFoundError(
+            "packaging a local working_dir needs the renv binary: put it on PATH or set RENV_BIN"
+        )
+    return found
+
+
+def package(
+    path: Union[str, os.PathLike],
+    output: Optional[str],
+    *,
+    excludes: Sequence[str] = (),
+    as_module: bool = False,
+    push: bool = False,
+    renv_bin: Optional[str] = None,
+) -> str:
+    """Runs ``renv package PATH -o OUTPUT --json`` (a directory or a ``.zip``) and returns
+    the package's digest: the binary packages, so the digest is exactly the one a daemon
+    checks an upload against. ``push``: ``--push`` instead of ``-o`` (the package goes to
+    renv's shared remote; ``output`` is then ignored)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found")
+    cmd = [renv_binary(renv_bin), "package", path, "--json"]
+    cmd += ["--push"] if push else ["-o", os.fspath(output)]
+    if as_module:
+        cmd.append("--as-module")
+    for pattern in excludes:
+        cmd += ["--exclude", pattern]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        raise ValueError(done.stderr.decode("utf-8", "replace").strip() or f"renv package failed: {done}")
+    return json.loads(done.stdout)["digest"]
+
+
 class RenvClient:
     """A client for one node's renv daemon.
 
@@ -223,35 +261,31 @@ class RenvClient:
         unless the daemon already has it. Returns its ``pkg://<digest>`` URI. With
         ``as_module``, a directory is packaged under its own name, as a ``py_modules``
         directory is (``import <dirname>`` works)."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: not found")
         with tempfile.TemporaryDirectory(prefix="renv-upload-") as tmp:
             zip_path = os.path.join(tmp, "package.zip")
-            cmd = [self._renv(), "package", path, "-o", zip_path, "--json"]
-            if as_module:
-                cmd.append("--as-module")
-            for pattern in excludes:
-                cmd += ["--exclude", pattern]
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-            if done.returncode != 0:
-                raise ValueError(done.stderr.decode("utf-8", "replace").strip() or f"renv package failed: {done}")
-            digest = json.loads(done.stdout)["digest"]
-            if self._http.status("HEAD", f"/v1/packages/{digest}") != 200:
-                with open(zip_path, "rb") as body:
-                    size = os.fstat(body.fileno()).st_size
-                    response = self._http.open("PUT", f"/v1/packages/{digest}", body, "application/zip", size)
-                    with response:
-                        response.read()
+            digest = package(path, zip_path, excludes=excludes, as_module=as_module, renv_bin=self._renv_bin)
+            if not self.has_package(digest):
+                self.put_package(digest, zip_path)
         return f"pkg://{digest}"
 
-    def _renv(self) -> str:
-        found = self._renv_bin or shutil.which("renv")
-        if not found:
-            raise FileNotFoundError(
-                "packaging a local working_dir needs the renv binary: put it on PATH or set RENV_BIN"
-            )
-        return found
+    def has_package(self, digest: str) -> bool:
+        """Whether the daemon's store holds package ``digest`` (``HEAD /v1/packages/…``)."""
+        return self._http.status("HEAD", f"/v1/packages/{_quote(digest)}") == 200
+
+    def put_package(self, digest: str, data: Union[bytes, str, os.PathLike]) -> bool:
+        """Uploads a package zip (its bytes, or the path of the file) as ``digest``. The
+        daemon stores it only if its contents are that package (``RenvRequestError``
+        otherwise). Returns whether it was new to the store."""
+        url = f"/v1/packages/{_quote(digest)}"
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            response = self._http.open("PUT", url, bytes(data), "application/zip", len(data))
+        else:
+            with open(os.fspath(data), "rb") as body:
+                size = os.fstat(body.fileno()).st_size
+                response = self._http.open("PUT", url, body, "application/zip", size)
+        with response:
+            answer = response.read()
+        return bool(json.loads(answer).get("created", True)) if answer else True
 
     def _with_uploaded_working_dir(self, runtime_env: Dict[str, Any]) -> Dict[str, Any]:
         """The spec with a local working_dir and local ``py_modules`` — directories,

@@ -5,15 +5,26 @@ Register it when starting Ray on every node::
 
     RAY_RUNTIME_ENV_PLUGINS='[{"class": "renv.ray_plugin.RenvPlugin"}]' ray start …
 
-and ask for it under its own key::
+and ask for it under its own key (the driver with ``RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook``
+for local paths under ``renv``)::
 
-    runtime_env={"working_dir": "./", "renv": {"pip": ["requests==2.26.0"], "env_vars": {…}}}
+    runtime_env={"renv": {"working_dir": "./", "pip": ["requests==2.26.0"], "env_vars": {…}}}
 
-The ``renv`` value is a renv runtime_env (``pip``/``uv``, ``env_vars``, ``config``, a
-``working_dir`` as ``pkg://<digest>``). On each node the plugin asks the local daemon
-(``$RENV_SOCKET``, else renv's default socket) to get or create the env, points the
-worker's ``py_executable`` at the env's python and applies renv's variables. Ray's own
-``working_dir`` (and ``env_vars``, ``py_modules``) work alongside it.
+The ``renv`` value is a renv runtime_env (``pip``/``uv``, ``env_vars``, ``config``,
+``working_dir`` and ``py_modules`` as ``pkg://<digest>``). On each node the plugin asks
+the local daemon (``$RENV_SOCKET``, else renv's default socket) to get or create the env,
+points the worker's ``py_executable`` at the env's python and applies renv's variables.
+Ray's own ``working_dir`` (and ``env_vars``, ``py_modules``) work alongside it.
+
+Local packages, on any number of nodes: with ``RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook``
+in the driver's environment, ``ray.init`` packages a local ``renv.working_dir`` /
+``renv.py_modules`` (``renv package``), rewrites them to ``pkg://<digest>`` and puts the
+zips in Ray's GCS (or, with ``RENV_REMOTE``, pushes them to renv's remote);
+``RENV_RAY_TAKEOVER=1`` also moves Ray's own ``pip``/``uv``/``working_dir``/
+``py_modules``/``env_vars``/``excludes`` under ``renv`` (see ``renv._ray_packages``).
+Before asking for the env, the plugin gives the node's daemon any ``pkg://`` package it
+lacks, read from GCS (once per digest at a time); a local path that reaches a node means
+the driver ran without the hook, and ``validate`` says so.
 
 References: the plugin takes one daemon reference per URI Ray holds, and releases it when
 Ray deletes the URI, so an env is leased (``renv prune`` keeps it) while Ray's workers may
@@ -29,19 +40,24 @@ packages are seen behind the env's own).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
 import logging
 import os
 import shlex
+import sys
 import threading
 from typing import Any, Dict, List, Optional
 
 from ray._private.runtime_env.plugin import RuntimeEnvPlugin
 
+from ._ray_packages import GCS_NAMESPACE, GCS_TIMEOUT_S, gcs_key, hook, package_digests
 from .client import EnvInfo, RenvClient
 from .errors import RenvConflictError, RenvError, RenvNotFoundError
+
+__all__ = ["RenvPlugin", "hook"]
 
 default_logger = logging.getLogger(__name__)
 
@@ -73,6 +89,36 @@ def merge_env_vars(context_vars: Dict[str, str], renv_vars: Dict[str, str]) -> N
         context_vars[name] = value
 
 
+def _agent_gcs_client() -> Any:
+    """A GCS client for the process the plugin runs in: Ray starts its runtime-env agent
+    with ``--gcs-address`` and ``--cluster-id-hex`` (agent/main.py) and gives plugins no
+    handle on the agent's own client, so the plugin makes one from the same arguments.
+    Elsewhere (a driver), the connected driver's client; ``None`` if there is none."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--gcs-address")
+    parser.add_argument("--cluster-id-hex")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    if args.gcs_address:
+        from ray._raylet import GcsClient
+
+        return GcsClient(address=args.gcs_address, cluster_id=args.cluster_id_hex)
+    from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+    return internal_kv_get_gcs_client()
+
+
+def _local_entries(spec: dict) -> List[str]:
+    """The fields of a renv spec naming a path on the driver's machine (no URI)."""
+    found = []
+    working_dir = spec.get("working_dir")
+    if isinstance(working_dir, str) and "://" not in working_dir:
+        found.append("working_dir")
+    modules = spec.get("py_modules")
+    if isinstance(modules, list):
+        found += [f"py_modules[{i}]" for i, m in enumerate(modules) if isinstance(m, str) and "://" not in m]
+    return found
+
+
 def _cache_size(info: EnvInfo) -> float:
     # At least 1: Ray's cache deletes unused URIs only while its total exceeds the limit,
     # so an env of 0 bytes (env_vars only) would otherwise never be released.
@@ -89,6 +135,10 @@ class RenvPlugin(RuntimeEnvPlugin):
         self._held: Dict[str, EnvInfo] = {}
         self._lock = threading.Lock()
         self._client: Optional[RenvClient] = None
+        self._gcs: Any = None
+        # One lock per package digest: concurrent creates needing the same package fetch
+        # it from GCS once.
+        self._package_locks: Dict[str, threading.Lock] = {}
 
     def client(self) -> RenvClient:
         if self._client is None:
@@ -108,11 +158,15 @@ class RenvPlugin(RuntimeEnvPlugin):
                 f"runtime_env.renv cannot be combined with {', '.join(clashes)}: both choose the "
                 "worker's Python; put the packages under renv (\"renv\": {\"pip\": [...]})"
             )
-        working_dir = spec.get("working_dir")
-        if isinstance(working_dir, str) and "://" not in working_dir:
+        local = _local_entries(spec)
+        if local:
+            # The driver's hook turns local paths into pkg:// URIs; this one is still a path,
+            # so the driver ran without it (or set it for another runtime_env).
             raise ValueError(
-                "runtime_env.renv.working_dir: a node cannot read the driver's directory; use Ray's "
-                "own working_dir, or a pkg://<digest> uploaded with RenvClient.upload_package"
+                f"runtime_env.renv.{local[0]}: a node cannot read the driver's files; set "
+                "RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook in the driver's environment so that "
+                "ray.init packages them and shares them through Ray's GCS (for a task's own "
+                "runtime_env, pass it through renv.ray_plugin.hook), or give a pkg://<digest>"
             )
 
     def get_uris(self, runtime_env) -> List[str]:
@@ -123,7 +177,13 @@ class RenvPlugin(RuntimeEnvPlugin):
         spec = runtime_env[PLUGIN_NAME]
         uri = uri or uri_for(spec)
         loop = asyncio.get_running_loop()
-        request = loop.run_in_executor(None, lambda: self.client().get_or_create_env(spec, ref=uri))
+
+        def get_or_create() -> EnvInfo:
+            # In an executor thread: fetching a package from GCS and building block.
+            self._fetch_packages(spec, logger)
+            return self.client().get_or_create_env(spec, ref=uri)
+
+        request = loop.run_in_executor(None, get_or_create)
         try:
             # Shielded: if Ray gives up (setup timeout), the reference the daemon still
             # grants must be released, not leaked.
@@ -149,6 +209,38 @@ class RenvPlugin(RuntimeEnvPlugin):
             info.python,
         )
         return _cache_size(info)
+
+    def _fetch_packages(self, spec: dict, logger: logging.Logger) -> None:
+        """Gives the node's daemon each ``pkg://`` package of the spec it lacks, from
+        Ray's GCS (where the driver's hook put it). One the GCS lacks too is left to the
+        daemon: it may get it from its own remote, or fails naming the digest."""
+        for field, digest in package_digests(spec):
+            with self._lock:
+                lock = self._package_locks.setdefault(digest, threading.Lock())
+            with lock:
+                if self.client().has_package(digest):
+                    continue
+                with self._lock:
+                    if self._gcs is None:
+                        self._gcs = _agent_gcs_client()
+                if self._gcs is None:
+                    logger.warning("renv: no GCS to fetch %s (pkg://%s) from; the daemon may have it", field, digest)
+                    continue
+                data = self._gcs.internal_kv_get(gcs_key(digest), GCS_NAMESPACE, timeout=GCS_TIMEOUT_S)
+                if data is None:
+                    logger.info("renv: %s (pkg://%s) is not in Ray's GCS; leaving it to the daemon", field, digest)
+                    continue
+                try:
+                    self.client().put_package(digest, data)
+                except RenvError as e:
+                    message = f"{field} (pkg://{digest}) from Ray's GCS: {e.message}"
+                    raise type(e)(e.status, e.kind, message, e.field) from e
+                logger.info(
+                    "renv: package %s fetched from Ray's GCS into this node's store (%s, %d bytes)",
+                    digest,
+                    field,
+                    len(data),
+                )
 
     def modify_context(self, uris: List[str], runtime_env, context, logger: logging.Logger = default_logger) -> None:
         if not uris:

@@ -23,6 +23,7 @@ from renv import (  # noqa: E402
     RenvNotFoundError,
     RenvRequestError,
 )
+from renv.client import package  # noqa: E402
 
 
 class ClientTest(unittest.TestCase):
@@ -121,6 +122,24 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(self.client.upload_package(zip_path), uri)
         with self.assertRaises(FileNotFoundError):
             self.client.upload_package(os.path.join(root, "missing"))
+
+    def test_has_and_put_package_move_a_zip_between_daemons(self):
+        # What the Ray plugin does with a zip it read from Ray's GCS.
+        root = self.project({"data.txt": "moved\n"})
+        zip_path = os.path.join(self.tmp.name, "moved.zip")
+        digest = package(root, zip_path)
+        self.assertFalse(self.client.has_package(digest))
+        with open(zip_path, "rb") as f:
+            data = f.read()
+        self.assertTrue(self.client.put_package(digest, data))
+        self.assertTrue(self.client.has_package(digest))
+        self.assertFalse(self.client.put_package(digest, zip_path))
+        # The daemon checks the digest: another package's bytes are refused.
+        other = os.path.join(self.tmp.name, "other.zip")
+        package(self.project({"data.txt": "other\n"}), other)
+        with self.assertRaises(RenvRequestError):
+            self.client.put_package("0" * 64, other)
+        self.assertFalse(self.client.has_package("0" * 64))
 
     def test_a_job_runs_in_its_env_with_its_working_dir_and_gpus(self):
         root = self.project(
