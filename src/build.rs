@@ -11,7 +11,7 @@ use crate::digest::{Digest, EnvId};
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::remote::Remotes;
-use crate::resolve;
+use crate::resolve::{self, ModuleSource};
 use crate::spec::RuntimeEnvSpec;
 use crate::store::{EntryId, EnvEntry, Lease, PackageEntry, Store};
 use crate::venv::{self, VenvPolicy};
@@ -123,23 +123,14 @@ pub fn build_env(
         timings.extend(entry_timings.iter().map(|(k, v)| (k.to_string(), *v)));
     };
 
-    // Requirements and node policy first: they fail fast, before any hashing.
+    // Requirements first: they fail fast, before any hashing or download.
     let packages = match &spec.packages {
         Some(packages) => resolve::resolve_packages(packages, base_dir)?,
         None => None,
     };
-    let plan = match &packages {
-        Some(packages) => {
-            let start = Instant::now();
-            let plan = venv::plan(packages, policy, store, timeout)?;
-            record(&BTreeMap::from([(
-                "plan_env",
-                start.elapsed().as_millis() as u64,
-            )]));
-            Some(plan)
-        }
-        None => None,
-    };
+    if let Some(packages) = &packages {
+        venv::check_policy(packages, policy)?;
+    }
 
     let mut env_packages = Vec::new();
     let start = Instant::now();
@@ -174,20 +165,53 @@ pub fn build_env(
         Some(&hash_cache),
         progress,
     )?;
-    for (i, source) in py_modules.into_iter().enumerate() {
-        let entry = source
-            .ensure(store, remotes, progress)
-            .map_err(|source| Error::SourceOf {
-                field: format!("py_modules[{i}]"),
-                source,
-            })?;
-        record(&entry.timings_ms);
-        env_packages.push(EnvPackage {
-            role: PackageRole::PyModule,
-            entry,
-        });
+    let mut wheels = Vec::new();
+    for (i, module) in py_modules.into_iter().enumerate() {
+        let field = || format!("py_modules[{i}]");
+        match module {
+            ModuleSource::Package(source) => {
+                let entry = source
+                    .ensure(store, remotes, progress)
+                    .map_err(|source| Error::SourceOf {
+                        field: field(),
+                        source,
+                    })?;
+                record(&entry.timings_ms);
+                env_packages.push(EnvPackage {
+                    role: PackageRole::PyModule,
+                    entry,
+                });
+            }
+            ModuleSource::Wheel { source, file_name } => {
+                let wheel = crate::sources::wheel::ensure(store, remotes, &source, &file_name, progress)
+                    .map_err(|source| Error::SourceOf {
+                        field: field(),
+                        source,
+                    })?;
+                record(&wheel.entry.timings_ms);
+                wheels.push(wheel);
+            }
+        }
     }
 
+    // A wheel alone still needs an env to be installed into.
+    let packages = match (packages, wheels.is_empty()) {
+        (Some(packages), _) => Some(packages),
+        (None, false) => Some(resolve::ResolvedPackages::none()),
+        (None, true) => None,
+    };
+    let plan = match &packages {
+        Some(packages) => {
+            let start = Instant::now();
+            let plan = venv::plan(packages, &wheels, policy, store, timeout)?;
+            record(&BTreeMap::from([(
+                "plan_env",
+                start.elapsed().as_millis() as u64,
+            )]));
+            Some(plan)
+        }
+        None => None,
+    };
     let venv = match &plan {
         None => None,
         Some(plan) => {

@@ -9,8 +9,10 @@ use serde_json::Value;
 use crate::package::{self, PackageError};
 use crate::progress::Progress;
 use crate::sources::PackageSource;
+use crate::sources::wheel::WheelSource;
 use crate::spec::{
-    self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError, WorkingDirSpec,
+    self, InstallerField, PackageList, PackageSpec, Requirement, RuntimeEnvSpec, SpecError, WheelSpec,
+    WorkingDirSpec,
 };
 
 /// Why a spec's local parts cannot be resolved: the spec itself, or the tree it names.
@@ -30,6 +32,19 @@ pub struct ResolvedPackages {
     pub check: bool,
     pub installer_version: Option<String>,
     pub install_options: Vec<String>,
+}
+
+impl ResolvedPackages {
+    /// No requirements: an env only for what `py_modules` wheels install.
+    pub fn none() -> ResolvedPackages {
+        ResolvedPackages {
+            field: InstallerField::Pip,
+            requirements: Vec::new(),
+            check: false,
+            installer_version: None,
+            install_options: Vec::new(),
+        }
+    }
 }
 
 /// Resolves `pip`/`uv`: reads a requirements file (relative to `base_dir`) if given.
@@ -88,7 +103,10 @@ pub fn resolve_working_dir(
     Ok(Some(match wd {
         WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
         WorkingDirSpec::Remote(uri) => PackageSource::Remote(uri.clone()),
-        WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
+        WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_file(path)?),
+        WorkingDirSpec::Wheel(_) => {
+            return Err(SpecError::new("working_dir", "a wheel cannot be the working_dir").into());
+        }
         WorkingDirSpec::Local(path) => {
             let path = base_dir.join(path);
             match fs_err::metadata(&path) {
@@ -113,23 +131,44 @@ pub fn resolve_working_dir(
     }))
 }
 
+/// A `py_modules` entry: a package for `PYTHONPATH`, or a wheel to install into the env.
+#[derive(Debug, Clone)]
+pub enum ModuleSource {
+    Package(PackageSource),
+    Wheel { source: WheelSource, file_name: String },
+}
+
 /// Resolves `py_modules`, in order: a local directory is scanned (with the spec's
 /// excludes) and packaged under its own name, so `import <name>` works; a zip, a
-/// `file://` zip and a `pkg://` digest are used as they are.
+/// `file://` zip, a remote zip and a `pkg://` digest are used as they are; a wheel is
+/// installed into the env.
 pub fn resolve_py_modules(
     spec: &RuntimeEnvSpec,
     base_dir: &Path,
     threads: usize,
     hash_cache_dir: Option<&Path>,
     progress: &Progress,
-) -> Result<Vec<PackageSource>, ResolveError> {
+) -> Result<Vec<ModuleSource>, ResolveError> {
     spec.py_modules
         .iter()
         .map(|module| {
-            Ok(match module {
+            Ok(ModuleSource::Package(match module {
+                WorkingDirSpec::Wheel(wheel) => {
+                    let file_name = wheel.file_name().to_string();
+                    let source = match wheel {
+                        WheelSpec::Local(path) => WheelSource::Local(existing_file(&base_dir.join(path))?),
+                        WheelSpec::File(path) => WheelSource::Local(existing_file(path)?),
+                        WheelSpec::Remote(uri) => WheelSource::Remote(uri.clone()),
+                        WheelSpec::Stored { package, file } => WheelSource::Stored {
+                            package: *package,
+                            file: file.clone(),
+                        },
+                    };
+                    return Ok(ModuleSource::Wheel { source, file_name });
+                }
                 WorkingDirSpec::Package(digest) => PackageSource::Stored(*digest),
                 WorkingDirSpec::Remote(uri) => PackageSource::Remote(uri.clone()),
-                WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_zip(path)?),
+                WorkingDirSpec::FileZip(path) => PackageSource::Zip(existing_file(path)?),
                 WorkingDirSpec::Local(path) => {
                     let path = base_dir.join(path);
                     match fs_err::metadata(&path) {
@@ -148,12 +187,12 @@ pub fn resolve_py_modules(
                         Ok(_) => return Err(PackageError::NotADirectory(path).into()),
                     }
                 }
-            })
+            }))
         })
         .collect()
 }
 
-fn existing_zip(path: &Path) -> Result<PathBuf, ResolveError> {
+fn existing_file(path: &Path) -> Result<PathBuf, ResolveError> {
     match fs_err::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
         Ok(_) => Err(PackageError::NotADirectory(path.to_path_buf()).into()),

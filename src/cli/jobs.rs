@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::package::zip_write::{Compression, write_zip};
 use crate::package::{ScannedTree, scan_dir, worker_threads};
 use crate::progress::Progress;
-use crate::spec::{PackageList, RuntimeEnvSpec, WorkingDirSpec};
+use crate::spec::{PackageList, RuntimeEnvSpec, WheelSpec, WorkingDirSpec};
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -124,6 +124,16 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
         packaged = true;
     }
     for (i, module) in spec.py_modules.iter().enumerate() {
+        if let WorkingDirSpec::Wheel(WheelSpec::Local(path)) = module {
+            // Sent as a package holding just the wheel, named by the file in it.
+            let name = module_file_name(path)?;
+            let holder = tempfile::tempdir()?;
+            fs_err::copy(base_dir.join(path), holder.path().join(&name))?;
+            let tree = crate::package::scan::scan_exact(holder.path(), worker_threads())?;
+            let digest = upload_tree(&client, tree, &progress)?;
+            runtime_env["py_modules"][i] = Value::String(format!("pkg://{digest}/{name}"));
+            packaged = true;
+        }
         if let WorkingDirSpec::Local(path) = module {
             let path = base_dir.join(path);
             let uri = match path.extension().is_some_and(|e| e == "zip") {
@@ -192,6 +202,13 @@ pub fn submit(args: SubmitArgs) -> Result<u8, Error> {
     let info = client.json("GET", &format!("/v1/workers/{id}"), None)?;
     eprintln!("renv: job {id} {}", describe_end(&info));
     Ok(exit_code(&info))
+}
+
+fn module_file_name(path: &Path) -> Result<String, Error> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| crate::package::PackageError::NotFound(path.to_path_buf()).into())
 }
 
 fn parse_object(text: &str) -> Result<Value, Error> {

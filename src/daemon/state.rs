@@ -27,7 +27,7 @@ use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
 use crate::remote::{AllowList, Remotes};
-use crate::spec::{PackageList, PackageSpec, RuntimeEnvSpec, WorkingDirSpec};
+use crate::spec::{Origin, PackageList, PackageSpec, RuntimeEnvSpec};
 use crate::store::{Lease, Store};
 use crate::venv::VenvPolicy;
 
@@ -224,44 +224,41 @@ impl Daemon {
                     .map(|(i, m)| (format!("py_modules[{i}]"), m)),
             );
         for (field, location) in locations {
-            match location {
+            let field_name = if field == "working_dir" {
+                "working_dir"
+            } else {
+                "py_modules"
+            };
+            match location.origin() {
                 // Read with the daemon's rights, not the caller's: only the daemon's own
                 // user and root may name one.
-                WorkingDirSpec::FileZip(path) if !caller.admin => {
+                Origin::File(path) if !caller.admin => {
                     return Err(StateError::Forbidden(format!(
                         "{field}: {:?} would be read with the daemon's rights, not yours; upload it \
                          (renv package -o, then PUT /v1/packages/<digest>) and use pkg://<digest>",
                         path.display().to_string()
                     )));
                 }
-                WorkingDirSpec::Remote(uri) if !self.allow_remote.allows(uri) => {
+                Origin::Remote(uri) if !self.allow_remote.allows(uri) => {
                     let allowed = match self.allow_remote.prefixes() {
                         [] => "none is allowed".to_string(),
                         prefixes => format!("allowed: {}", prefixes.join(", ")),
                     };
                     return Err(StateError::BadRequest {
-                        field: if field == "working_dir" {
-                            "working_dir"
-                        } else {
-                            "py_modules"
-                        },
+                        field: field_name,
                         message: format!(
                             "{field}: {uri} is not under a remote this daemon may fetch from ({allowed}); \
                              the node's operator allows prefixes with --allow-remote"
                         ),
                     });
                 }
-                WorkingDirSpec::Local(path) => {
+                Origin::Local(path) => {
                     return Err(StateError::BadRequest {
-                        field: if field == "working_dir" {
-                            "working_dir"
-                        } else {
-                            "py_modules"
-                        },
+                        field: field_name,
                         message: format!(
-                            "{field}: {:?} is a local path; the daemon never reads a client's directory. \
+                            "{field}: {:?} is a local path; the daemon never reads a client's files. \
                              Upload the package (renv package -o, then PUT /v1/packages/<digest>) and use \
-                             pkg://<digest>",
+                             pkg://<digest> (a wheel: pkg://<digest>/<file>.whl)",
                             path.display().to_string()
                         ),
                     });
@@ -290,7 +287,7 @@ impl Daemon {
             .working_dir
             .iter()
             .chain(&spec.py_modules)
-            .any(|p| matches!(p, WorkingDirSpec::FileZip(_) | WorkingDirSpec::Remote(_)));
+            .any(|p| matches!(p.origin(), Origin::File(_) | Origin::Remote(_)));
         if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((built, false));

@@ -11,6 +11,7 @@
 //!   store (`--remote`) and checked against its digest.
 //! - [`remote`]: a zip in remote storage (`s3://`, `gs://`, `https://`, shared `file://`),
 //!   known by its URI and revision.
+//! - [`wheel`]: a `py_modules` wheel, kept as the one file of a package.
 //! - [`upload`]: a zip streamed to the daemon, claiming a digest it must unpack to. Not a
 //!   [`PackageSource`]: nothing in a `runtime_env` names it; the daemon's upload route
 //!   calls it.
@@ -19,6 +20,7 @@ pub mod remote;
 pub mod stored;
 pub mod tree;
 pub mod upload;
+pub mod wheel;
 pub mod zip;
 
 use std::path::PathBuf;

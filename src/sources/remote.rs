@@ -20,11 +20,31 @@ use crate::progress::Progress;
 use crate::remote::{ObjectInfo, RemoteUri, Remotes};
 use crate::store::{LockMode, LockName, PackageEntry, Store};
 
+/// What a download becomes in the store.
+#[derive(Debug, Clone, Copy)]
+pub enum Keep<'a> {
+    /// The zip's contents (a working_dir, a py_module).
+    Unpacked,
+    /// The file itself, as the one file of a package, named so (a wheel).
+    File(&'a str),
+}
+
 /// Ensures the zip at `uri` is committed; one `HEAD` when it is unchanged since last time.
 pub fn ensure(
     store: &Store,
     remotes: &Remotes,
     uri: &RemoteUri,
+    progress: &Progress,
+) -> Result<PackageEntry, SourceError> {
+    ensure_as(store, remotes, uri, Keep::Unpacked, progress)
+}
+
+/// Ensures the object at `uri` is committed as `keep` says.
+pub fn ensure_as(
+    store: &Store,
+    remotes: &Remotes,
+    uri: &RemoteUri,
+    keep: Keep<'_>,
     progress: &Progress,
 ) -> Result<PackageEntry, SourceError> {
     let info = remotes.client.head(uri)?;
@@ -45,7 +65,7 @@ pub fn ensure(
     if let Some(hit) = find_by_alias()? {
         return Ok(hit);
     }
-    let entry = download_and_commit(store, remotes, uri, &info, None, progress)?;
+    let entry = download_and_commit(store, remotes, uri, &info, None, keep, progress)?;
     store.record_remote_alias(uri.as_str(), &revision, entry.id)?;
     Ok(entry)
 }
@@ -75,7 +95,16 @@ pub fn fetch_shared(
         Err(crate::remote::RemoteError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    download_and_commit(store, remotes, &uri, &info, Some(digest), progress).map(Some)
+    download_and_commit(
+        store,
+        remotes,
+        &uri,
+        &info,
+        Some(digest),
+        Keep::Unpacked,
+        progress,
+    )
+    .map(Some)
 }
 
 fn download_and_commit(
@@ -84,6 +113,7 @@ fn download_and_commit(
     uri: &RemoteUri,
     info: &ObjectInfo,
     expected: Option<PackageDigest>,
+    keep: Keep<'_>,
     progress: &Progress,
 ) -> Result<PackageEntry, SourceError> {
     let start = std::time::Instant::now();
@@ -99,6 +129,12 @@ fn download_and_commit(
     let limit = store.options().unpack_limits.max_bytes;
     remotes.client.download(uri, info, &mut file, limit)?;
     let download_ms = start.elapsed().as_millis() as u64;
+    if let Keep::File(name) = keep {
+        drop(file);
+        let mut entry = super::wheel::commit_file(store, staging, &zip_path, name, uri.as_str(), progress)?;
+        entry.timings_ms.insert("download", download_ms);
+        return Ok(entry);
+    }
     let mut entry = super::zip::commit_received(
         store,
         staging,

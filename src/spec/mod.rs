@@ -104,6 +104,76 @@ pub enum WorkingDirSpec {
     Package(PackageDigest),
     /// A zip in remote storage: `s3://`, `gs://`, `https://`, `http://`.
     Remote(RemoteUri),
+    /// A wheel (`py_modules` only): installed into the env, not put on `PYTHONPATH`.
+    Wheel(WheelSpec),
+}
+
+/// Where a package location is read from, whatever it holds (a tree, a zip, a wheel):
+/// what decides who may name it and whether it can change under the same spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// A path on the machine running the CLI.
+    Local(&'a std::path::Path),
+    /// `file:///…`: a path on the node, read with the reader's rights.
+    File(&'a std::path::Path),
+    /// Remote storage.
+    Remote(&'a RemoteUri),
+    /// The store (or the shared package store), by digest: never changes.
+    Store,
+}
+
+impl WorkingDirSpec {
+    pub fn origin(&self) -> Origin<'_> {
+        match self {
+            WorkingDirSpec::Local(p) | WorkingDirSpec::Wheel(WheelSpec::Local(p)) => Origin::Local(p),
+            WorkingDirSpec::FileZip(p) | WorkingDirSpec::Wheel(WheelSpec::File(p)) => Origin::File(p),
+            WorkingDirSpec::Remote(uri) | WorkingDirSpec::Wheel(WheelSpec::Remote(uri)) => {
+                Origin::Remote(uri)
+            }
+            WorkingDirSpec::Package(_) | WorkingDirSpec::Wheel(WheelSpec::Stored { .. }) => Origin::Store,
+        }
+    }
+}
+
+/// Where a `py_modules` wheel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WheelSpec {
+    /// A `.whl` on the machine running the CLI.
+    Local(PathBuf),
+    /// `file:///abs/path.whl`.
+    File(PathBuf),
+    /// `s3://…/x.whl`, `gs://…`, `https://…`.
+    Remote(RemoteUri),
+    /// `pkg://<digest>/<file>.whl`: the wheel file at the top of a stored package (what
+    /// `renv submit` and the SDK upload a local wheel as).
+    Stored { package: PackageDigest, file: String },
+}
+
+impl WheelSpec {
+    /// The wheel's file name (`name-1.0-py3-none-any.whl`): what the installer reads its
+    /// name, version and tags from.
+    pub fn file_name(&self) -> &str {
+        match self {
+            WheelSpec::Local(path) | WheelSpec::File(path) => {
+                path.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+            }
+            WheelSpec::Remote(uri) => uri.file_name(),
+            WheelSpec::Stored { file, .. } => file,
+        }
+    }
+}
+
+/// Whether `name` looks like a wheel's file name: `{dist}-{version}(-{build})?-{python}-{abi}-{platform}.whl`.
+fn is_wheel_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".whl") else {
+        return false;
+    };
+    let parts = stem.split('-').count();
+    (5..=6).contains(&parts)
+        && stem.split('-').all(|p| !p.is_empty())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
 }
 
 /// Which `runtime_env` field asked for packages.
@@ -303,6 +373,12 @@ impl std::fmt::Display for WorkingDirSpec {
             WorkingDirSpec::FileZip(p) => write!(f, "file://{}", p.display()),
             WorkingDirSpec::Package(d) => write!(f, "pkg://{d}"),
             WorkingDirSpec::Remote(uri) => write!(f, "{uri}"),
+            WorkingDirSpec::Wheel(WheelSpec::Local(p)) => write!(f, "{}", p.display()),
+            WorkingDirSpec::Wheel(WheelSpec::File(p)) => write!(f, "file://{}", p.display()),
+            WorkingDirSpec::Wheel(WheelSpec::Remote(uri)) => write!(f, "{uri}"),
+            WorkingDirSpec::Wheel(WheelSpec::Stored { package, file: name }) => {
+                write!(f, "pkg://{package}/{name}")
+            }
         }
     }
 }
@@ -325,31 +401,20 @@ fn parse_py_modules(value: &Value) -> Result<Vec<WorkingDirSpec>, SpecError> {
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            let field = format!("py_modules[{i}]");
-            let location = parse_location(&field, item)?;
-            if let WorkingDirSpec::Local(path) = &location
-                && path.extension().is_some_and(|e| e == "whl")
-            {
-                return Err(SpecError::new(
-                    &field,
-                    "wheels are not supported in py_modules yet; list the requirement in `pip`",
-                ));
-            }
-            Ok(location)
-        })
+        .map(|(i, item)| parse_location(&format!("py_modules[{i}]"), item, true))
         .collect()
 }
 
 fn parse_working_dir(value: &Value) -> Result<Option<WorkingDirSpec>, SpecError> {
     match value {
         Value::Null => Ok(None),
-        value => parse_location("working_dir", value).map(Some),
+        value => parse_location("working_dir", value, false).map(Some),
     }
 }
 
-/// A package location: a local directory or `.zip`, `file:///abs.zip`, or `pkg://<digest>`.
-fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecError> {
+/// A package location: a local directory or `.zip`, `file:///abs.zip`, `pkg://<digest>`,
+/// a remote zip; with `wheels` (py_modules), also a `.whl` at any of those places.
+fn parse_location(field: &str, value: &Value, wheels: bool) -> Result<WorkingDirSpec, SpecError> {
     let s = match value {
         Value::String(s) => s.as_str(),
         other => {
@@ -369,6 +434,39 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
     if s.contains('\0') || has_control(s) {
         return Err(SpecError::new(field, "control characters are not allowed"));
     }
+    let wheel = |spec: WheelSpec| -> Result<WorkingDirSpec, SpecError> {
+        if !wheels {
+            return Err(SpecError::new(
+                field,
+                "a wheel cannot be the working_dir; list it in py_modules (installed into the env)",
+            ));
+        }
+        if !is_wheel_name(spec.file_name()) {
+            return Err(SpecError::new(
+                field,
+                format!(
+                    "expected a wheel file name (name-version-python-abi-platform.whl), got {:?}",
+                    spec.file_name()
+                ),
+            ));
+        }
+        Ok(WorkingDirSpec::Wheel(spec))
+    };
+    if let Some(rest) = s.strip_prefix("pkg://")
+        && let Some((hex, file)) = rest.split_once('/')
+        && file.ends_with(".whl")
+    {
+        let package = hex.parse().map_err(|_| {
+            SpecError::new(
+                field,
+                format!("expected pkg://<64 lowercase hex digits>/<file>.whl, got {s:?}"),
+            )
+        })?;
+        return wheel(WheelSpec::Stored {
+            package,
+            file: file.to_string(),
+        });
+    }
     if let Some(hex) = s.strip_prefix("pkg://") {
         let digest = hex.parse().map_err(|_| {
             SpecError::new(
@@ -380,6 +478,9 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
     }
     if let Some(path) = s.strip_prefix("file://") {
         let path = PathBuf::from(path);
+        if path.is_absolute() && path.extension().is_some_and(|e| e == "whl") {
+            return wheel(WheelSpec::File(path));
+        }
         if !path.is_absolute() || path.extension().is_none_or(|e| e != "zip") {
             return Err(SpecError::new(
                 field,
@@ -391,10 +492,7 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
     if s.contains("://") {
         let uri = RemoteUri::parse(s).map_err(|e| SpecError::new(field, e.to_string()))?;
         if uri.file_name().ends_with(".whl") {
-            return Err(SpecError::new(
-                field,
-                "wheels are not supported in py_modules yet; list the requirement in `pip`",
-            ));
+            return wheel(WheelSpec::Remote(uri));
         }
         if !uri.file_name().ends_with(".zip") {
             return Err(SpecError::new(
@@ -403,6 +501,9 @@ fn parse_location(field: &str, value: &Value) -> Result<WorkingDirSpec, SpecErro
             ));
         }
         return Ok(WorkingDirSpec::Remote(uri));
+    }
+    if s.ends_with(".whl") {
+        return wheel(WheelSpec::Local(PathBuf::from(s)));
     }
     Ok(WorkingDirSpec::Local(PathBuf::from(s)))
 }

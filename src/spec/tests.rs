@@ -131,8 +131,12 @@ fn validation_errors_name_the_field() {
             "working_dir: \"ftp://host/wd.zip\": ftp:// is not a supported remote",
         ),
         (
-            r#"{"py_modules": ["gs://bucket/m-1.0-py3-none-any.whl"]}"#,
-            "py_modules[0]: wheels are not supported in py_modules yet",
+            r#"{"py_modules": ["gs://bucket/m.whl"]}"#,
+            "py_modules[0]: expected a wheel file name (name-version-python-abi-platform.whl), got \"m.whl\"",
+        ),
+        (
+            r#"{"working_dir": "m-1.0-py3-none-any.whl"}"#,
+            "working_dir: a wheel cannot be the working_dir",
         ),
         (
             r#"{"working_dir": "pkg://abc"}"#,

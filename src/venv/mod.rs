@@ -48,6 +48,7 @@ use sandbox::Sandbox;
 use crate::digest::{Digest, EnvKey};
 use crate::progress::Progress;
 use crate::resolve::ResolvedPackages;
+use crate::sources::wheel::WheelFile;
 use crate::spec::InstallerField;
 use crate::store::{Begin, Commit, Contents, EntryId, EnvEntry, LockMode, LockName, Store, StoreError};
 
@@ -179,6 +180,8 @@ pub struct VenvPlan {
     pub python: Interpreter,
     pub installer: Installer,
     pub packages: ResolvedPackages,
+    /// `py_modules` wheels to install, as files in the store.
+    pub wheels: Vec<PathBuf>,
     pub index: IndexConfig,
     pub system_site_packages: bool,
     pub compile_bytecode: bool,
@@ -204,12 +207,24 @@ pub struct EnvDescription {
     pub index: IndexConfig,
     pub system_site_packages: bool,
     pub compile_bytecode: bool,
+    /// Wheels from `py_modules`, installed with the requirements, by name and content.
+    /// Absent when there are none, so keys of envs without wheels are unchanged.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wheels: Vec<WheelIdentity>,
     /// With a build user, the caller the env was built for. An installer run can be
     /// subverted by what it installs (an sdist's build code, a `.pth` file), so what one
     /// caller's installs produced is never served to another. Absent otherwise, so keys
     /// without a build user are unchanged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub built_for: Option<u32>,
+}
+
+/// A wheel as an env's identity sees it: its file name (the installer reads name, version
+/// and tags from it) and the sha256 of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WheelIdentity {
+    pub file: String,
+    pub sha256: String,
 }
 
 impl EnvDescription {
@@ -233,12 +248,12 @@ impl EnvEntry {
 /// computes the env key. Fast when everything was seen before (probes are cached).
 pub fn plan(
     packages: &ResolvedPackages,
+    wheels: &[WheelFile],
     policy: &VenvPolicy,
     store: &Store,
     timeout: Option<Duration>,
 ) -> Result<VenvPlan, VenvError> {
-    check_install_options(packages, policy)?;
-    check_direct_urls(packages, policy)?;
+    check_policy(packages, policy)?;
     let python = interpreter::find(policy.python.as_deref(), Some(&store.layout().probe_cache_dir()))?;
     let installer = match (packages.field, &packages.installer_version) {
         (InstallerField::Pip, Some(version)) => Installer::Pip {
@@ -281,6 +296,13 @@ pub fn plan(
         index: policy.index.clone(),
         system_site_packages: policy.system_site_packages,
         compile_bytecode: policy.compile_bytecode,
+        wheels: wheels
+            .iter()
+            .map(|w| WheelIdentity {
+                file: w.file_name.clone(),
+                sha256: w.sha256.clone(),
+            })
+            .collect(),
         // Every build user's build is for someone: the caller, else renv's own user.
         built_for: policy
             .build_user
@@ -292,12 +314,20 @@ pub fn plan(
         python,
         installer,
         packages: packages.clone(),
+        wheels: wheels.iter().map(WheelFile::path).collect(),
         index: policy.index.clone(),
         system_site_packages: policy.system_site_packages,
         compile_bytecode: policy.compile_bytecode,
         build_user: policy.build_user,
         description,
     })
+}
+
+/// The request against node policy (install options, direct URLs): checked before
+/// anything is fetched or built.
+pub fn check_policy(packages: &ResolvedPackages, policy: &VenvPolicy) -> Result<(), VenvError> {
+    check_install_options(packages, policy)?;
+    check_direct_urls(packages, policy)
 }
 
 /// A direct URL fetches from wherever it points: with an index policy configured (`--no-index`,
@@ -505,6 +535,7 @@ fn build_with_uv(
             .iter()
             .map(|r| OsString::from(r.canonical())),
     );
+    install.extend(plan.wheels.iter().map(OsString::from));
     // Offline first: a warm cache needs no index at all. Only a miss goes online.
     let mut offline = install.clone();
     offline.insert(2, "--offline".into());
@@ -568,6 +599,7 @@ fn build_with_pip(
             .iter()
             .map(|r| OsString::from(r.canonical())),
     );
+    packages.extend(plan.wheels.iter().map(OsString::from));
     sandbox.run("pip install", &python, &as_os(&pip(&packages)), &env)?;
     if plan.packages.check {
         let check: Vec<OsString> = ["-I", "-m", "pip", "check"].map(OsString::from).to_vec();
@@ -678,6 +710,7 @@ mod tests {
             index: IndexConfig::default(),
             system_site_packages: false,
             compile_bytecode: false,
+            wheels: Vec::new(),
             built_for: None,
         }
     }
@@ -717,6 +750,16 @@ mod tests {
         };
         assert_eq!(moved.key(), base.key());
         // A build user's env is its caller's own.
+        let mut with_wheel = description();
+        with_wheel.wheels.push(WheelIdentity {
+            file: "delta-1.0-py3-none-any.whl".into(),
+            sha256: "ab".repeat(32),
+        });
+        assert_ne!(
+            with_wheel.key(),
+            base.key(),
+            "a wheel is part of an env's identity"
+        );
         let mut built_for = description();
         built_for.built_for = Some(1000);
         assert_ne!(built_for.key(), base.key());

@@ -189,7 +189,7 @@ fn get_or_create_takes_references_and_release_gives_them_back() {
     let (status, _, field, message) =
         api_error(daemon.post("/v1/envs", &json!({"runtime_env": {"working_dir": "./"}})));
     assert_eq!((status, field.as_deref()), (400, Some("working_dir")));
-    assert!(message.contains("never reads a client's directory"), "{message}");
+    assert!(message.contains("never reads a client's files"), "{message}");
     let (status, kind, ..) = api_error(daemon.post(
         "/v1/envs",
         &json!({"runtime_env": {"working_dir": format!("pkg://{}", "0".repeat(64))}}),

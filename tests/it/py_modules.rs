@@ -1,9 +1,66 @@
 //! `py_modules`, with Ray's semantics: a local directory importable by its name, a zip
-//! and a `pkg://` package as they are, all on `PYTHONPATH` after the working_dir.
+//! and a `pkg://` package as they are, all on `PYTHONPATH` after the working_dir; a wheel
+//! installed into the env.
 
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success};
+use crate::common::{HttpServer, Workspace, assert_success, wheelhouse};
+
+const DELTA: &str = "delta-1.0-py3-none-any.whl";
+
+#[test]
+fn wheels_are_installed_into_the_env_and_known_by_their_content() {
+    let ws = Workspace::new();
+    wheelhouse(&ws.path("w1"), &[("delta", "1.0", "V = 'one'\n")]);
+    wheelhouse(&ws.path("w2"), &[("delta", "1.0", "V = 'two, rebuilt'\n")]);
+    let run = |spec: &std::path::Path| {
+        let out = ws
+            .renv()
+            .arg("run")
+            .arg(spec)
+            .args([
+                "--",
+                "python",
+                "-c",
+                "import delta, sys; print(delta.V, sys.prefix != sys.base_prefix)",
+            ])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // A wheel alone makes an env to install it into.
+    let one = ws.spec("one.json", &json!({"py_modules": [format!("w1/{DELTA}")]}));
+    assert_eq!(run(&one), "one True\n");
+    let built = ws.build(&one);
+    assert_eq!(built["package"], Value::Null, "a wheel is not put on PYTHONPATH");
+    // The same file name with other bytes is another env.
+    let two = ws.spec("two.json", &json!({"py_modules": [format!("w2/{DELTA}")]}));
+    assert_eq!(run(&two), "two, rebuilt True\n");
+    assert_ne!(ws.build(&two)["env_id"], built["env_id"]);
+    // From a remote, once per revision, beside a requirement-free pip field.
+    let server = HttpServer::start(&ws.path("served"));
+    std::fs::copy(ws.path(&format!("w1/{DELTA}")), server.root.join(DELTA)).unwrap();
+    let remote = ws.spec(
+        "remote.json",
+        &json!({"py_modules": [format!("{}/{DELTA}", server.url)]}),
+    );
+    assert_eq!(run(&remote), "one True\n");
+    assert_eq!(
+        ws.build(&remote)["env_id"],
+        built["env_id"],
+        "same bytes, same env"
+    );
+    assert_eq!(server.requests("GET", &format!("/{DELTA}")), 1);
+    // Not a working_dir.
+    let bad = ws.spec("bad.json", &json!({"working_dir": format!("w1/{DELTA}")}));
+    let (code, err) = ws.build_fails(&bad, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("working_dir: a wheel cannot be the working_dir"),
+        "{err}"
+    );
+}
 
 const IMPORT_ALL: &str = "import sys, alpha, beta, gamma; print(alpha.V, beta.V, gamma.V); \
      print([p.rsplit('/', 1)[-1][:8] for p in sys.path[1:5]])";
@@ -69,10 +126,14 @@ fn bad_py_modules_are_refused_naming_the_entry() {
     for (modules, expected) in [
         (json!("mods"), "py_modules: expected a list of strings"),
         (json!(["ok", 3]), "py_modules[1]: expected a string"),
-        (json!(["x.whl"]), "py_modules[0]: wheels are not supported"),
+        (json!(["x.whl"]), "py_modules[0]: expected a wheel file name"),
         (
             json!(["s3://bucket/m.whl"]),
-            "py_modules[0]: wheels are not supported",
+            "py_modules[0]: expected a wheel file name",
+        ),
+        (
+            json!(["pkg://nothex/delta-1.0-py3-none-any.whl"]),
+            "py_modules[0]: expected pkg://<64 lowercase hex digits>/<file>.whl",
         ),
         (
             json!(["pkg://abc"]),
@@ -96,6 +157,7 @@ fn bad_py_modules_are_refused_naming_the_entry() {
 fn a_job_gets_its_local_modules_through_the_daemon() {
     let ws = Workspace::new();
     let gamma = modules(&ws);
+    wheelhouse(&ws.path("wheels"), &[("delta", "1.0", "V = 'd'\n")]);
     let socket = ws.path("renv.sock");
     let mut daemon = ws
         .renv()
@@ -112,8 +174,11 @@ fn a_job_gets_its_local_modules_through_the_daemon() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let runtime_env =
-        json!({"working_dir": "wd", "py_modules": ["mods/alpha", "beta.zip", gamma], "excludes": ["*.tmp"]});
+    let runtime_env = json!({
+        "working_dir": "wd",
+        "py_modules": ["mods/alpha", "beta.zip", gamma, format!("wheels/{DELTA}")],
+        "excludes": ["*.tmp"],
+    });
     let out = ws
         .renv()
         .env("RENV_SOCKET", &socket)
@@ -122,14 +187,18 @@ fn a_job_gets_its_local_modules_through_the_daemon() {
             "--runtime-env-json",
             &runtime_env.to_string(),
             "--",
-            "python3",
+            "python",
             "-c",
-            IMPORT_ALL,
+            &format!("{IMPORT_ALL}; import delta; print(delta.V)"),
         ])
         .output()
         .unwrap();
     assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("a b g\n"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("a b g\n") && stdout.ends_with("d\n"),
+        "{stdout}"
+    );
 
     let client = renv::client::Client::new(&socket);
     let local = json!({"runtime_env": {"py_modules": ["mods/alpha"]}});
