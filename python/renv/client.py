@@ -268,6 +268,24 @@ class RenvClient:
                 self.put_package(digest, zip_path)
         return f"pkg://{digest}"
 
+    def upload_wheel(self, path: Union[str, os.PathLike]) -> str:
+        """Uploads a wheel for ``py_modules`` as a package holding just that file, unless
+        the daemon has it. Returns ``pkg://<digest>/<file>.whl``, which the daemon installs
+        into the env."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not a file")
+        name = os.path.basename(path)
+        with tempfile.TemporaryDirectory(prefix="renv-wheel-") as tmp:
+            holder = os.path.join(tmp, "wheel")
+            os.mkdir(holder)
+            shutil.copyfile(path, os.path.join(holder, name))
+            zip_path = os.path.join(tmp, "package.zip")
+            digest = package(holder, zip_path, renv_bin=self._renv_bin)
+            if not self.has_package(digest):
+                self.put_package(digest, zip_path)
+        return f"pkg://{digest}/{name}"
+
     def has_package(self, digest: str) -> bool:
         """Whether the daemon's store holds package ``digest`` (``HEAD /v1/packages/…``)."""
         return self._http.status("HEAD", f"/v1/packages/{_quote(digest)}") == 200
@@ -289,7 +307,7 @@ class RenvClient:
 
     def _with_uploaded_working_dir(self, runtime_env: Dict[str, Any]) -> Dict[str, Any]:
         """The spec with a local working_dir and local ``py_modules`` — directories,
-        ``.zip`` files, or ``file://`` URIs of either — replaced by their uploaded
+        ``.zip`` files, wheels, or ``file://`` URIs of these — replaced by their uploaded
         ``pkg://`` URIs (``excludes`` applied by the packaging, so dropped). The daemon
         never reads the client's files: what it would open with its own rights, the
         client uploads with its own."""
@@ -312,6 +330,11 @@ class RenvClient:
                 local = _local_path(os.fspath(module)) if isinstance(module, (str, os.PathLike)) else None
                 if local is None:
                     uploaded.append(module)
+                    continue
+                if local.endswith(".whl"):
+                    # Installed into the env by the daemon, from the package holding it.
+                    uploaded.append(self.upload_wheel(local))
+                    packaged = True
                     continue
                 as_module = os.path.isdir(local)
                 uploaded.append(self.upload_package(local, excludes=excludes if as_module else (), as_module=as_module))

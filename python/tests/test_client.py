@@ -178,6 +178,18 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(self.client.wait_job(job).status, JobStatus.SUCCEEDED, self.client.get_job_logs(job, stream="stderr"))
         self.assertEqual(self.client.get_job_logs(job), "module ['__init__.py']\n")
 
+    def test_a_local_wheel_in_py_modules_is_uploaded_and_installed(self):
+        wheels = os.path.join(self.tmp.name, "module-wheels")
+        [wheel] = make_wheels(wheels, [("wheelmod", "2.0", "WHERE = 'installed'\n")])
+        job = self.client.submit_job(
+            entrypoint=["python", "-c", "import wheelmod, sys; print(wheelmod.WHERE, sys.prefix != sys.base_prefix)"],
+            runtime_env={"py_modules": [wheel]},
+        )
+        self.assertEqual(self.client.wait_job(job).status, JobStatus.SUCCEEDED, self.client.get_job_logs(job, stream="stderr"))
+        self.assertEqual(self.client.get_job_logs(job), "installed True\n")
+        uri = self.client.upload_wheel(wheel)
+        self.assertRegex(uri, r"^pkg://[0-9a-f]{64}/wheelmod-2\.0-py3-none-any\.whl$")
+
     def test_tail_follows_a_job_until_it_ends_and_stop_stops_it(self):
         code = "import time\nfor i in range(3):\n    print('line', i, flush=True)\n    time.sleep(0.2)\n"
         job = self.client.submit_job(entrypoint=["python", "-c", code])
