@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -118,6 +119,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct RemoteClient {
     options: RemoteOptions,
     stores: Mutex<HashMap<(Scheme, String), Arc<dyn ObjectStore>>>,
+    /// What it moved, for the daemon's `/metrics`.
+    pub stats: TransferStats,
+}
+
+/// Counters of completed transfers.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    pub downloads: AtomicU64,
+    pub download_bytes: AtomicU64,
+    pub uploads: AtomicU64,
 }
 
 /// The runtime remote requests run on, made on first use; never dropped (dropping a
@@ -139,6 +150,7 @@ impl RemoteClient {
         RemoteClient {
             options,
             stores: Mutex::new(HashMap::new()),
+            stats: TransferStats::default(),
         }
     }
 
@@ -222,7 +234,11 @@ impl RemoteClient {
                 Ok::<_, object_store::Error>(Ok(written))
             });
             match result {
-                Ok(Ok(written)) if written == info.size => return Ok(written),
+                Ok(Ok(written)) if written == info.size => {
+                    self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                    self.stats.download_bytes.fetch_add(written, Ordering::Relaxed);
+                    return Ok(written);
+                }
                 Ok(Ok(written)) => {
                     return Err(RemoteError::Failed {
                         uri: uri.to_string(),
@@ -285,6 +301,7 @@ impl RemoteClient {
                 .await
                 .map_err(|e| failed(format!("uploading: {e}")))
         })?;
+        self.stats.uploads.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 

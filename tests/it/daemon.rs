@@ -73,6 +73,21 @@ impl Daemon {
         self.client().json("GET", path, None).unwrap()
     }
 
+    /// A value from `/metrics`.
+    pub(crate) fn metric(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        self.client()
+            .send("GET", "/metrics", None)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
     pub(crate) fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.client().json("POST", path, Some(body))
     }

@@ -203,6 +203,7 @@ fn the_daemon_fetches_allowed_s3_zips_once_per_revision() {
     let env_id = &answers[0]["env_id"];
     assert!(answers.iter().all(|a| &a["env_id"] == env_id), "{answers:?}");
     assert_eq!(s3.downloads("team/wd.zip"), 1);
+    assert_eq!(daemon.metric("renv_remote_downloads_total"), 1.0);
     let cwd = answers[0]["cwd"].as_str().unwrap();
     assert_eq!(
         std::fs::read_to_string(Path::new(cwd).join("marker.txt")).unwrap(),
@@ -218,6 +219,7 @@ fn the_daemon_fetches_allowed_s3_zips_once_per_revision() {
     let changed = daemon.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
     assert_ne!(&changed["env_id"], env_id);
     assert_eq!(s3.downloads("team/wd.zip"), 2);
+    assert_eq!(daemon.metric("renv_remote_downloads_total"), 2.0);
     let cwd = changed["cwd"].as_str().unwrap();
     assert_eq!(
         std::fs::read_to_string(Path::new(cwd).join("marker.txt")).unwrap(),
@@ -285,6 +287,7 @@ fn shared_remote_between_two_daemons(
         (&json!(true), &json!(true))
     );
     assert!(exists(&format!("pkgs/{digest}.zip")));
+    assert_eq!(node_a.metric("renv_remote_uploads_total"), 1.0);
 
     let other_store = ws.path("store-b");
     let node_b = Daemon::try_start_with(
@@ -297,6 +300,7 @@ fn shared_remote_between_two_daemons(
     let spec = json!({"working_dir": format!("pkg://{digest}")});
     let built = node_b.post("/v1/envs", &json!({"runtime_env": spec})).unwrap();
     assert_eq!(built["created"], true);
+    assert_eq!(node_b.metric("renv_remote_downloads_total"), 1.0);
     let cwd = built["cwd"].as_str().unwrap();
     assert!(cwd.starts_with(other_store.to_str().unwrap()), "{cwd}");
     assert_eq!(

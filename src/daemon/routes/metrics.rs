@@ -14,6 +14,7 @@ use crate::daemon::state::now;
 pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
     let daemon = &app.daemon;
     let m = &daemon.metrics;
+    let remote = &daemon.remotes.client.stats;
     let (refs, envs) = daemon.reference_counts();
     let live = app.workers.live();
     // Reads every package's marker: on the blocking pool, not the event loop.
@@ -53,6 +54,20 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
             f64::from(u8::from(app.workers.uses_cgroups())),
         ),
         ("renv_store_package_bytes", store_bytes as f64),
+        // Objects fetched from remote storage (remote zips, the shared package store) and
+        // packages pushed to the shared package store.
+        (
+            "renv_remote_downloads_total",
+            remote.downloads.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_remote_download_bytes_total",
+            remote.download_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_remote_uploads_total",
+            remote.uploads.load(Ordering::Relaxed) as f64,
+        ),
         ("renv_uptime_seconds", now() - daemon.started_at),
     ]);
     let mut text = String::new();
