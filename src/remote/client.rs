@@ -160,6 +160,9 @@ impl RemoteClient {
 
     /// The object's size and revision.
     pub fn head(&self, uri: &RemoteUri) -> Result<ObjectInfo, RemoteError> {
+        if uri.scheme() == Scheme::File {
+            return shared_file::head(uri);
+        }
         let (store, path) = self.store_for(uri)?;
         let meta = runtime()
             .block_on(store.head(&path))
@@ -199,6 +202,12 @@ impl RemoteClient {
         };
         if info.size > limit {
             return Err(too_large(info.size));
+        }
+        if uri.scheme() == Scheme::File {
+            let written = shared_file::download(uri, info, file, limit)?;
+            self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+            self.stats.download_bytes.fetch_add(written, Ordering::Relaxed);
+            return Ok(written);
         }
         let (store, path) = self.store_for(uri)?;
         let io_error = |e: std::io::Error| RemoteError::Failed {
@@ -383,5 +392,95 @@ impl RemoteClient {
             }
             Scheme::File => Arc::new(object_store::local::LocalFileSystem::new()),
         })
+    }
+}
+
+/// Objects on a shared filesystem (`file://`), read by renv itself rather than through
+/// `object_store`: whoever can write the shared directory (every node's pushes, perhaps
+/// tenants') must not make a root daemon follow a symlink or block on a FIFO. The object
+/// is opened once, without following a symlink and without blocking, must be a regular
+/// file, and is read through that descriptor; its revision is its device, inode, mtime
+/// and size.
+mod shared_file {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    use super::{ObjectInfo, RemoteError, RemoteUri};
+
+    fn failed(uri: &RemoteUri, message: String) -> RemoteError {
+        RemoteError::Failed {
+            uri: uri.to_string(),
+            message,
+        }
+    }
+
+    fn open(uri: &RemoteUri) -> Result<(std::fs::File, ObjectInfo), RemoteError> {
+        let path = url::Url::parse(uri.as_str())
+            .ok()
+            .and_then(|url| url.to_file_path().ok())
+            .ok_or_else(|| failed(uri, "not a file path".into()))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => RemoteError::NotFound { uri: uri.to_string() },
+                std::io::ErrorKind::PermissionDenied => RemoteError::Denied {
+                    uri: uri.to_string(),
+                    message: e.to_string(),
+                },
+                _ if e.raw_os_error() == Some(libc::ELOOP) => failed(
+                    uri,
+                    "a symlink; renv reads only regular files from a shared remote".into(),
+                ),
+                _ => failed(uri, e.to_string()),
+            })?;
+        let meta = file.metadata().map_err(|e| failed(uri, e.to_string()))?;
+        if !meta.is_file() {
+            return Err(failed(uri, "not a regular file".into()));
+        }
+        let info = ObjectInfo {
+            size: meta.len(),
+            etag: Some(format!(
+                "{:x}-{:x}-{:x}-{:x}",
+                meta.dev(),
+                meta.ino(),
+                meta.mtime_nsec() as u64 ^ ((meta.mtime() as u64) << 30),
+                meta.len()
+            )),
+            version: None,
+            last_modified: meta.mtime(),
+        };
+        Ok((file, info))
+    }
+
+    pub(super) fn head(uri: &RemoteUri) -> Result<ObjectInfo, RemoteError> {
+        open(uri).map(|(_, info)| info)
+    }
+
+    pub(super) fn download(
+        uri: &RemoteUri,
+        expected: &ObjectInfo,
+        dest: &mut std::fs::File,
+        limit: u64,
+    ) -> Result<u64, RemoteError> {
+        let (file, info) = open(uri)?;
+        if info != *expected {
+            return Err(RemoteError::Changed { uri: uri.to_string() });
+        }
+        let written = std::io::copy(&mut file.take(limit + 1), dest)
+            .and_then(|n| dest.flush().map(|()| n))
+            .map_err(|e| failed(uri, format!("copying: {e}")))?;
+        if written > limit {
+            return Err(RemoteError::TooLarge {
+                uri: uri.to_string(),
+                size: written,
+                limit,
+            });
+        }
+        if written != info.size {
+            return Err(RemoteError::Changed { uri: uri.to_string() });
+        }
+        Ok(written)
     }
 }

@@ -357,6 +357,35 @@ fn a_file_remote_carries_packages_between_nodes_and_refuses_tampering() {
     );
     assert_eq!(ws.committed_packages(), before);
 
+    // Whoever can write the shared directory cannot make the daemon follow a symlink or
+    // block on a FIFO there: only regular files are read.
+    ws.write("linked/a.txt", "linked\n");
+    let linked = package(&ws, "linked", &ws.path("linked.zip"));
+    std::os::unix::fs::symlink(ws.path("linked.zip"), shared.join(format!("pkgs/{linked}.zip"))).unwrap();
+    ws.write("piped/a.txt", "piped\n");
+    let piped = package(&ws, "piped", &ws.path("piped.zip"));
+    let fifo = shared.join(format!("pkgs/{piped}.zip"));
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (digest, why) in [(&linked, "symlink"), (&piped, "not a regular file")] {
+        let (status, _, field, message) = api_error(node.post(
+            "/v1/envs",
+            &json!({"runtime_env": {"working_dir": format!("pkg://{digest}")}}),
+        ));
+        assert_eq!(
+            (status, field.as_deref()),
+            (502, Some("working_dir")),
+            "{message}"
+        );
+        assert!(message.contains(why), "{message}");
+    }
+    assert_eq!(ws.committed_packages(), before);
+
     // Not in the remote either: a 404 that says where renv looked.
     let absent = "0".repeat(64);
     let (status, _, _, message) = api_error(node.post(
