@@ -84,6 +84,10 @@ struct RemoteArgs {
     /// endpoints come from the environment (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS).
     #[arg(long, env = env_vars::RENV_REMOTE, value_name = "URL")]
     remote: Option<String>,
+    /// Seconds a remote request may send nothing before it fails (and is retried); a whole
+    /// download may take this plus a second per 256 KiB its object holds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    remote_idle_timeout_seconds: u64,
 }
 
 impl RemoteArgs {
@@ -95,7 +99,11 @@ impl RemoteArgs {
             .map(crate::remote::SharedRemote::parse)
             .transpose()
             .map_err(|e| crate::spec::SpecError::new("--remote", e.to_string()))?;
-        Ok(crate::remote::Remotes::new(shared, Default::default()))
+        let options = crate::remote::RemoteOptions {
+            idle_timeout: std::time::Duration::from_secs(self.remote_idle_timeout_seconds),
+            ..Default::default()
+        };
+        Ok(crate::remote::Remotes::new(shared, options))
     }
 }
 

@@ -42,6 +42,9 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Bytes per second below which a download is abandoned (see [`RemoteClient::download`]).
+const MIN_THROUGHPUT: u64 = 256 << 10;
+
 /// What a `HEAD` says of an object: enough to know, next time, whether it changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -223,7 +226,7 @@ impl RemoteClient {
                 version: info.version.clone(),
                 ..GetOptions::default()
             };
-            let result = runtime().block_on(async {
+            let transfer = async {
                 let got = store.get_opts(&path, options).await?;
                 let mut stream = got.into_stream();
                 let mut written = 0u64;
@@ -241,7 +244,23 @@ impl RemoteClient {
                     })?;
                 }
                 Ok::<_, object_store::Error>(Ok(written))
-            });
+            };
+            // A server that sends a byte just often enough to beat the read timeout must
+            // still end: the whole download gets a deadline from the size its HEAD gave.
+            let deadline = self.options.idle_timeout + Duration::from_secs(info.size / MIN_THROUGHPUT);
+            let result = match runtime().block_on(async { tokio::time::timeout(deadline, transfer).await }) {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(RemoteError::Failed {
+                        uri: uri.to_string(),
+                        message: format!(
+                            "the download took more than {} s (slower than {} KiB/s)",
+                            deadline.as_secs(),
+                            MIN_THROUGHPUT >> 10
+                        ),
+                    });
+                }
+            };
             match result {
                 Ok(Ok(written)) if written == info.size => {
                     self.stats.downloads.fetch_add(1, Ordering::Relaxed);

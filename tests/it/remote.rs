@@ -136,6 +136,25 @@ fn a_download_that_breaks_off_is_retried_and_one_that_keeps_breaking_keeps_nothi
 }
 
 #[test]
+fn a_server_that_drips_bytes_cannot_hold_a_download_forever() {
+    let ws = Workspace::new();
+    let server = HttpServer::start(&ws.path("served"));
+    crate::common::write_many(&ws.path("tree"), 4, 200_000);
+    package(&ws, "tree", &server.root.join("drip.zip"));
+    server.behave("drip");
+    let spec = ws.spec(
+        "drip.json",
+        &json!({"working_dir": format!("{}/drip.zip", server.url)}),
+    );
+    // A byte every 300 ms never trips a 1 s read timeout; the download's deadline (1 s +
+    // 1 s per 256 KiB: 4 s here) ends it.
+    let (code, err) = ws.build_fails(&spec, &["--remote-idle-timeout-seconds", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the download took more than 4 s"), "{err}");
+    assert!(ws.committed_packages().is_empty());
+}
+
+#[test]
 fn a_killed_download_leaves_nothing_and_the_next_one_completes() {
     let ws = Workspace::new();
     let server = HttpServer::start(&ws.path("served"));

@@ -9,6 +9,7 @@
           slow           64 KiB every 50 ms (a download to kill half-way)
           break-once     the first GET of each path sends half the body and closes
           break-always   every GET sends half the body and closes
+          drip           one byte every 300 ms (a server just beating a read timeout)
 
     servers.py s3 ENDPOINT create-bucket BUCKET
     servers.py s3 ENDPOINT put BUCKET KEY FILE
@@ -65,6 +66,15 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+            return
+        if behaviour == "drip":
+            for i in range(len(body)):
+                try:
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.3)
             return
         if behaviour == "slow":
             for i in range(0, len(body), 64 << 10):
