@@ -382,6 +382,7 @@ impl RemoteClient {
             Scheme::S3 => {
                 let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(uri.authority())
+                    .with_http_connector(NoRedirects)
                     .with_retry(retry);
                 for (key, value) in client {
                     builder = builder.with_config(object_store::aws::AmazonS3ConfigKey::Client(key), value);
@@ -391,6 +392,7 @@ impl RemoteClient {
             Scheme::Gcs => {
                 let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(uri.authority())
+                    .with_http_connector(NoRedirects)
                     .with_retry(retry);
                 for (key, value) in client {
                     builder = builder.with_config(object_store::gcp::GoogleConfigKey::Client(key), value);
@@ -400,6 +402,7 @@ impl RemoteClient {
             Scheme::Https | Scheme::Http => {
                 let mut builder = object_store::http::HttpBuilder::new()
                     .with_url(format!("{}://{}", uri.scheme().as_str(), uri.authority()))
+                    .with_http_connector(NoRedirects)
                     .with_retry(retry)
                     // Whether plain http may be named at all is the operator's
                     // --allow-remote decision, made before this.
@@ -412,6 +415,47 @@ impl RemoteClient {
             Scheme::File => Arc::new(object_store::local::LocalFileSystem::new()),
         })
     }
+}
+
+/// An HTTP client that never follows a redirect: an allowed server answering 302 must
+/// not make the daemon fetch from a host `--allow-remote` does not name (the instance
+/// metadata service, a port on 127.0.0.1). A redirect is an error. Otherwise built as
+/// `object_store` builds its own (its timeouts, plain http only when allowed, no
+/// transparent decompression: sizes must be the objects').
+#[derive(Debug)]
+struct NoRedirects;
+
+impl object_store::client::HttpConnector for NoRedirects {
+    fn connect(
+        &self,
+        options: &object_store::ClientOptions,
+    ) -> object_store::Result<object_store::client::HttpClient> {
+        let duration =
+            |key: ClientConfigKey| options.get_config_value(&key).and_then(|v| humantime_seconds(&v));
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("renv/", env!("CARGO_PKG_VERSION")))
+            .https_only(options.get_config_value(&ClientConfigKey::AllowHttp).as_deref() != Some("true"));
+        if let Some(timeout) = duration(ClientConfigKey::ConnectTimeout) {
+            builder = builder.connect_timeout(timeout);
+        }
+        if let Some(timeout) = duration(ClientConfigKey::ReadTimeout) {
+            builder = builder.read_timeout(timeout);
+        }
+        if let Some(timeout) = duration(ClientConfigKey::Timeout) {
+            builder = builder.timeout(timeout);
+        }
+        let client = builder.build().map_err(|e| object_store::Error::Generic {
+            store: "renv",
+            source: Box::new(e),
+        })?;
+        Ok(object_store::client::HttpClient::new(client))
+    }
+}
+
+/// `"30s"` (as renv writes the client options above) as a duration.
+fn humantime_seconds(value: &str) -> Option<Duration> {
+    value.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
 }
 
 /// Objects on a shared filesystem (`file://`), read by renv itself rather than through

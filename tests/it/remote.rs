@@ -136,6 +136,28 @@ fn a_download_that_breaks_off_is_retried_and_one_that_keeps_breaking_keeps_nothi
 }
 
 #[test]
+fn a_redirect_is_never_followed() {
+    let ws = Workspace::new();
+    let allowed = HttpServer::start(&ws.path("allowed"));
+    let elsewhere = HttpServer::start(&ws.path("elsewhere"));
+    ws.write("tree/a.txt", "a\n");
+    package(&ws, "tree", &elsewhere.root.join("wd.zip"));
+    allowed.behave(&format!("redirect {}", elsewhere.url));
+    let spec = ws.spec(
+        "wd.json",
+        &json!({"working_dir": format!("{}/wd.zip", allowed.url)}),
+    );
+    let (code, err) = ws.build_fails(&spec, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("302"), "{err}");
+    assert_eq!(
+        elsewhere.requests("HEAD", "/wd.zip") + elsewhere.requests("GET", "/wd.zip"),
+        0
+    );
+    assert!(ws.committed_packages().is_empty());
+}
+
+#[test]
 fn a_server_that_drips_bytes_cannot_hold_a_download_forever() {
     let ws = Workspace::new();
     let server = HttpServer::start(&ws.path("served"));

@@ -10,6 +10,7 @@
           break-once     the first GET of each path sends half the body and closes
           break-always   every GET sends half the body and closes
           drip           one byte every 300 ms (a server just beating a read timeout)
+          redirect URL   HEAD and GET answer 302 to URL + the request's path
 
     servers.py s3 ENDPOINT create-bucket BUCKET
     servers.py s3 ENDPOINT put BUCKET KEY FILE
@@ -37,20 +38,36 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         with _lock, open(self.server.log_file, "a") as log:
             log.write(f"{self.command} {self.path}\n")
 
+    def _behaviour(self):
+        try:
+            with open(os.path.join(self.server.root, ".behaviour")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return "normal"
+
+    def _redirected(self):
+        behaviour = self._behaviour()
+        if not behaviour.startswith("redirect "):
+            return False
+        self.send_response(302)
+        self.send_header("Location", behaviour.split(" ", 1)[1] + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_HEAD(self):
         self._log()
-        super().do_HEAD()
+        if not self._redirected():
+            super().do_HEAD()
 
     def do_GET(self):
         self._log()
+        if self._redirected():
+            return
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             return super().do_GET()
-        try:
-            with open(os.path.join(self.server.root, ".behaviour")) as f:
-                behaviour = f.read().strip()
-        except FileNotFoundError:
-            behaviour = "normal"
+        behaviour = self._behaviour()
         with open(path, "rb") as f:
             body = f.read()
         stat = os.stat(path)
