@@ -289,8 +289,6 @@ def main():
     make_wheels(wheels, [("raypkg", "1.0", "VERSION = '1.0'\n")])
     check_fetch_once(work)
     check_remote(work)
-    # Started now, used last: it comes up while Ray does.
-    moto = Moto(work)
 
     # The driver's files: a working_dir (the tasks' cwd) and a module directory.
     project = os.path.join(work, "project")
@@ -326,6 +324,8 @@ def main():
     common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--node-ip-address", "127.0.0.1",
               "--disable-usage-stats"]
     started = []
+    # Started now, used last: it comes up while Ray does.
+    moto = Moto(work)
     try:
         start_daemons("gcs")
         for node in NODES:
