@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -163,12 +164,13 @@ class Moto:
         return sum(1 for line in self.log().splitlines() if want in line)
 
     def stop(self):
+        # Its own process group (a python3 shim may not exec the interpreter).
         if self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
