@@ -8,7 +8,8 @@ URI of either) is packaged by the ``renv`` binary and replaced by its ``pkg://<d
 the zip goes to Ray's GCS (internal KV, under ``renv_pkg_<digest>.zip``, as Ray keeps its
 own ``gcs://_ray_pkg_<hash>.zip`` packages), where the plugin on every node finds it. With
 ``RENV_REMOTE`` set, the package is pushed to renv's shared remote instead
-(``renv package --push``) and GCS is not used. With ``RENV_RAY_TAKEOVER=1``, Ray's own
+(``renv package --push``) and GCS is not used; the nodes' daemons then need ``--remote``
+on the same URL. With ``RENV_RAY_TAKEOVER=1``, Ray's own
 ``pip``/``uv``/``working_dir``/``py_modules``/``env_vars``/``excludes`` are moved under
 ``renv`` first.
 """

@@ -23,7 +23,9 @@ zips in Ray's GCS (or, with ``RENV_REMOTE``, pushes them to renv's remote);
 ``RENV_RAY_TAKEOVER=1`` also moves Ray's own ``pip``/``uv``/``working_dir``/
 ``py_modules``/``env_vars``/``excludes`` under ``renv`` (see ``renv._ray_packages``).
 Before asking for the env, the plugin gives the node's daemon any ``pkg://`` package it
-lacks, read from GCS (once per digest at a time); a local path that reaches a node means
+lacks, read from GCS (once per digest at a time); one GCS lacks too (pushed with
+``RENV_REMOTE``) is left to the daemon, which fetches it from its ``--remote`` (the same
+URL, credentials in the daemon's environment). A local path that reaches a node means
 the driver ran without the hook, and ``validate`` says so.
 
 References: the plugin takes one daemon reference per URI Ray holds, and releases it when

@@ -18,15 +18,16 @@ def renv_bin():
 
 
 class Daemon:
-    """Starts `renv daemon --store <tmp> <flags>` and waits for its socket."""
+    """Starts `renv daemon --store <tmp> <flags>` and waits for its socket (in the store
+    unless `socket` names another path)."""
 
-    def __init__(self, *flags, store=None, env=None):
+    def __init__(self, *flags, store=None, env=None, socket=None):
         self._tmp = None
         if store is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="renv-sdk-test-")
             store = self._tmp.name
         self.store = store
-        self.socket = os.path.join(store, "renv.sock")
+        self.socket = socket or os.path.join(store, "renv.sock")
         self.log_path = os.path.join(store, "daemon.log")
         os.makedirs(store, exist_ok=True)
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("RENV_") or k == "RENV_UV"}
