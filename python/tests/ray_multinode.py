@@ -453,6 +453,9 @@ def main():
         for node in NODES:
             assert all(clients[node].has_package(d) for d in s3_digests), node
             assert clients[node].metrics()["renv_builds_total"] == 1, node
+            # Each node downloaded each package once, by its own count.
+            downloads = clients[node].metrics()["renv_remote_downloads_total"]
+            assert downloads == len(s3_digests), (node, downloads)
 
         # 6. Again: the push finds the packages there, the nodes have them and the env.
         s3_second = job({"renv": s3_spec}, s3_env, **expect)
@@ -462,6 +465,7 @@ def main():
         for node in NODES:
             assert s3_second[node]["python"] == s3_first[node]["python"], (node, s3_first, s3_second)
             assert clients[node].metrics()["renv_builds_total"] == 1, f"{node} rebuilt the env"
+            assert clients[node].metrics()["renv_remote_downloads_total"] == len(s3_digests), node
     finally:
         for env in reversed(started):
             run([ray, "stop", "--force"], env, check=False)
