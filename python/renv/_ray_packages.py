@@ -68,7 +68,8 @@ def package_digests(spec: Any) -> Iterator[Tuple[str, str]]:
         entries += [(f"py_modules[{i}]", m) for i, m in enumerate(modules)]
     for field, value in entries:
         if isinstance(value, str) and value.startswith(PKG_SCHEME):
-            digest = value[len(PKG_SCHEME):]
+            # `pkg://<digest>`, or `pkg://<digest>/<file>.whl` (a wheel in that package).
+            digest = value[len(PKG_SCHEME):].split("/", 1)[0]
             if _DIGEST.match(digest):
                 yield field, digest
 
@@ -228,9 +229,18 @@ def prepare_spec(spec: Dict[str, Any], staged: Optional[_Staged], remote: bool) 
     if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
         raise TypeError("runtime_env.renv.excludes: expected a list of strings")
 
-    def packaged(path: str, field: str, as_module: bool) -> str:
+    def packaged(path: str, field: str, as_module: bool, apply_excludes: bool = True) -> str:
+        if path.endswith(".whl") and os.path.isfile(path):
+            # A wheel travels as a package holding just that file; the daemon installs it.
+            name = os.path.basename(path)
+            holder = tempfile.mkdtemp(prefix="renv-wheel-")
+            try:
+                shutil.copyfile(path, os.path.join(holder, name))
+                return f"{packaged(holder, field, as_module=False, apply_excludes=False)}/{name}"
+            finally:
+                shutil.rmtree(holder, ignore_errors=True)
         # Excludes apply to directories only (a zip is packaged exactly as it is).
-        pats = excludes if os.path.isdir(path) else ()
+        pats = excludes if apply_excludes and os.path.isdir(path) else ()
         if remote:
             # The remote is shared by the nodes; `renv package --push` prints the digest
             # it stored the package under.

@@ -46,7 +46,13 @@ def probe():
     import raypkg, netmod
     with open("data.txt") as f:
         data = f.read().strip()
+    try:
+        import wheelmod  # a py_modules wheel, where the spec has one
+        wheel = wheelmod.WORD
+    except ImportError:
+        wheel = None
     return {
+        "wheel": wheel,
         "node": ray.get_runtime_context().get_node_id(),
         "python": sys.executable,
         "version": raypkg.VERSION,
@@ -297,6 +303,7 @@ def main():
     write(os.path.join(project, "data.txt"), "from the driver's working_dir\n")
     module_dir = os.path.join(work, "lib", "netmod")
     write(os.path.join(module_dir, "__init__.py"), "WORD = 'netmod'\n")
+    [module_wheel] = make_wheels(os.path.join(work, "module-wheels"), [("wheelmod", "1.0", "WORD = 'from a wheel'\n")])
     wd_digest = package(project, os.path.join(work, "wd.zip"))
     mod_digest = package(module_dir, os.path.join(work, "mod.zip"), as_module=True)
 
@@ -362,8 +369,9 @@ def main():
 
         # 1. Local working_dir and py_modules under renv: packaged by the driver's hook, to GCS,
         #    into each node's daemon once.
-        spec = {"working_dir": project, "py_modules": [module_dir], "pip": ["raypkg==1.0"]}
+        spec = {"working_dir": project, "py_modules": [module_dir, module_wheel], "pip": ["raypkg==1.0"]}
         first = job({"renv": spec})
+        assert all(first[node]["wheel"] == "from a wheel" for node in NODES), first
         assert {f"renv_pkg_{d}.zip" for d in (wd_digest, mod_digest)} <= set(first["gcs"]), first["gcs"]
         for node in NODES:
             client = clients[node]
@@ -382,7 +390,7 @@ def main():
         # 3. Plain Ray driver code with RENV_RAY_TAKEOVER=1: Ray's own fields become renv's
         #    (the same renv spec as above, plus env_vars: the same packages and env).
         takeover_env = dict(driver_env, RENV_RAY_TAKEOVER="1")
-        third = job({"working_dir": project, "py_modules": [module_dir], "pip": ["raypkg==1.0"],
+        third = job({"working_dir": project, "py_modules": [module_dir, module_wheel], "pip": ["raypkg==1.0"],
                      "env_vars": {"E2E_VAR": "taken-over"}}, takeover_env)
         for node in NODES:
             assert third[node]["var"] == "taken-over", third

@@ -302,6 +302,11 @@ impl RemoteClient {
         if self.exists(uri)? {
             return Ok(false);
         }
+        if uri.scheme() == Scheme::File {
+            shared_file::put(uri, path)?;
+            self.stats.uploads.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
         let (store, object) = self.store_for(uri)?;
         let failed = |message: String| RemoteError::Failed {
             uri: uri.to_string(),
@@ -338,7 +343,6 @@ impl RemoteClient {
             uri: uri.to_string(),
             message,
         };
-        // For file://, the local store has no prefix: its paths are absolute.
         let path =
             ObjectPath::from_url_path(uri.key()).map_err(|e| failed(format!("not an object path: {e}")))?;
         let key = (uri.scheme(), uri.authority().to_string());
@@ -412,7 +416,12 @@ impl RemoteClient {
                 }
                 Arc::new(builder.build()?)
             }
-            Scheme::File => Arc::new(object_store::local::LocalFileSystem::new()),
+            // Read and written by renv itself (see `shared_file`), never through here.
+            Scheme::File => {
+                return Err(object_store::Error::NotSupported {
+                    source: "file:// objects are read by renv itself".into(),
+                });
+            }
         })
     }
 }
@@ -458,15 +467,21 @@ fn humantime_seconds(value: &str) -> Option<Duration> {
     value.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
 }
 
-/// Objects on a shared filesystem (`file://`), read by renv itself rather than through
-/// `object_store`: whoever can write the shared directory (every node's pushes, perhaps
-/// tenants') must not make a root daemon follow a symlink or block on a FIFO. The object
-/// is opened once, without following a symlink and without blocking, must be a regular
-/// file, and is read through that descriptor; its revision is its device, inode, mtime
-/// and size.
+/// Objects on a shared filesystem (`file://`), read and written by renv itself rather
+/// than through `object_store`: whoever can write the shared directory (every user who
+/// pushes there) must not make a root daemon follow a symlink, block on a FIFO, or write
+/// elsewhere. An object is `<base>/pkgs/<name>`: `<base>` is the operator's and opened as
+/// named; below it everything is resolved with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`, opened without blocking, and must be a regular file, read
+/// through that one descriptor. Its revision is its device, inode, mtime and size. A
+/// push writes a new file beside the object (`O_EXCL`) and renames it into place.
 mod shared_file {
     use std::io::{Read, Write};
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::io::Errno;
 
     use super::{ObjectInfo, RemoteError, RemoteUri};
 
@@ -477,43 +492,74 @@ mod shared_file {
         }
     }
 
-    fn open(uri: &RemoteUri) -> Result<(std::fs::File, ObjectInfo), RemoteError> {
+    fn errno(uri: &RemoteUri, e: Errno) -> RemoteError {
+        match e {
+            Errno::NOENT => RemoteError::NotFound { uri: uri.to_string() },
+            Errno::ACCESS | Errno::PERM => RemoteError::Denied {
+                uri: uri.to_string(),
+                message: e.to_string(),
+            },
+            Errno::LOOP | Errno::XDEV => failed(
+                uri,
+                "reached through a symlink; renv reads and writes only real files and directories below a shared remote"
+                    .into(),
+            ),
+            e => failed(uri, e.to_string()),
+        }
+    }
+
+    /// `<base>` (as named) and the object's place below it (`pkgs/<name>`).
+    fn split(uri: &RemoteUri) -> Result<(PathBuf, PathBuf), RemoteError> {
         let path = url::Url::parse(uri.as_str())
             .ok()
             .and_then(|url| url.to_file_path().ok())
             .ok_or_else(|| failed(uri, "not a file path".into()))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => RemoteError::NotFound { uri: uri.to_string() },
-                std::io::ErrorKind::PermissionDenied => RemoteError::Denied {
-                    uri: uri.to_string(),
-                    message: e.to_string(),
-                },
-                _ if e.raw_os_error() == Some(libc::ELOOP) => failed(
-                    uri,
-                    "a symlink; renv reads only regular files from a shared remote".into(),
-                ),
-                _ => failed(uri, e.to_string()),
-            })?;
-        let meta = file.metadata().map_err(|e| failed(uri, e.to_string()))?;
-        if !meta.is_file() {
-            return Err(failed(uri, "not a regular file".into()));
-        }
-        let info = ObjectInfo {
+        let mut parts: Vec<_> = path.components().collect();
+        let below = parts.split_off(parts.len().saturating_sub(2));
+        Ok((parts.iter().collect(), below.iter().collect()))
+    }
+
+    const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+        .union(ResolveFlags::NO_SYMLINKS)
+        .union(ResolveFlags::NO_MAGICLINKS);
+
+    fn open_base(uri: &RemoteUri, base: &Path) -> Result<rustix::fd::OwnedFd, RemoteError> {
+        rustix::fs::open(
+            base,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| errno(uri, e))
+    }
+
+    fn info_of(meta: &std::fs::Metadata) -> ObjectInfo {
+        ObjectInfo {
             size: meta.len(),
             etag: Some(format!(
-                "{:x}-{:x}-{:x}-{:x}",
+                "{:x}-{:x}-{:x}.{:x}-{:x}",
                 meta.dev(),
                 meta.ino(),
-                meta.mtime_nsec() as u64 ^ ((meta.mtime() as u64) << 30),
+                meta.mtime(),
+                meta.mtime_nsec(),
                 meta.len()
             )),
             version: None,
             last_modified: meta.mtime(),
-        };
+        }
+    }
+
+    fn open(uri: &RemoteUri) -> Result<(std::fs::File, ObjectInfo), RemoteError> {
+        let (base, below) = split(uri)?;
+        let base = open_base(uri, &base)?;
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd =
+            rustix::fs::openat2(&base, &below, flags, Mode::empty(), BENEATH).map_err(|e| errno(uri, e))?;
+        let file = std::fs::File::from(fd);
+        let meta = file.metadata().map_err(|e| failed(uri, e.to_string()))?;
+        if !meta.is_file() {
+            return Err(failed(uri, "not a regular file".into()));
+        }
+        let info = info_of(&meta);
         Ok((file, info))
     }
 
@@ -545,5 +591,50 @@ mod shared_file {
             return Err(RemoteError::Changed { uri: uri.to_string() });
         }
         Ok(written)
+    }
+
+    /// Writes the file at `source` as the object: a new file in the object's directory
+    /// (made if missing, never through a symlink), synced, then renamed into place.
+    pub(super) fn put(uri: &RemoteUri, source: &Path) -> Result<(), RemoteError> {
+        let (base, below) = split(uri)?;
+        let base = open_base(uri, &base)?;
+        let (Some(dir), Some(name)) = (below.parent(), below.file_name()) else {
+            return Err(failed(uri, "no object name".into()));
+        };
+        let dir_flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let dir = match rustix::fs::openat2(&base, dir, dir_flags, Mode::empty(), BENEATH) {
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(&base, dir, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(errno(uri, e)),
+                }
+                rustix::fs::openat2(&base, dir, dir_flags, Mode::empty(), BENEATH)
+            }
+            other => other,
+        }
+        .map_err(|e| errno(uri, e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = format!(".renv-push-{}-{nanos}", std::process::id());
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| errno(uri, e))?;
+        let written = (|| -> std::io::Result<()> {
+            let mut out = std::fs::File::from(fd);
+            std::io::copy(&mut std::fs::File::open(source)?, &mut out)?;
+            out.sync_all()
+        })();
+        let renamed = written
+            .map_err(|e| failed(uri, format!("writing: {e}")))
+            .and_then(|()| rustix::fs::renameat(&dir, tmp.as_str(), &dir, name).map_err(|e| errno(uri, e)));
+        if renamed.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+        renamed
     }
 }

@@ -1054,7 +1054,13 @@ fn the_socket_appears_only_once_it_accepts_connections() {
 
 /// An HTTP request to the daemon as another user (`setpriv` to `uid`, no groups): the
 /// answer's status and JSON body.
-fn as_user(socket: &Path, uid: u32, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+pub(crate) fn as_user(
+    socket: &Path,
+    uid: u32,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
     let mut cmd = Command::new("setpriv");
     cmd.args([
         &format!("--reuid={uid}"),
@@ -1641,7 +1647,7 @@ fn a_stopped_worker_leaves_nothing_behind() {
 }
 
 /// A worker of `uid` running `python -c code` in `runtime_env`; its stdout once it ended.
-fn python_as(daemon: &Daemon, uid: u32, runtime_env: &Value, code: &str) -> String {
+pub(crate) fn python_as(daemon: &Daemon, uid: u32, runtime_env: &Value, code: &str) -> String {
     let body = json!({"runtime_env": runtime_env, "argv": ["python", "-c", code]});
     let (status, w) = as_user(&daemon.socket, uid, "POST", "/v1/workers", Some(&body));
     assert_eq!(status, 200, "{w}");

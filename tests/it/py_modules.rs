@@ -223,3 +223,53 @@ fn a_job_gets_its_local_modules_through_the_daemon() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+/// A tenant's wheel uploaded as `pkg://<digest>/<file>.whl` is installed by a real build
+/// user (who can read the stored file) into that caller's env.
+#[test]
+fn a_stored_wheel_installs_under_a_build_user() {
+    use std::os::unix::fs::PermissionsExt;
+    const BUILDER: u32 = 1093;
+    let ws = crate::daemon::setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    wheelhouse(&ws.path("w/delta"), &[("delta", "1.0", "V = 'wheel ok'\n")]);
+    ws.package_zip("w/delta", "delta.zip");
+    let out = ws.renv().args(["package", "w/delta", "--json"]).output().unwrap();
+    assert_success(&out);
+    let digest = serde_json::from_slice::<Value>(&out.stdout).unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let python = crate::common::shared_python().to_str().unwrap();
+    let daemon = crate::daemon::Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--python",
+            python,
+            "--build-user",
+            &BUILDER.to_string(),
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let zip = std::fs::read(ws.path("delta.zip")).unwrap();
+    let mut body = std::io::Cursor::new(zip.clone());
+    daemon
+        .client()
+        .send(
+            "PUT",
+            &format!("/v1/packages/{digest}"),
+            Some(("application/zip", zip.len() as u64, &mut body)),
+        )
+        .unwrap();
+    let env = json!({"py_modules": [format!("pkg://{digest}/{DELTA}")]});
+    let out = crate::daemon::python_as(&daemon, 1000, &env, "import delta; print(delta.V)");
+    assert_eq!(out.trim(), "wheel ok");
+}

@@ -485,3 +485,53 @@ fn an_s3_remote_carries_packages_and_package_push_sends_each_once() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--remote"));
 }
+
+/// Users who push to a `file://` remote can write it; the root daemon pushing an upload
+/// there must not write through a symlink they planted (here `pkgs` pointing at a
+/// root-only directory), nor read through one.
+#[test]
+fn a_push_to_a_file_remote_never_writes_through_a_planted_symlink() {
+    let ws = setup();
+    let shared = ws.path("shared");
+    let elsewhere = ws.path("root-only");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, shared.join("pkgs")).unwrap();
+    ws.write("proj/main.py", "print('mine')\n");
+    let digest = package(&ws, "proj", &ws.path("proj.zip"));
+    let remote = format!("file://{}", shared.display());
+    let daemon = Daemon::try_start_with(&ws, "run/renv.sock", &["--remote", &remote], &[]).unwrap();
+    let zip = std::fs::read(ws.path("proj.zip")).unwrap();
+    let mut body = std::io::Cursor::new(zip.clone());
+    let answer = daemon
+        .client()
+        .send(
+            "PUT",
+            &format!("/v1/packages/{digest}"),
+            Some(("application/zip", zip.len() as u64, &mut body)),
+        )
+        .unwrap()
+        .into_json();
+    let (status, kind, _, message) = api_error(answer);
+    assert_eq!((status, kind.as_str()), (502, "remote_unavailable"), "{message}");
+    assert!(message.contains("symlink"), "{message}");
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "written through the symlink"
+    );
+    // Once the remote is sound again, the next upload pushes.
+    std::fs::remove_file(shared.join("pkgs")).unwrap();
+    let mut body = std::io::Cursor::new(zip.clone());
+    let answer = daemon
+        .client()
+        .send(
+            "PUT",
+            &format!("/v1/packages/{digest}"),
+            Some(("application/zip", zip.len() as u64, &mut body)),
+        )
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(answer["pushed"], true);
+    assert!(shared.join(format!("pkgs/{digest}.zip")).is_file());
+}
