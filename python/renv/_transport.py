@@ -59,7 +59,14 @@ class Transport:
         if length is not None:
             headers["Content-Length"] = str(length)
         try:
-            conn.request(method, url, body=body, headers=headers)
+            try:
+                conn.request(method, url, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may answer before it has read the whole body (an upload of a
+                # package it has already, one over its limit) and close its side: its
+                # answer, already sent, is what counts.
+                if body is None:
+                    raise
             response = conn.getresponse()
         except RenvConnectionError:
             conn.close()

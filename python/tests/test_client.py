@@ -125,7 +125,9 @@ class ClientTest(unittest.TestCase):
 
     def test_has_and_put_package_move_a_zip_between_daemons(self):
         # What the Ray plugin does with a zip it read from Ray's GCS.
-        root = self.project({"data.txt": "moved\n"})
+        # Large enough that a second upload is still sending when the daemon, which has the
+        # package already, answers without reading it and closes: the answer still counts.
+        root = self.project({"data.txt": "moved\n", "blob.txt": os.urandom(4 << 20).hex()})
         zip_path = os.path.join(self.tmp.name, "moved.zip")
         digest = package(root, zip_path)
         self.assertFalse(self.client.has_package(digest))

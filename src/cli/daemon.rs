@@ -43,6 +43,10 @@ pub struct DaemonArgs {
     /// exempt (they are held to --max-connections only).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_uid: Option<u32>,
+    /// Builds one uid may have in flight at once (root and the daemon's user: exempt);
+    /// more are answered 429. Requests for a spec already building join that build.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    max_builds_per_uid: u32,
     /// Largest JSON request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_json_bytes: usize,
@@ -128,6 +132,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         gc_min_age: args.gc_min_age,
         max_ended_workers: args.max_ended_workers,
         max_idle_envs: args.max_idle_envs,
+        max_builds_per_uid: args.max_builds_per_uid as usize,
         allow_remote: crate::remote::AllowList::new(&args.allow_remote)
             .map_err(|e| crate::spec::SpecError::new("--allow-remote", e.to_string()))?,
     };

@@ -202,6 +202,9 @@ impl From<StateError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_archive", None, message)
             }
             StateError::Internal(message) => ApiError::internal(message),
+            StateError::TooMany(message) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many", None, message)
+            }
             StateError::Upstream(message) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "remote_unavailable", None, message)
             }

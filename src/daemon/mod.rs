@@ -85,6 +85,8 @@ pub struct DaemonConfig {
     pub max_idle_envs: usize,
     /// Remote URI prefixes requests may name (`--allow-remote`).
     pub allow_remote: crate::remote::AllowList,
+    /// Builds one uid (not root or the daemon's user) may have in flight at once.
+    pub max_builds_per_uid: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,7 @@ pub async fn serve(
         Arc::new(remotes),
         config.allow_remote.clone(),
         config.max_idle_envs,
+        config.max_builds_per_uid,
     ));
     let workers = Arc::new(Workers::new(
         Arc::clone(&daemon),

@@ -55,6 +55,9 @@ pub enum StateError {
     BadArchive(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller has too much in flight already.
+    #[error("{0}")]
+    TooMany(String),
     /// Remote storage the daemon depends on failed (the shared package store).
     #[error("{0}")]
     Upstream(String),
@@ -133,18 +136,29 @@ pub struct Daemon {
     pub remotes: Arc<Remotes>,
     /// Remote URIs requests may name (`--allow-remote`).
     allow_remote: AllowList,
+    /// Builds one non-admin uid may have in flight at once.
+    max_builds_per_uid: usize,
     pub metrics: Metrics,
     /// Unix time the daemon started (for `renv_uptime_seconds`).
     pub started_at: f64,
     /// Wakes the garbage collector (after builds that created entries).
     pub gc_wakeup: tokio::sync::Notify,
     envs: Mutex<HashMap<EnvId, EnvRecord>>,
-    builds: Mutex<HashMap<String, watch::Receiver<Option<BuildResult>>>>,
+    builds: Mutex<Builds>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
     /// Envs with no reference and no worker kept in memory (for the fast path); beyond
     /// this, the least recently used are forgotten (the store keeps their entries).
     max_idle_envs: usize,
+}
+
+/// Builds in flight: by canonical key (requests for one spec share one), and how many each
+/// non-admin uid started (`--max-builds-per-uid`: each holds a blocking thread, perhaps
+/// a download from a slow server, so one caller must not hold them all).
+#[derive(Default)]
+struct Builds {
+    running: HashMap<String, watch::Receiver<Option<BuildResult>>>,
+    by_uid: HashMap<u32, usize>,
 }
 
 /// Entries of the fast path's request-text map beyond which it starts over (a cache:
@@ -164,8 +178,10 @@ impl Daemon {
         remotes: Arc<Remotes>,
         allow_remote: AllowList,
         max_idle_envs: usize,
+        max_builds_per_uid: usize,
     ) -> Daemon {
         Daemon {
+            max_builds_per_uid,
             remotes,
             allow_remote,
             max_idle_envs,
@@ -175,7 +191,7 @@ impl Daemon {
             policy,
             envs: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
-            builds: Mutex::new(HashMap::new()),
+            builds: Mutex::new(Builds::default()),
             resolved: Mutex::new(HashMap::new()),
         }
     }
@@ -294,17 +310,39 @@ impl Daemon {
         }
         let mut rx = {
             let mut builds = self.builds.lock().unwrap();
-            match builds.get(&key) {
+            match builds.running.get(&key) {
                 Some(rx) => rx.clone(),
                 None => {
+                    // Joining a build in flight costs nothing; starting one counts.
+                    let counted = !caller.admin;
+                    if counted {
+                        let mine = builds.by_uid.entry(caller.uid).or_default();
+                        if *mine >= self.max_builds_per_uid {
+                            return Err(StateError::TooMany(format!(
+                                "uid {} already has {} builds in flight (the daemon's --max-builds-per-uid); \
+                                 retry when one ends",
+                                caller.uid, *mine
+                            )));
+                        }
+                        *mine += 1;
+                    }
                     let (tx, rx) = watch::channel(None);
-                    builds.insert(key.clone(), rx.clone());
+                    builds.running.insert(key.clone(), rx.clone());
                     let daemon = Arc::clone(self);
                     let keys = [key.clone(), raw_key];
                     let uid = caller.uid;
                     tokio::spawn(async move {
                         let result = daemon.build(spec, keys, uid).await;
-                        daemon.builds.lock().unwrap().remove(&key);
+                        {
+                            let mut builds = daemon.builds.lock().unwrap();
+                            builds.running.remove(&key);
+                            if counted && let Some(mine) = builds.by_uid.get_mut(&uid) {
+                                *mine -= 1;
+                                if *mine == 0 {
+                                    builds.by_uid.remove(&uid);
+                                }
+                            }
+                        }
                         let _ = tx.send(Some(result));
                     });
                     rx

@@ -167,8 +167,15 @@ impl RemoteClient {
             return shared_file::head(uri);
         }
         let (store, path) = self.store_for(uri)?;
+        // Bounded as a whole, retries included: a server trickling its headers must not
+        // hold the request (and a blocking thread) forever.
+        let deadline = self.options.idle_timeout * (self.options.retries as u32 + 2);
         let meta = runtime()
-            .block_on(store.head(&path))
+            .block_on(async { tokio::time::timeout(deadline, store.head(&path)).await })
+            .map_err(|_| RemoteError::Failed {
+                uri: uri.to_string(),
+                message: format!("no answer to HEAD within {} s", deadline.as_secs()),
+            })?
             .map_err(|e| RemoteError::of(uri, e))?;
         Ok(ObjectInfo {
             size: meta.size,
@@ -228,6 +235,15 @@ impl RemoteClient {
             };
             let transfer = async {
                 let got = store.get_opts(&path, options).await?;
+                // Without an ETag to send as If-Match, the object must still be the one
+                // its HEAD described (a server's own time and size), or its alias would
+                // name the wrong revision.
+                let meta = &got.meta;
+                if meta.size != info.size
+                    || (info.etag.is_none() && meta.last_modified.timestamp() != info.last_modified)
+                {
+                    return Ok(Err(RemoteError::Changed { uri: uri.to_string() }));
+                }
                 let mut stream = got.into_stream();
                 let mut written = 0u64;
                 while let Some(chunk) = stream.next().await {

@@ -103,17 +103,22 @@ impl RemoteUri {
             return Err(bad("expected an object path after the bucket or host"));
         }
         let lower = key.to_ascii_lowercase();
-        for encoded in ["%2e", "%2f", "%5c"] {
+        // Encoded `.`, `/`, `\`, `%` (decoded twice by some servers) and `;` (path
+        // parameters: `..;/` is `..` to some servers) could all take a request out of an
+        // allowed prefix on the server's side.
+        for encoded in ["%2e", "%2f", "%5c", "%25", "%00", ";"] {
             if lower.contains(encoded) {
                 return Err(bad(&format!("{encoded} is not accepted in an object path")));
             }
         }
         if key
             .split('/')
-            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+            .any(|segment| segment.is_empty() || segment == "." || segment.starts_with(".."))
         {
-            return Err(bad("empty, `.` and `..` path segments are not accepted"));
+            return Err(bad("empty, `.` and `..`-led path segments are not accepted"));
         }
+        object_store::path::Path::from_url_path(&key)
+            .map_err(|e| bad(&format!("not an object path ({e})")))?;
         Ok(RemoteUri {
             text: text.to_string(),
             scheme,
@@ -237,6 +242,10 @@ mod tests {
             "file://host/x.zip",
             "ftp://host/x.zip",
             "https://host/a\\b.zip",
+            "https://host/team/..;/other/x.zip",
+            "https://host/team/%252e%252e/other/x.zip",
+            "https://host/team/x.zip%00.zip",
+            "https://host/team/...x/y.zip",
         ] {
             assert!(RemoteUri::parse(text).is_err(), "{text} was accepted");
         }

@@ -210,12 +210,33 @@ impl Store {
         commit: Commit<'_>,
         progress: &Progress,
     ) -> Result<Entry<Id>, StoreError> {
-        // Checked before the lock: a committed entry may be leased for as long as its
-        // users run, and a new zip of the same tree must not wait for them.
-        if let Some(hit) = self.find(id)? {
-            return Ok(hit);
-        }
-        let _lock = self.lock_exclusive(LockName::Entry(id.into()))?;
+        // A committed entry may be leased for as long as its users run, and a new zip of
+        // the same tree must not wait for them: while the lock is taken, the entry is
+        // looked for again, so one committed meanwhile (by a concurrent source of the same
+        // tree, whose users lease it at once) ends the wait.
+        let lock_path = self.layout.lock_path(LockName::Entry(id.into()));
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        let _lock = loop {
+            if let Some(hit) = self.find(id)? {
+                return Ok(hit);
+            }
+            if let Some(lock) =
+                super::lock::LockFile::try_acquire(&lock_path, super::lock::LockMode::Exclusive)?
+            {
+                break lock;
+            }
+            if let Some(timeout) = self.options.lock_timeout
+                && start.elapsed() >= timeout
+            {
+                return Err(StoreError::LockTimeout {
+                    path: lock_path,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        };
         match self.find(id)? {
             Some(hit) => Ok(hit),
             None => self.publish(staging, id, commit, progress),

@@ -535,3 +535,80 @@ fn a_push_to_a_file_remote_never_writes_through_a_planted_symlink() {
     assert_eq!(answer["pushed"], true);
     assert!(shared.join(format!("pkgs/{digest}.zip")).is_file());
 }
+
+/// Each build holds a blocking thread (here, a download from a slow server): one caller may
+/// have only `--max-builds-per-uid` of them in flight; more are answered 429 at once, and
+/// other callers (root here) are not held up.
+#[test]
+fn one_caller_cannot_hold_every_build_slot() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = HttpServer::start(&ws.path("served"));
+    crate::common::write_many(&ws.path("tree"), 20, 100_000);
+    // One tree at three URIs: the two slow downloads also race to commit one package, and
+    // the second must find it committed (and leased by the first's env), not wait for it.
+    for name in ["a", "b", "c"] {
+        package(&ws, "tree", &server.root.join(format!("{name}.zip")));
+    }
+    server.behave("slow");
+    let allowed = format!("{}/", server.url);
+    let daemon = Daemon::try_start_with(
+        &ws,
+        "run/renv.sock",
+        &[
+            "--allow-remote",
+            &allowed,
+            "--allow-uid",
+            "1000",
+            "--max-builds-per-uid",
+            "2",
+        ],
+        &[],
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let request = |name: &str| json!({"runtime_env": {"working_dir": format!("{}/{name}.zip", server.url)}});
+    let socket = daemon.socket.clone();
+    std::thread::scope(|scope| {
+        let slow: Vec<_> = ["a", "b"]
+            .map(|name| {
+                let (socket, body) = (&socket, request(name));
+                scope.spawn(move || crate::daemon::as_user(socket, 1000, "POST", "/v1/envs", Some(&body)))
+            })
+            .into_iter()
+            .collect();
+        wait_for(
+            || (server.requests("GET", "/a.zip") + server.requests("GET", "/b.zip") == 2).then_some(()),
+            "both slow downloads to start",
+        );
+        let (status, answer) = crate::daemon::as_user(&socket, 1000, "POST", "/v1/envs", Some(&request("c")));
+        assert_eq!(
+            (status, answer["error"]["kind"].as_str()),
+            (429, Some("too_many")),
+            "{answer}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--max-builds-per-uid")
+        );
+        // Another caller builds meanwhile.
+        let root = daemon
+            .post("/v1/envs", &json!({"runtime_env": {"env_vars": {"X": "1"}}}))
+            .unwrap();
+        assert!(root["env_id"].is_string(), "{root}");
+        for handle in slow {
+            let (status, answer) = handle.join().unwrap();
+            assert_eq!(status, 200, "{answer}");
+        }
+    });
+    // The slots are given back when the builds end.
+    let (status, answer) = crate::daemon::as_user(&socket, 1000, "POST", "/v1/envs", Some(&request("c")));
+    assert_eq!(status, 200, "{answer}");
+}
