@@ -98,8 +98,16 @@ def main():
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--object-store-memory", str(200 << 20), "--node-ip-address", "127.0.0.1",
               "--disable-usage-stats"]
-    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
-    temps = {node: tempfile.mkdtemp(prefix=f"ray-{node}-", dir="/tmp") for node in NODES}
+    # Ray's dirs (where its nodes unpack working_dirs) on the work dir's filesystem, as the
+    # daemons' stores are, and short: Ray's Unix socket paths must stay within 107 bytes.
+    near = work
+    while not os.path.ismount(near):
+        near = os.path.dirname(near)
+    if near == "/":
+        near = "/tmp"
+    temps = {node: tempfile.mkdtemp(prefix=f"ray-{node}-", dir=near) for node in NODES}
+    # The hook stages its zips in the temp dir; Ray stages the driver's in its own dir.
+    os.environ["TMPDIR"] = tempfile.tempdir = work
     results = {"ray": ray.__version__, "nodes": len(NODES), "working_dir": []}
     started = []
     try:
@@ -127,35 +135,47 @@ def main():
                 os.environ.pop(HOOK, None)
             start = time.perf_counter()
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, runtime_env=runtime_env)
+            init = time.perf_counter() - start
             seen = ray.get([where.options(resources={n: 0.01}).remote() for n in NODES])
             elapsed = time.perf_counter() - start
             ray.shutdown()
             os.environ.pop(HOOK, None)
             assert len({node_id for node_id, _ in seen}) == 2, seen
-            return elapsed, [cwd for _, cwd in seen]
+            return elapsed, init, [cwd for _, cwd in seen]
 
         for files, total in config["trees"]:
             tree = os.path.join(work, "tree")
             make_tree(tree, files, total)
+            # A new dict each sample: ray.init replaces the working_dir of the one it is
+            # given with its gcs:// URI, and a reused dict would name the first package.
             methods = {
-                "driver, no working_dir (floor)": (None, False),
-                "ray working_dir": ({"working_dir": tree}, False),
-                "renv (hook + plugin)": ({"renv": {"working_dir": tree}}, True),
+                "driver, no working_dir (floor)": (lambda: None, False),
+                "ray working_dir": (lambda: {"working_dir": tree}, False),
+                "renv (hook + plugin)": (lambda: {"renv": {"working_dir": tree}}, True),
             }
             rows = {name: [] for name in methods}
+            inits = {name: [] for name in methods}  # of which ray.init (the driver's packaging and upload)
+            used = set()
             for n in range(runs + 1):
-                for name, (runtime_env, hook) in methods.items():
+                for name, (runtime_env_of, hook) in methods.items():
+                    runtime_env = runtime_env_of()
                     with open(os.path.join(tree, "sample.txt"), "w") as f:
                         f.write(f"{name} {n}")
-                    elapsed, cwds = driver(runtime_env, hook)
+                    elapsed, init, cwds = driver(runtime_env, hook)
                     if runtime_env and any(os.path.realpath(c) == os.path.realpath(tree) for c in cwds):
                         raise AssertionError(f"{name}: a task ran in the driver's own tree {cwds}")
+                    # Every sample is a new package on each node, or it measured a cache.
+                    if runtime_env and used.intersection(cwds):
+                        raise AssertionError(f"{name}: sample {n} ran in an earlier sample's package {cwds}")
+                    used.update(cwds)
                     log(f"{files} files, {total >> 20} MB, {'warm-up ' if n == 0 else ''}{name}: "
-                        f"{elapsed * 1000:.0f} ms")
+                        f"{elapsed * 1000:.0f} ms, ray.init {init * 1000:.0f} ms (tasks ran in {sorted(set(cwds))})")
                     if n:
                         rows[name].append(elapsed)
+                        inits[name].append(init)
             results["working_dir"].append({"files": files, "bytes": total,
-                                           "rows": {k: Stat(v).as_json() for k, v in rows.items()}})
+                                           "rows": {k: Stat(v).as_json() for k, v in rows.items()},
+                                           "ray_init": {k: Stat(v).as_json() for k, v in inits.items()}})
             rmtree(tree)
         # Each node fetched every renv package from the GCS once: runs + 1 per tree.
         results["renv_packages_per_node"] = {

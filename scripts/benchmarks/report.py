@@ -193,10 +193,17 @@ def remote_section(page, remote):
         page.compare(f"{human(p['bytes'])} zip", "renv build (fetch)", rv, "curl -o + unzip", dlu)
     page.table(["zip", "curl -o", "curl -o + unzip", "renv build (fetch)", "renv vs curl -o (throughput)",
                 "renv vs curl -o + unzip (throughput)"], body)
+    last = remote["points"][-1]
+    r = last["rows"]
+    vs_dl = r["curl -o"]["median"] / r["renv build (fetch)"]["median"]
+    vs_dlu = r["curl -o + unzip"]["median"] / r["renv build (fetch)"]["median"]
+    page.add(f"Target: renv's fetch, unpack included, at ≥ 0.8× the throughput of a plain download. At "
+             f"{human(last['bytes'])}: {vs_dl:.2f}× a plain download into a file ({'met' if vs_dl >= 0.8 else 'not met'}), "
+             f"{vs_dlu:.2f}× the download then `unzip` ({'met' if vs_dlu >= 0.8 else 'not met'}).", "")
     steps = [k for k in ("download", "unpack", "sync", "publish", "total") if k in remote["points"][0]["renv_steps_ms"]]
     page.add("Where renv's time goes (medians of its `timings_ms`; the rest of the wall time is the process, "
              "the store's setup and the HEAD):", "")
-    page.table(["zip", "wall"] + steps, [
+    page.table(["zip", "wall"] + [f"renv's {k}" if k == "total" else k for k in steps], [
         [human(p["bytes"]), f"{ms(p['rows']['renv build (fetch)']):.0f} ms"]
         + [f"{p['renv_steps_ms'][k]['median']:.0f} ms" for k in steps] for p in remote["points"]])
 
@@ -222,6 +229,16 @@ def ray_multinode_section(page, rm):
                      rv, "ray working_dir", rw)
     page.table(["tree", "floor", "ray working_dir", "renv (hook + plugin)", "renv / ray",
                 "renv / ray, above the floor"], body)
+    last = rm["working_dir"][-1]["rows"]
+    r = last["renv (hook + plugin)"]["median"] / last["ray working_dir"]["median"]
+    page.add(f"Target: renv ≤ 0.25× Ray's `working_dir`: {r:.2f}× ({'met' if r <= 0.25 else 'not met'}). Both "
+             "nodes share this machine's cores, so each node's fetch and unpack run one beside the other.", "")
+    if all("ray_init" in p for p in rm["working_dir"]):
+        page.add("Of which `ray.init` (the driver's packaging and upload to the GCS; the rest is the nodes: "
+                 "fetching, unpacking, starting the workers):", "")
+        page.table(["tree"] + list(rm["working_dir"][0]["ray_init"]), [
+            [f"{human(p['bytes'])}, {p['files']:,} files"] + [cell(s) for s in p["ray_init"].values()]
+            for p in rm["working_dir"]])
 
 
 def daemon_section(page, daemon, plots):
