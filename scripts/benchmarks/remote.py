@@ -3,7 +3,8 @@
 The zip is what `renv package DIR -o` writes (stored entries) for a tree of 1,000 files,
 half text and half random bytes. It is served over plain http by a small static server
 (below: `sendfile`, so the server costs next to nothing and the client side is what is
-measured). Interleaved sample by sample after one warm-up round, each from nothing:
+measured) and, when the tests have installed moto into target/test-tools, by moto's S3
+API (renv given `s3://bench/pkg.zip` and the AWS_* variables). Interleaved sample by sample after one warm-up round, each from nothing:
 
 - `curl -o`: the object downloaded into a file;
 - `curl -o + unzip`: the same, then `unzip -q` into a fresh dir;
@@ -17,49 +18,74 @@ measured). Interleaved sample by sample after one warm-up round, each from nothi
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 
-from common import Stat, rmtree, sh
+from common import ROOT, Stat, rmtree, sh
 
 MB = 1 << 20
+
+
+MOTO = os.path.join(ROOT, "target", "test-tools", "moto-5.1.18")
+SERVERS = {
+    "http": "plain http from a Python static server that answers with `sendfile` (next to no CPU of its own)",
+    "s3": "a local S3 API (moto 5.1.18, as the tests run it): renv signs its requests with the AWS_* "
+          "variables; curl GETs the object unsigned (moto allows it)",
+}
 
 
 def run(work, renv, quick):
     from working_dir import make_tree
 
     results = []
-    for size in [10 * MB] if quick else [10 * MB, 100 * MB]:
-        tree = os.path.join(work, "tree")
-        make_tree(tree, 1000, size)
-        served = os.path.join(work, "served")
-        os.makedirs(served)
-        zip_path = os.path.join(served, "pkg.zip")
-        sh([renv, "package", "--store", os.path.join(work, "pkg-store"), tree, "-o", zip_path])
-        rmtree(tree)
-        rmtree(os.path.join(work, "pkg-store"))
-        print(f"  remote: {os.path.getsize(zip_path) / MB:.1f} MB zip of 1,000 files", flush=True)
-        server = Server(served, work)
-        try:
-            results.append(measure(work, renv, f"{server.url}/pkg.zip", os.path.getsize(zip_path),
-                                   3 if quick else 5))
-        finally:
-            server.stop()
-        rmtree(served)
-        time.sleep(1)
-    return {"server": "http on 127.0.0.1 (a Python static server that answers with sendfile)",
-            "files": 1000, "points": results}
+    moto = Moto(work) if os.path.isdir(MOTO) else None
+    if moto is None:
+        print(f"  remote: no {MOTO} (cargo test installs it): http only", flush=True)
+    try:
+        for size in [10 * MB] if quick else [10 * MB, 100 * MB]:
+            tree = os.path.join(work, "tree")
+            make_tree(tree, 1000, size)
+            served = os.path.join(work, "served")
+            os.makedirs(served)
+            zip_path = os.path.join(served, "pkg.zip")
+            sh([renv, "package", "--store", os.path.join(work, "pkg-store"), tree, "-o", zip_path])
+            rmtree(tree)
+            rmtree(os.path.join(work, "pkg-store"))
+            zip_size = os.path.getsize(zip_path)
+            runs = 3 if quick else 5
+            print(f"  remote: {zip_size / MB:.1f} MB zip of 1,000 files", flush=True)
+            server = Server(served, work)
+            try:
+                results.append(dict(server="http", **measure(work, renv, f"{server.url}/pkg.zip", zip_size, runs)))
+            finally:
+                server.stop()
+            if moto is not None:
+                moto.put("pkg.zip", zip_path)
+                results.append(dict(server="s3", **measure(work, renv, f"{moto.endpoint}/bench/pkg.zip", zip_size,
+                                                           runs, "s3://bench/pkg.zip", moto.env)))
+                moto.delete("pkg.zip")
+            rmtree(served)
+            time.sleep(1)
+    finally:
+        if moto is not None:
+            moto.stop()
+    servers = sorted({p["server"] for p in results}, key=list(SERVERS).index)
+    return {"servers": {name: SERVERS[name] for name in servers}, "files": 1000, "points": results}
 
 
-def measure(work, renv, url, size, runs):
+def measure(work, renv, url, size, runs, renv_uri=None, renv_env=None):
+    """`renv_uri`: what renv is given for the object at `url` (default: `url`), with
+    `renv_env` added to its environment (credentials)."""
     file = os.path.join(work, "download.zip")
     out = os.path.join(work, "out")
     store = os.path.join(work, "store")
     spec = os.path.join(work, "spec.json")
     with open(spec, "w") as f:
-        json.dump({"working_dir": url}, f)
+        json.dump({"working_dir": renv_uri or url}, f)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RENV_"))}
+    env.update(renv_env or {})
 
     def clean():
         for path in (file, out, store):
@@ -115,6 +141,51 @@ class Server:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class Moto:
+    """moto's S3 server on 127.0.0.1 (from target/test-tools, where the tests install it)
+    with a bucket `bench`."""
+
+    def __init__(self, work):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        self.log = open(os.path.join(work, "moto.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     env=dict(os.environ, PYTHONPATH=MOTO), stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("moto did not start")
+                time.sleep(0.1)
+        if MOTO not in sys.path:
+            sys.path.append(MOTO)
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                                   aws_secret_access_key="testing", region_name="us-east-1")
+        self.client.create_bucket(Bucket="bench")
+
+    def put(self, key, path):
+        self.client.upload_file(path, "bench", key)
+
+    def delete(self, key):
+        self.client.delete_object(Bucket="bench", Key=key)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
