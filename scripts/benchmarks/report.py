@@ -17,6 +17,11 @@ REASONS = {
     "renv build": "renv runs the same two uv commands, then fsyncs every installed file (free on tmpfs) and "
                   "publishes. A cold store also probes the interpreter and uv once (about 100 ms) before its "
                   "first build; an existing store has those answers cached.",
+    "renv build (fetch)": "renv does more than a download into a file: it also unpacks the zip with its checks, "
+                          "hashes every file and fsyncs and publishes the entry (its `timings_ms` split the time "
+                          "below the table); its download step alone is about as fast as curl's.",
+    "renv (hook + plugin), two nodes": "both paths ship one zip through Ray's GCS; renv's side runs `renv package` "
+                                       "on the driver and a daemon request on each node.",
     "renv daemon": "one request pays what `renv build` pays, plus the socket round trip.",
     "renv prune": "prune takes each entry's lock, removes its marker first and moves it through trash, "
                   "so a crash or a concurrent user never sees half an entry.",
@@ -161,6 +166,89 @@ def working_dir_section(page, wd, ray, plots):
         page.table(["tree", "floor", "ray working_dir", "renv upload + plugin", "renv / ray"], body)
 
 
+def mb_per_s(size, stat):
+    return f"{size / stat['median'] / (1 << 20):.0f} MB/s"
+
+
+def throughput_ratio(fast, slow):
+    """renv's throughput over another's: the other's time over renv's."""
+    return f"{slow['median'] / fast['median']:.2f}×"
+
+
+def remote_section(page, remote):
+    servers = remote.get("servers") or {"http": remote.get("server", "")}
+    page.add("## Remote packages", "",
+             "A package zip (`renv package DIR -o`, stored entries; 1,000 files, half text, half random) on a "
+             "server on 127.0.0.1, fetched from nothing each sample, interleaved: `curl -sf -o` into a file, the "
+             "same then `unzip -q` into a fresh dir, and `renv build` of `{\"working_dir\": URI}` with a fresh "
+             "store (HEAD, download into staging, unpack with its checks, hash, fsync, publish). Throughput is "
+             "the zip's size over the median time; a ratio above 1× means renv is faster. Servers: "
+             + "; ".join(f"*{k}*: {v}" for k, v in servers.items()) + ".", "")
+    body = []
+    for p in remote["points"]:
+        r = p["rows"]
+        where = f"{human(p['bytes'])}, {p.get('server', 'http')}"
+        dl, dlu, rv = r["curl -o"], r["curl -o + unzip"], r["renv build (fetch)"]
+        body.append([where, f"{cell(dl)}, {mb_per_s(p['bytes'], dl)}",
+                     f"{cell(dlu)}, {mb_per_s(p['bytes'], dlu)}", f"{cell(rv)}, {mb_per_s(p['bytes'], rv)}",
+                     throughput_ratio(rv, dl), throughput_ratio(rv, dlu)])
+        page.compare(f"{where} zip", "renv build (fetch)", rv, "curl -o", dl)
+        page.compare(f"{where} zip", "renv build (fetch)", rv, "curl -o + unzip", dlu)
+    page.table(["zip, server", "curl -o", "curl -o + unzip", "renv build (fetch)", "renv vs curl -o (throughput)",
+                "renv vs curl -o + unzip (throughput)"], body)
+    targets = []
+    for server in servers:
+        points = [p for p in remote["points"] if p.get("server", "http") == server]
+        last = points[-1]
+        r = last["rows"]
+        vs_dl = r["curl -o"]["median"] / r["renv build (fetch)"]["median"]
+        vs_dlu = r["curl -o + unzip"]["median"] / r["renv build (fetch)"]["median"]
+        targets.append(f"{human(last['bytes'])} over {server}: {vs_dl:.2f}× a plain download into a file "
+                       f"({'met' if vs_dl >= 0.8 else 'not met'}), {vs_dlu:.2f}× the download then `unzip` "
+                       f"({'met' if vs_dlu >= 0.8 else 'not met'})")
+    page.add("Target: renv's fetch, unpack included, at ≥ 0.8× the throughput of a plain download. "
+             + "; ".join(targets) + ".", "")
+    steps = [k for k in ("download", "unpack", "sync", "publish", "total") if k in remote["points"][0]["renv_steps_ms"]]
+    page.add("Where renv's time goes (medians of its `timings_ms`; the rest of the wall time is the process, "
+             "the store's setup and the HEAD):", "")
+    page.table(["zip, server", "wall"] + [f"renv's {k}" if k == "total" else k for k in steps], [
+        [f"{human(p['bytes'])}, {p.get('server', 'http')}", f"{ms(p['rows']['renv build (fetch)']):.0f} ms"]
+        + [f"{p['renv_steps_ms'][k]['median']:.0f} ms" for k in steps] for p in remote["points"]])
+
+
+def ray_multinode_section(page, rm):
+    page.add(f"## Two Ray nodes (Ray {rm['ray']})", "",
+             "Two Ray nodes on this machine (a head and a worker joining it), each with its own renv daemon and "
+             "store. A driver with a changed tree (one file rewritten per sample, so both nodes get a new "
+             "package), from `ray.init` until a task pinned (custom resources) to each node has returned: Ray's "
+             "own `working_dir` against renv (`RAY_RUNTIME_ENV_HOOK=renv.ray_plugin.hook`, `runtime_env={\"renv\": "
+             "{\"working_dir\": tree}}`: `renv package` on the driver, the zip through Ray's GCS, each node's "
+             "plugin puts it in its daemon); the floor is the same driver and tasks without a working_dir. "
+             "Interleaved, after one warm-up round.", "")
+    body = []
+    for p in rm["working_dir"]:
+        r = p["rows"]
+        floor, rw, rv = r["driver, no working_dir (floor)"], r["ray working_dir"], r["renv (hook + plugin)"]
+        over = f"{(rv['median'] - floor['median']) / (rw['median'] - floor['median']):.2f}×" \
+            if rw["median"] > floor["median"] else "n/a"
+        body.append([f"{human(p['bytes'])}, {p['files']:,} files", cell(floor), cell(rw), cell(rv), ratio(rv, rw),
+                     over])
+        page.compare(f"two Ray nodes, {human(p['bytes'])} in {p['files']:,} files", "renv (hook + plugin), two nodes",
+                     rv, "ray working_dir", rw)
+    page.table(["tree", "floor", "ray working_dir", "renv (hook + plugin)", "renv / ray",
+                "renv / ray, above the floor"], body)
+    last = rm["working_dir"][-1]["rows"]
+    r = last["renv (hook + plugin)"]["median"] / last["ray working_dir"]["median"]
+    page.add(f"Target: renv ≤ 0.25× Ray's `working_dir`: {r:.2f}× ({'met' if r <= 0.25 else 'not met'}). Both "
+             "nodes share this machine's cores, so each node's fetch and unpack run one beside the other.", "")
+    if all("ray_init" in p for p in rm["working_dir"]):
+        page.add("Of which `ray.init` (the driver's packaging and upload to the GCS; the rest is the nodes: "
+                 "fetching, unpacking, starting the workers):", "")
+        page.table(["tree"] + list(rm["working_dir"][0]["ray_init"]), [
+            [f"{human(p['bytes'])}, {p['files']:,} files"] + [cell(s) for s in p["ray_init"].values()]
+            for p in rm["working_dir"]])
+
+
 def daemon_section(page, daemon, plots):
     page.add("## Daemon", "",
              "Cached get-or-create (`POST /v1/envs` of an existing env with a venv and a working_dir) against "
@@ -246,6 +334,10 @@ def write(results, out_dir, plots):
         envs_section(page, results["envs"], ray)
     if "working_dir" in results:
         working_dir_section(page, results["working_dir"], ray, plots)
+    if "remote" in results:
+        remote_section(page, results["remote"])
+    if "ray_multinode" in results:
+        ray_multinode_section(page, results["ray_multinode"])
     if "daemon" in results:
         daemon_section(page, results["daemon"], plots)
     if "concurrency" in results:
