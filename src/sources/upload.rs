@@ -3,7 +3,7 @@
 //! first, then on the bytes actually received), then unpacked beside it and committed only
 //! if what it unpacks to is exactly the digest the upload claimed; else nothing is kept.
 //! The staged file is created once and unpacked through that same open file
-//! ([`OpenZip`]), never reopened by its path.
+//! ([`OpenZip`](crate::package::zip_read::OpenZip)), never reopened by its path.
 
 use std::sync::Arc;
 
