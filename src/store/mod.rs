@@ -10,6 +10,7 @@
 //! - [`marker`]: completion markers and aliases (of zips, of remote objects), as types.
 //! - [`transaction`]: the one publish protocol (begin → fill staging → commit or drop).
 //! - [`usage`]: last use, leases, holders, and the listing `renv ls` prints.
+//! - [`roots`]: entries live processes use (found in `/proc`), which maintenance keeps.
 //! - [`prune`]: LRU / age eviction, orphans, old logs.
 //! - [`verify`]: re-checking committed entries.
 //! - `lock`: kernel file locks with deadlines; `single_flight`: one build per entry in a
@@ -33,6 +34,7 @@ mod lock;
 pub mod marker;
 pub mod prune;
 pub mod record;
+pub mod roots;
 mod single_flight;
 pub mod transaction;
 pub mod usage;

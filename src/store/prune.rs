@@ -1,8 +1,9 @@
 //! Evicting entries: `renv prune` and the daemon's collector, safe to run from cron while
 //! builds, runs and the daemon are active. One prune at a time (`locks/prune.lock`).
 //!
-//! Removal of one entry, under its exclusive lock taken *non-blocking* (a held lease or a
-//! build in progress means "in use": skip it): marker first (from then on nobody serves
+//! An entry a live process uses is kept: one holding a lease, or one using its files
+//! without one (see [`super::roots`]). Removal of one entry, under its exclusive lock taken
+//! *non-blocking* (a held lease or a build in progress means "in use": skip it): marker first (from then on nobody serves
 //! it), then rename into trash, then delete; an env's bytecode in the node's cache goes
 //! with it. A crash between the steps leaves a marker-less directory, which is garbage by
 //! the store's rules and goes at the next prune or publish. Only names of the store's own
@@ -100,6 +101,13 @@ impl Store {
             } else {
                 "store over --max-size (LRU)"
             };
+            // A live process that uses the entry without a lease (found in /proc when the
+            // entries were listed) keeps it, as a lease does.
+            if !entry.holders.is_empty() {
+                let reason = format!("in use (pids {:?})", entry.holders);
+                report.kept.push(Decision { entry, reason });
+                continue;
+            }
             let Some(lock) = self.lock_unused(entry.entry)? else {
                 let reason = format!("in use (pids {:?})", self.holders(entry.entry));
                 report.kept.push(Decision { entry, reason });

@@ -31,7 +31,8 @@ pub struct EntryInfo {
     pub bytes: u64,
     pub created_unix: u64,
     pub last_used_unix: u64,
-    /// Processes holding a lease (or building it) right now.
+    /// Processes holding a lease (or building it) right now, or using it without one
+    /// (its files open, mapped, or named in their environment: see `roots`).
     pub holders: Vec<u32>,
     /// What it was built from: the working_dir source, or the requirement list.
     pub source: Value,
@@ -92,6 +93,7 @@ impl Store {
     /// Every committed entry, least recently used first.
     pub fn list_entries(&self) -> Result<Vec<EntryInfo>, StoreError> {
         let now = unix_now();
+        let roots = self.runtime_roots();
         let mut out = Vec::new();
         for kind in EntryKind::ALL {
             for dir_entry in fs_err::read_dir(self.layout.entries_dir(kind))? {
@@ -119,7 +121,13 @@ impl Store {
                     bytes: marker.bytes,
                     created_unix: marker.created_unix,
                     last_used_unix: last_used,
-                    holders: self.holders(id),
+                    holders: {
+                        let mut pids = self.holders(id);
+                        pids.extend(roots.pids(id));
+                        pids.sort_unstable();
+                        pids.dedup();
+                        pids
+                    },
                     source: match (&marker.source, kind) {
                         // Env markers from before `source` was written: their requirements.
                         (Value::Null, EntryKind::Env) => marker.description["requirements"].clone(),

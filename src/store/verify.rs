@@ -86,7 +86,11 @@ impl Store {
         repair: bool,
     ) -> Result<(), StoreError> {
         let mut repaired = false;
-        if repair && let Some(lock) = self.lock_unused(id)? {
+        // Never from under a process that runs from it, with a lease or without.
+        if repair
+            && self.runtime_roots().pids(id).is_empty()
+            && let Some(lock) = self.lock_unused(id)?
+        {
             self.remove_locked(id, &lock)?;
             repaired = true;
         }

@@ -123,7 +123,15 @@ fn entries_in_use_are_kept_and_listed_with_their_holders() {
         .iter()
         .find(|e| e["id"] == d[0].as_str())
         .unwrap();
-    assert_eq!(held["holders"], json!([holder.id()]));
+    // `renv run` holds the lease; its command (running in the package) is found too.
+    let command: u32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.id()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut expected = vec![holder.id(), command];
+    expected.sort_unstable();
+    assert_eq!(held["holders"], json!(expected));
     assert_eq!(held["kind"], "package");
     assert!(held["source"].as_str().unwrap().starts_with("dir:"));
 
@@ -494,4 +502,96 @@ fn verify_checks_envs_against_their_build_record() {
     std::fs::write(&marker, "{not json").unwrap();
     let found = problem().unwrap();
     assert!(found.contains("its marker is not a valid marker"), "{found}");
+}
+
+/// Processes renv did not start and that hold no lease still keep what they use, as
+/// Nix's runtime roots do: one whose working directory is in a package, one with a file of
+/// another open, one naming a third in its environment (as a Ray worker started in an env
+/// names it in `PATH` and `VIRTUAL_ENV`), here run as another user. `renv ls` lists them;
+/// `prune --max-size 0` keeps exactly those, and removes them once the processes end.
+#[test]
+fn entries_used_by_processes_renv_did_not_start_are_kept() {
+    let ws = Workspace::new();
+    let digests = three_packages(&ws);
+    ws.write("p3/data", "unused");
+    let unused = ws.build(&ws.spec("p3.json", &json!({"working_dir": "p3"})))["package"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = |digest: &str| ws.store_v1("pkgs").join(digest);
+    let mut in_cwd = std::process::Command::new("sleep")
+        .arg("300")
+        .current_dir(path(&digests[0]))
+        .spawn()
+        .unwrap();
+    let mut with_open_file = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<{}/data; exec sleep 300",
+            path(&digests[1]).display()
+        ))
+        .current_dir("/")
+        .spawn()
+        .unwrap();
+    let mut named_in_env = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "300"])
+        .env(
+            "PATH",
+            format!("{}/bin:/usr/bin:/bin", path(&digests[2]).display()),
+        )
+        .current_dir("/")
+        .spawn()
+        .unwrap();
+    // The open file is opened by the shell before it becomes sleep: wait for it.
+    crate::common::wait_for(
+        || {
+            std::fs::read_dir(format!("/proc/{}/fd", with_open_file.id()))
+                .ok()?
+                .filter_map(Result::ok)
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(path(&digests[1]))))
+                .then_some(())
+        },
+        "the shell to open the file",
+    );
+
+    let out = ws.renv().args(["ls", "--json"]).output().unwrap();
+    assert_success(&out);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let holders = |digest: &str| -> Vec<u64> {
+        listed["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == digest)
+            .unwrap()["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(holders(&digests[0]), vec![in_cwd.id() as u64]);
+    assert_eq!(holders(&digests[1]), vec![with_open_file.id() as u64]);
+    assert_eq!(holders(&digests[2]), vec![named_in_env.id() as u64]);
+    assert!(holders(&unused).is_empty());
+
+    let report = prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    assert_eq!(ids(&report["removed"]), vec![unused.clone()]);
+    for digest in &digests {
+        assert!(
+            path(digest).is_dir(),
+            "{digest} was removed while a process used it"
+        );
+    }
+
+    for child in [&mut in_cwd, &mut with_open_file, &mut named_in_env] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let report = prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    let mut removed = ids(&report["removed"]);
+    removed.sort();
+    let mut expected = digests.clone();
+    expected.sort();
+    assert_eq!(removed, expected);
 }
