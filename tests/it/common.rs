@@ -374,23 +374,34 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start(root: &Path) -> HttpServer {
+        Self::start_with(root, None)
+    }
+
+    /// Over TLS with `(certificate, key)`: `https://127.0.0.1:<port>`.
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> HttpServer {
+        Self::start_with(root, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> HttpServer {
         std::fs::create_dir_all(root).unwrap();
         let port_file = root.with_extension("port");
         let log = root.with_extension("log");
-        let child = Command::new("python3")
-            .arg(servers_py())
-            .arg("http")
-            .args([root, &port_file, &log])
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new("python3");
+        cmd.arg(servers_py());
+        match tls {
+            None => cmd.arg("http").args([root, &port_file, &log]),
+            Some((cert, key)) => cmd.arg("https").args([root, &port_file, &log, cert, key]),
+        };
+        let child = cmd.spawn().unwrap();
         let port = wait_for(
             || std::fs::read_to_string(&port_file).ok(),
             "the http server's port",
         );
+        let scheme = if tls.is_some() { "https" } else { "http" };
         HttpServer {
             child,
             root: root.to_path_buf(),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             log,
         }
     }

@@ -612,3 +612,69 @@ fn one_caller_cannot_hold_every_build_slot() {
     let (status, answer) = crate::daemon::as_user(&socket, 1000, "POST", "/v1/envs", Some(&request("c")));
     assert_eq!(status, 200, "{answer}");
 }
+
+/// A certificate authority and a certificate for 127.0.0.1 it signed, made with `openssl`:
+/// (CA certificate, server certificate, server key).
+fn test_ca(ws: &Workspace) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = ws.path("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    ws.write(
+        "tls/server.ext",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    );
+    let script = "set -e
+        ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
+        openssl req -x509 $ec -keyout ca.key -out ca.pem -days 2 -subj '/CN=renv test CA' \\
+            -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign'
+        openssl req $ec -keyout server.key -out server.csr -subj '/CN=127.0.0.1'
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \\
+            -days 2 -extfile server.ext";
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+/// https with renv's own TLS stack (rustls): a server whose CA the fetching process
+/// trusts (here through `SSL_CERT_FILE`) is fetched from; one it does not is refused.
+#[test]
+fn https_zips_are_fetched_only_from_servers_the_system_trusts() {
+    let ws = Workspace::new();
+    let (ca, cert, key) = test_ca(&ws);
+    let server = HttpServer::start_tls(&ws.path("served"), &cert, &key);
+    assert!(server.url.starts_with("https://"));
+    ws.write("tree/a.txt", "over tls\n");
+    let digest = package(&ws, "tree", &server.root.join("wd.zip"));
+    let spec = ws.spec(
+        "wd.json",
+        &json!({"working_dir": format!("{}/wd.zip", server.url)}),
+    );
+
+    // Trusting only another CA (the server's own certificate is no CA).
+    let out = ws
+        .renv()
+        .env("SSL_CERT_FILE", &cert)
+        .arg("build")
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "fetched from a server whose CA is not trusted"
+    );
+    assert!(ws.committed_packages().is_empty());
+
+    let out = ws
+        .renv()
+        .env("SSL_CERT_FILE", &ca)
+        .args(["build", "--json"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(digest_of(&built), digest);
+}

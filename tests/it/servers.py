@@ -12,6 +12,9 @@
           drip           one byte every 300 ms (a server just beating a read timeout)
           redirect URL   HEAD and GET answer 302 to URL + the request's path
 
+    servers.py https ROOT PORT_FILE LOG_FILE CERT KEY
+        The same over TLS, with that certificate and key.
+
     servers.py s3 ENDPOINT create-bucket BUCKET
     servers.py s3 ENDPOINT put BUCKET KEY FILE
     servers.py s3 ENDPOINT list BUCKET PREFIX
@@ -102,9 +105,15 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve_http(root, port_file, log_file):
+def serve_http(root, port_file, log_file, cert=None, key=None):
     os.chdir(root)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if cert:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     server.root = os.path.abspath(root)
     server.log_file = os.path.abspath(log_file)
     tmp = port_file + ".tmp"
@@ -141,6 +150,8 @@ def s3(endpoint, command, *args):
 if __name__ == "__main__":
     if sys.argv[1] == "http":
         serve_http(*sys.argv[2:5])
+    elif sys.argv[1] == "https":
+        serve_http(*sys.argv[2:7])
     elif sys.argv[1] == "s3":
         s3(*sys.argv[2:])
     else:
