@@ -34,16 +34,33 @@ impl LockFile {
     /// Waits for the lock until `timeout` (None: forever). Polls with backoff rather than
     /// blocking in `flock`, so the wait has a deadline.
     pub fn acquire(path: &Path, mode: LockMode, timeout: Option<Duration>) -> Result<LockFile, StoreError> {
+        match Self::acquire_unless(path, mode, timeout, || Ok(None::<std::convert::Infallible>))? {
+            Ok(lock) => Ok(lock),
+            Err(never) => match never {},
+        }
+    }
+
+    /// As [`Self::acquire`], but `settled` is asked before each attempt, and the wait ends
+    /// with its answer if it gives one (what the lock was wanted for happened meanwhile).
+    pub fn acquire_unless<T>(
+        path: &Path,
+        mode: LockMode,
+        timeout: Option<Duration>,
+        mut settled: impl FnMut() -> Result<Option<T>, StoreError>,
+    ) -> Result<Result<LockFile, T>, StoreError> {
         let file = Self::open(path)?;
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
+            if let Some(answer) = settled()? {
+                return Ok(Err(answer));
+            }
             match try_lock(&file, mode) {
                 Ok(()) => {
-                    return Ok(LockFile {
+                    return Ok(Ok(LockFile {
                         file,
                         path: path.to_path_buf(),
-                    });
+                    }));
                 }
                 Err(TryLockError::WouldBlock) => {}
                 Err(TryLockError::Error(e)) => return Err(e.into()),

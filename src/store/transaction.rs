@@ -215,27 +215,15 @@ impl Store {
         // looked for again, so one committed meanwhile (by a concurrent source of the same
         // tree, whose users lease it at once) ends the wait.
         let lock_path = self.layout.lock_path(LockName::Entry(id.into()));
-        let start = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(1);
-        let _lock = loop {
-            if let Some(hit) = self.find(id)? {
-                return Ok(hit);
-            }
-            if let Some(lock) =
-                super::lock::LockFile::try_acquire(&lock_path, super::lock::LockMode::Exclusive)?
-            {
-                break lock;
-            }
-            if let Some(timeout) = self.options.lock_timeout
-                && start.elapsed() >= timeout
-            {
-                return Err(StoreError::LockTimeout {
-                    path: lock_path,
-                    waited: timeout,
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        let found = || self.find(id);
+        let _lock = match super::lock::LockFile::acquire_unless(
+            &lock_path,
+            super::lock::LockMode::Exclusive,
+            self.options.lock_timeout,
+            found,
+        )? {
+            Ok(lock) => lock,
+            Err(hit) => return Ok(hit),
         };
         match self.find(id)? {
             Some(hit) => Ok(hit),

@@ -92,8 +92,15 @@ impl Store {
 
     /// Every committed entry, least recently used first.
     pub fn list_entries(&self) -> Result<Vec<EntryInfo>, StoreError> {
+        self.list_entries_using(&self.runtime_roots())
+    }
+
+    /// As [`Self::list_entries`], with the runtime roots already scanned.
+    pub(super) fn list_entries_using(
+        &self,
+        roots: &super::roots::RuntimeRoots,
+    ) -> Result<Vec<EntryInfo>, StoreError> {
         let now = unix_now();
-        let roots = self.runtime_roots();
         let mut out = Vec::new();
         for kind in EntryKind::ALL {
             for dir_entry in fs_err::read_dir(self.layout.entries_dir(kind))? {

@@ -35,6 +35,8 @@ impl Store {
         check_env: &dyn Fn(&EntryInfo) -> Option<String>,
     ) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
+        // One scan of /proc for the whole run: what a live process uses is never repaired.
+        let roots = self.runtime_roots();
         // An entry whose marker is there but unreadable is never served (nor listed): a
         // problem, not a pass.
         for kind in EntryKind::ALL {
@@ -52,10 +54,10 @@ impl Store {
                     Err(e) => format!("its marker cannot be read: {e}"),
                 };
                 report.checked += 1;
-                self.found(&mut report, id, problem, repair)?;
+                self.found(&mut report, id, problem, repair, &roots)?;
             }
         }
-        for entry in self.list_entries()? {
+        for entry in self.list_entries_using(&roots)? {
             report.checked += 1;
             let problem = match entry.kind {
                 EntryKind::Package => {
@@ -71,7 +73,7 @@ impl Store {
                 EntryKind::Env => check_env(&entry),
             };
             let Some(problem) = problem else { continue };
-            self.found(&mut report, entry.entry, problem, repair)?;
+            self.found(&mut report, entry.entry, problem, repair, &roots)?;
         }
         Ok(report)
     }
@@ -84,11 +86,12 @@ impl Store {
         id: EntryId,
         problem: String,
         repair: bool,
+        roots: &super::roots::RuntimeRoots,
     ) -> Result<(), StoreError> {
         let mut repaired = false;
         // Never from under a process that runs from it, with a lease or without.
         if repair
-            && self.runtime_roots().pids(id).is_empty()
+            && roots.pids(id).is_empty()
             && let Some(lock) = self.lock_unused(id)?
         {
             self.remove_locked(id, &lock)?;
