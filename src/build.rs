@@ -34,6 +34,8 @@ pub struct BuiltEnv {
     pub context: Context,
     /// Whether workers keep bytecode in their user's cache (a venv built without it).
     pub pycache: bool,
+    /// The spec's `env_vars` (part of the env's identity).
+    pub env_vars: BTreeMap<String, String>,
     pub timings_ms: BTreeMap<String, u64>,
 }
 
@@ -97,12 +99,78 @@ impl BuiltEnv {
         Ok(Some(leases))
     }
 
+    /// What finds this env again in the store without building anything (see
+    /// [`Self::restore`]): its packages' digests and roles, its venv's key, its variables.
+    pub fn recipe(&self) -> String {
+        let recipe = EnvRecipe {
+            packages: self
+                .packages
+                .iter()
+                .map(|p| (p.role, p.entry.id.to_string()))
+                .collect(),
+            venv: self.venv.as_ref().map(|e| e.id.to_string()),
+            env_vars: self.env_vars.clone(),
+            pycache: self.pycache,
+        };
+        serde_json::to_string(&recipe).expect("a recipe serializes")
+    }
+
+    /// The env a [`Self::recipe`] describes, from what the store holds: `Ok(None)` when an
+    /// entry of it is gone. Nothing is built or fetched.
+    pub fn restore(store: &Store, recipe: &str) -> Result<Option<BuiltEnv>, Error> {
+        let recipe: EnvRecipe = serde_json::from_str(recipe)
+            .map_err(|e| Error::Io(std::io::Error::other(format!("a saved env recipe: {e}"))))?;
+        let bad = |what: &str| Error::Io(std::io::Error::other(format!("a saved env recipe: bad {what}")));
+        let mut packages = Vec::new();
+        for (role, digest) in &recipe.packages {
+            let id: crate::digest::PackageDigest = digest.parse().map_err(|_| bad("package digest"))?;
+            match store.find(id)? {
+                Some(entry) => packages.push(EnvPackage { role: *role, entry }),
+                None => return Ok(None),
+            }
+        }
+        let venv = match &recipe.venv {
+            Some(key) => match venv::find(store, key.parse().map_err(|_| bad("venv key"))?)? {
+                Some(entry) => Some(entry),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let context_packages: Vec<(PackageRole, &Path)> = packages
+            .iter()
+            .map(|p| (p.role, p.entry.path.as_path()))
+            .collect();
+        let context = Context::new(
+            &context_packages,
+            venv.as_ref().map(|e| e.path.as_path()),
+            &recipe.env_vars,
+        );
+        Ok(Some(BuiltEnv {
+            env_id: env_id(&packages, venv.as_ref(), &recipe.env_vars),
+            packages,
+            venv,
+            context,
+            pycache: recipe.pycache,
+            env_vars: recipe.env_vars,
+            timings_ms: BTreeMap::new(),
+        }))
+    }
+
     /// Records a use of everything it holds (for hits served from memory).
     pub fn touch(&self, store: &Store) {
         for id in self.entries() {
             store.touch(id);
         }
     }
+}
+
+/// What [`BuiltEnv::recipe`] saves.
+#[derive(Serialize, serde::Deserialize)]
+struct EnvRecipe {
+    packages: Vec<(PackageRole, String)>,
+    venv: Option<String>,
+    env_vars: BTreeMap<String, String>,
+    pycache: bool,
 }
 
 /// Builds (or finds) everything `spec` needs. Relative paths in the spec are taken from
@@ -240,6 +308,7 @@ pub fn build_env(
         venv,
         context,
         pycache,
+        env_vars: spec.env_vars.clone(),
         timings_ms: timings,
     })
 }

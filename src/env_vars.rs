@@ -47,6 +47,8 @@ pub const RENV_SYSTEM_SITE_PACKAGES: &str = "RENV_SYSTEM_SITE_PACKAGES";
 pub const RENV_REMOTE: &str = "RENV_REMOTE";
 /// Remote URI prefixes requests to the daemon may name, comma-separated (`--allow-remote`).
 pub const RENV_ALLOW_REMOTE: &str = "RENV_ALLOW_REMOTE";
+/// A stopping daemon leaves its workers running for the next one (`--live-restore`).
+pub const RENV_LIVE_RESTORE: &str = "RENV_LIVE_RESTORE";
 
 /// The default store root.
 pub fn default_store_dir() -> std::path::PathBuf {

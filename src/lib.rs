@@ -12,6 +12,7 @@
 //! context   python, cwd, env for a worker
 //! build     the whole pipeline, as `renv build` runs it
 //! worker    starting a command in a built context
+//! supervisor  a worker's parent process, which outlives the daemon and records its end
 //! ```
 //!
 //! Who uses whom (each arrow points at what a module uses, and may skip layers: `venv`
@@ -21,6 +22,7 @@
 //! cli ──▶ daemon ──▶ build ──▶ venv ──▶ resolve ──▶ sources ──▶ store ──▶ package ──▶ sys
 //!  │        │          └──▶ context                              └──▶ spec     └──▶ digest
 //!  │        ├──▶ maintenance ──▶ venv, store
+//!  │        ├──▶ supervisor ──▶ worker, store, sys
 //!  │        └──▶ worker ──▶ context, sys
 //!  └──▶ client
 //! error: every layer's error and its exit code, for build, daemon and cli
@@ -48,6 +50,7 @@ pub mod resolve;
 pub mod sources;
 pub mod spec;
 pub mod store;
+pub mod supervisor;
 pub mod sys;
 pub mod units;
 pub mod venv;

@@ -310,6 +310,40 @@ pub fn is_ignored(sig: libc::c_int) -> bool {
     }
 }
 
+/// When the process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field
+/// 22): with the pid, it names that process and no later one that gets the same pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = stat.rsplit_once(") ")?.1;
+    after_name.split(' ').nth(19)?.parse().ok()
+}
+
+/// A descriptor naming the process `process` (`pidfd_open`): signals sent through it
+/// reach that process or nobody, never a later one given the same pid.
+pub fn pidfd_open(process: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_open(
+        pid(process as i32)?,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// `signal` to the process `pidfd` names.
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(pidfd, signal(sig)?)?)
+}
+
+/// Returns once the process `pidfd` names has exited (a pidfd polls readable then).
+pub async fn pidfd_exited(pidfd: OwnedFd) {
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open, and the same one, for
+    // as long as it is registered.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    if let Ok(fd) = registered {
+        let _ = fd.readable().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

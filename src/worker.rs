@@ -43,14 +43,40 @@ pub fn gpu_env(gpus: &[u32]) -> Vec<(String, String)> {
     ]
 }
 
-/// A command ready to start: absolute program, full environment, cwd.
-pub fn command(
+/// A command ready to start: absolute program, its argv, full environment, cwd. Plain
+/// data, so a worker's supervisor can be handed it (see [`crate::supervisor`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Launch {
+    pub program: PathBuf,
+    /// `argv[0]` as given, then the arguments.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+}
+
+impl Launch {
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg0(&self.argv[0])
+            .args(&self.argv[1..])
+            .env_clear()
+            .envs(&self.env);
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd
+    }
+}
+
+/// What starting `argv` in `context` runs: `argv[0]` found on the worker's `PATH`, the
+/// environment `base_env` with the context's variables (and the GPUs') applied.
+pub fn launch(
     context: &Context,
     base_env: &BTreeMap<String, String>,
     argv: &[String],
     gpus: Option<&[u32]>,
-) -> Result<Command, WorkerError> {
-    let (program, args) = argv.split_first().ok_or(WorkerError::NoCommand)?;
+) -> Result<Launch, WorkerError> {
+    let program = argv.first().ok_or(WorkerError::NoCommand)?;
     let mut env = context.worker_env(base_env);
     if let Some(gpus) = gpus {
         env.extend(gpu_env(gpus));
@@ -70,12 +96,22 @@ pub fn command(
             .first_result()
             .map_err(|_| WorkerError::NotFound(program.clone()))?
     };
-    let mut cmd = Command::new(&program_path);
-    cmd.arg0(program).args(args).env_clear().envs(&env);
-    if let Some(cwd) = &context.cwd {
-        cmd.current_dir(cwd);
-    }
-    Ok(cmd)
+    Ok(Launch {
+        program: program_path,
+        argv: argv.to_vec(),
+        env,
+        cwd: context.cwd.clone(),
+    })
+}
+
+/// A command ready to start (see [`launch`]).
+pub fn command(
+    context: &Context,
+    base_env: &BTreeMap<String, String>,
+    argv: &[String],
+    gpus: Option<&[u32]>,
+) -> Result<Command, WorkerError> {
+    Ok(launch(context, base_env, argv, gpus)?.command())
 }
 
 /// Runs `cmd` in the foreground and returns its exit code (128 + signal when killed).

@@ -47,6 +47,12 @@ pub struct DaemonArgs {
     /// more are answered 429. Requests for a spec already building join that build.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     max_builds_per_uid: u32,
+    /// On SIGTERM/SIGINT, leave running workers running (their supervisors keep them and
+    /// record their ends; the next daemon adopts them), as Docker's live-restore does for
+    /// upgrades. Without it, a stopping daemon stops its workers. A daemon that dies
+    /// (`kill -9`, OOM) always leaves them running, to be adopted.
+    #[arg(long, env = crate::env_vars::RENV_LIVE_RESTORE)]
+    live_restore: bool,
     /// Largest JSON request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_json_bytes: usize,
@@ -133,6 +139,7 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         max_ended_workers: args.max_ended_workers,
         max_idle_envs: args.max_idle_envs,
         max_builds_per_uid: args.max_builds_per_uid as usize,
+        live_restore: args.live_restore,
         allow_remote: crate::remote::AllowList::new(&args.allow_remote)
             .map_err(|e| crate::spec::SpecError::new("--allow-remote", e.to_string()))?,
     };

@@ -55,10 +55,14 @@ fn ago(unix: u64) -> String {
 }
 
 fn line(out: &mut String, e: &EntryInfo, note: &str) {
-    let in_use = if e.holders.is_empty() {
+    let mut holders: Vec<String> = e.held_by.clone();
+    if !e.holders.is_empty() {
+        holders.push(format!("pids {:?}", e.holders));
+    }
+    let in_use = if holders.is_empty() {
         "-".to_string()
     } else {
-        format!("pids {:?}", e.holders)
+        holders.join("; ")
     };
     let source = match &e.source {
         serde_json::Value::String(s) => s.clone(),

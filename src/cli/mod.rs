@@ -212,6 +212,14 @@ impl StoreArgs {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
+    // A worker's supervisor, started by the daemon: before any parsing, as it is on the
+    // path of every worker start.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == crate::supervisor::ARG)
+    {
+        return crate::supervisor::main();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build(args) => build::run(args),

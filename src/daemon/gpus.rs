@@ -142,6 +142,12 @@ impl GpuPool {
         Ok(ids)
     }
 
+    /// Marks ids busy whatever they are (the GPUs of a worker a previous daemon started:
+    /// in use until it is gone, even if the node's set has changed since).
+    pub fn mark_busy(&mut self, ids: &[u32]) {
+        self.busy.extend(ids);
+    }
+
     /// Gives back what a worker held (one entry per hold, so overlapping explicit holds
     /// of one id each release their own).
     pub fn release(&mut self, ids: &[u32]) {

@@ -33,13 +33,13 @@
 pub mod connections;
 pub mod error;
 pub mod gpus;
+pub mod journal;
 pub mod logs;
 pub mod packages;
 pub mod peer;
 pub mod routes;
 pub mod socket;
 pub mod state;
-pub mod tree;
 pub mod workers;
 
 use std::path::PathBuf;
@@ -87,6 +87,8 @@ pub struct DaemonConfig {
     pub allow_remote: crate::remote::AllowList,
     /// Builds one uid (not root or the daemon's user) may have in flight at once.
     pub max_builds_per_uid: usize,
+    /// A stopping daemon leaves its workers running (`--live-restore`).
+    pub live_restore: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +101,13 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves until SIGTERM or SIGINT, then stops accepting, stops workers and removes the
-/// socket.
+/// Serves until SIGTERM or SIGINT, then stops accepting, stops workers (unless
+/// `--live-restore`) and removes the socket.
+///
+/// What it knows that must outlive it is saved in the store's state database before a
+/// request is answered (references, workers and their GPUs; see [`journal`]), and taken
+/// back when it starts: envs found again and re-leased, running workers adopted from
+/// their supervisors ([`crate::supervisor`]).
 pub async fn serve(
     config: DaemonConfig,
     store: Store,
@@ -126,7 +133,9 @@ pub async fn serve(
     let listener = socket::bind(&config.socket, &access)?;
     let listener = UnixListener::from_std(listener)?;
     let pool = GpuPool::new(&config.gpus);
-    tracing::info!(socket = %config.socket.display(), gpus = ?pool.all(), "renv daemon listening");
+    // What a previous daemon saved, read before anything new is saved.
+    let db = crate::store::state_db::StateDb::open(store.layout())?;
+    let saved = db.load()?;
     let daemon = Arc::new(Daemon::new(
         Arc::new(store),
         policy,
@@ -134,15 +143,30 @@ pub async fn serve(
         config.allow_remote.clone(),
         config.max_idle_envs,
         config.max_builds_per_uid,
+        journal::Journal::start(db),
     ));
+    let restored = daemon
+        .restore(saved.envs, saved.refs)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let workers = Arc::new(Workers::new(
         Arc::clone(&daemon),
         pool,
         config.zero_gpus,
         config.stop_grace,
         config.max_ended_workers,
-    ));
+    )?);
+    let (adopted, ended_meanwhile) = workers.restore(saved.workers, saved.next_worker).await;
     workers.refill_logs();
+    tracing::info!(
+        socket = %config.socket.display(),
+        gpus = ?workers.all_gpus(),
+        restored_envs = restored,
+        lost_references = daemon.lost_reference_count(),
+        adopted_workers = adopted,
+        workers_ended_meanwhile = ended_meanwhile,
+        "renv daemon listening"
+    );
     if let Some(max) = config.max_store_size {
         tokio::spawn(collect_garbage(Arc::clone(&daemon), max, config.gc_min_age));
     }
@@ -223,10 +247,17 @@ pub async fn serve(
             drop(admitted);
         });
     }
-    tracing::info!("shutting down: stopping workers");
     drop(listener);
     let _ = std::fs::remove_file(&config.socket);
-    workers.stop_all().await;
+    if config.live_restore {
+        tracing::info!(
+            running = workers.live(),
+            "shutting down; workers keep running (--live-restore)"
+        );
+    } else {
+        tracing::info!("shutting down: stopping workers");
+        workers.stop_all().await;
+    }
     Ok(())
 }
 

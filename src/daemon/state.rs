@@ -22,12 +22,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use super::journal::Journal;
 use super::peer::Caller;
 use crate::build::{BuiltEnv, build_env};
 use crate::digest::EnvId;
 use crate::progress::Progress;
 use crate::remote::{AllowList, Remotes};
 use crate::spec::{Origin, PackageList, PackageSpec, RuntimeEnvSpec};
+use crate::store::state_db::{Change, SavedEnv, SavedRef};
 use crate::store::{Lease, Store};
 use crate::venv::VenvPolicy;
 
@@ -81,10 +83,18 @@ impl From<crate::Error> for StateError {
     }
 }
 
+/// A reference: its id in the state database, its owner and tag.
+#[derive(Debug, Clone)]
+pub struct Ref {
+    id: i64,
+    uid: u32,
+    tag: Option<String>,
+}
+
 struct EnvRecord {
     built: Arc<BuiltEnv>,
-    /// References, in the order they were taken: (owner uid, tag).
-    refs: Vec<(u32, Option<String>)>,
+    /// References, in the order they were taken.
+    refs: Vec<Ref>,
     /// The owner uid of each running worker.
     workers: Vec<u32>,
     last_used: f64,
@@ -95,9 +105,7 @@ struct EnvRecord {
 impl EnvRecord {
     /// Whether `caller` may see this env: it holds a reference or runs a worker in it.
     fn visible_to(&self, caller: &Caller) -> bool {
-        caller.admin
-            || self.refs.iter().any(|(uid, _)| *uid == caller.uid)
-            || self.workers.contains(&caller.uid)
+        caller.admin || self.refs.iter().any(|r| r.uid == caller.uid) || self.workers.contains(&caller.uid)
     }
 }
 
@@ -105,6 +113,15 @@ impl EnvRecord {
 pub enum Hold {
     Reference(Option<String>),
     Worker,
+}
+
+/// References restored at start-up whose env lost an entry while the daemon was down:
+/// reported (`GET /v1/envs`, `/metrics`, the log), never silently dropped. Building the
+/// same env again gives them their env back; releasing them forgets them.
+pub struct LostEnv {
+    pub env_id: EnvId,
+    pub refs: u64,
+    pub ref_tags: Vec<String>,
 }
 
 /// One env as `GET /v1/envs` lists it, seen by one caller (its own references and
@@ -144,6 +161,10 @@ pub struct Daemon {
     /// Wakes the garbage collector (after builds that created entries).
     pub gc_wakeup: tokio::sync::Notify,
     envs: Mutex<HashMap<EnvId, EnvRecord>>,
+    /// References whose env was found incomplete at start-up (see [`LostEnv`]).
+    lost: Mutex<HashMap<EnvId, Vec<Ref>>>,
+    /// Where references and workers are saved before a request is answered.
+    pub journal: Journal,
     builds: Mutex<Builds>,
     /// Canonical spec → the env it built, for the in-memory fast path.
     resolved: Mutex<HashMap<String, EnvId>>,
@@ -179,8 +200,11 @@ impl Daemon {
         allow_remote: AllowList,
         max_idle_envs: usize,
         max_builds_per_uid: usize,
+        journal: Journal,
     ) -> Daemon {
         Daemon {
+            journal,
+            lost: Mutex::new(HashMap::new()),
             max_builds_per_uid,
             remotes,
             allow_remote,
@@ -423,7 +447,13 @@ impl Daemon {
                 let mut envs = self.envs.lock().unwrap();
                 let record = envs.entry(built.env_id).or_insert_with(|| EnvRecord {
                     built: Arc::clone(&built),
-                    refs: Vec::new(),
+                    // References whose env was lost come back with it.
+                    refs: self
+                        .lost
+                        .lock()
+                        .unwrap()
+                        .remove(&built.env_id)
+                        .unwrap_or_default(),
                     workers: Vec::new(),
                     last_used: now(),
                     leases: None,
@@ -478,8 +508,8 @@ impl Daemon {
                 let refs: Vec<&Option<String>> = r
                     .refs
                     .iter()
-                    .filter(|(uid, _)| caller.may_see(*uid))
-                    .map(|(_, tag)| tag)
+                    .filter(|r| caller.may_see(r.uid))
+                    .map(|r| &r.tag)
                     .collect();
                 EnvInfo {
                     built: Arc::clone(&r.built),
@@ -492,6 +522,33 @@ impl Daemon {
             .collect()
     }
 
+    /// References whose env is lost (see [`LostEnv`]) that `caller` may see.
+    pub fn lost_envs(&self, caller: &Caller) -> Vec<LostEnv> {
+        self.lost
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(env_id, refs)| {
+                let refs: Vec<&Ref> = refs.iter().filter(|r| caller.may_see(r.uid)).collect();
+                (!refs.is_empty()).then(|| LostEnv {
+                    env_id: *env_id,
+                    refs: refs.len() as u64,
+                    ref_tags: refs.iter().filter_map(|r| r.tag.clone()).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// References whose env is lost, in all.
+    pub fn lost_reference_count(&self) -> u64 {
+        self.lost
+            .lock()
+            .unwrap()
+            .values()
+            .map(|refs| refs.len() as u64)
+            .sum()
+    }
+
     /// All references held, and the number of envs known.
     pub fn reference_counts(&self) -> (u64, usize) {
         let envs = self.envs.lock().unwrap();
@@ -501,27 +558,70 @@ impl Daemon {
         )
     }
 
-    /// Adds a reference or a running worker of `owner` to an env. If the env's entries
-    /// are not leased yet, the leases are taken on the blocking pool (another process may
-    /// hold an entry's lock for as long as it likes; the event loop never waits for it,
-    /// and the wait ends at the store's lock deadline). If they cannot be taken, the hold
-    /// is given back and the error returned: nothing is held without its leases.
+    /// The change that saves an env (ignored if saved already): every change that adds a
+    /// hold carries it, so no saved hold is ever without its env.
+    pub fn save_env(built: &BuiltEnv) -> Change {
+        Change::PutEnv(SavedEnv {
+            env_id: built.env_id.to_string(),
+            recipe: built.recipe(),
+            entries: built.entries().collect(),
+        })
+    }
+
+    /// Adds a reference or a running worker of `owner` to an env. A reference is saved
+    /// before it counts (a worker's hold is saved by [`super::workers`] with the worker).
+    /// If the env's entries are not leased yet, the leases are taken on the blocking pool
+    /// (another process may hold an entry's lock for as long as it likes; the event loop
+    /// never waits for it, and the wait ends at the store's lock deadline). If they cannot
+    /// be taken, the hold is given back and the error returned: nothing is held without
+    /// its leases.
     pub async fn hold(self: &Arc<Self>, env_id: EnvId, owner: u32, hold: Hold) -> Result<(), StateError> {
-        let taken = match &hold {
-            Hold::Reference(tag) => Taken::Reference(owner, tag.clone()),
+        let built = self
+            .envs
+            .lock()
+            .unwrap()
+            .get(&env_id)
+            .map(|record| Arc::clone(&record.built))
+            .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
+        let taken = match hold {
+            Hold::Reference(tag) => {
+                let ids = self
+                    .journal
+                    .write(vec![
+                        Self::save_env(&built),
+                        Change::AddRef {
+                            env_id: env_id.to_string(),
+                            uid: owner,
+                            tag: tag.clone(),
+                        },
+                    ])
+                    .await
+                    .map_err(|e| StateError::Internal(format!("saving the reference: {e}")))?;
+                Taken::Reference(Ref {
+                    id: ids[1],
+                    uid: owner,
+                    tag,
+                })
+            }
             Hold::Worker => Taken::Worker(owner),
         };
         let unleased = {
             let mut envs = self.envs.lock().unwrap();
-            let record = envs
-                .get_mut(&env_id)
-                .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-            match hold {
-                Hold::Worker => record.workers.push(owner),
-                Hold::Reference(tag) => record.refs.push((owner, tag)),
-            }
-            record.last_used = now();
-            record.leases.is_none().then(|| Arc::clone(&record.built))
+            envs.get_mut(&env_id).map(|record| {
+                match &taken {
+                    Taken::Worker(owner) => record.workers.push(*owner),
+                    Taken::Reference(r) => record.refs.push(r.clone()),
+                }
+                record.last_used = now();
+                record.leases.is_none().then(|| Arc::clone(&record.built))
+            })
+        };
+        // Forgotten while the reference was saved (it was idle then).
+        let Some(unleased) = unleased else {
+            self.unsave(&taken, env_id).await;
+            return Err(StateError::Conflict(
+                "the env was forgotten meanwhile; ask again".into(),
+            ));
         };
         let Some(built) = unleased else {
             return Ok(());
@@ -538,21 +638,30 @@ impl Daemon {
                 .and_then(|leases| {
                     leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
                 });
-            let mut envs = daemon.envs.lock().unwrap();
-            let record = envs
-                .get_mut(&env_id)
-                .ok_or_else(|| StateError::Internal(format!("env {env_id} vanished while held")))?;
-            match leased {
-                Ok(leases) => {
-                    if record.leases.is_none() && !(record.refs.is_empty() && record.workers.is_empty()) {
-                        record.leases = Some(leases);
+            let failed = {
+                let mut envs = daemon.envs.lock().unwrap();
+                let record = envs
+                    .get_mut(&env_id)
+                    .ok_or_else(|| StateError::Internal(format!("env {env_id} vanished while held")))?;
+                match leased {
+                    Ok(leases) => {
+                        if record.leases.is_none() && !(record.refs.is_empty() && record.workers.is_empty()) {
+                            record.leases = Some(leases);
+                        }
+                        None
                     }
-                    Ok(())
+                    // Another hold leased the env meanwhile: this one is protected too.
+                    Err(_) if record.leases.is_some() => None,
+                    Err(e) => {
+                        record.give_back(&taken);
+                        Some(e)
+                    }
                 }
-                // Another hold leased the env meanwhile: this one is protected too.
-                Err(_) if record.leases.is_some() => Ok(()),
-                Err(e) => {
-                    record.give_back(&taken);
+            };
+            match failed {
+                None => Ok(()),
+                Some(e) => {
+                    daemon.unsave(&taken, env_id).await;
                     Err(e)
                 }
             }
@@ -561,38 +670,179 @@ impl Daemon {
         .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?
     }
 
+    /// Removes a saved reference that was given back (a worker's row is its module's).
+    async fn unsave(&self, taken: &Taken, env_id: EnvId) {
+        if let Taken::Reference(r) = taken
+            && let Err(e) = self
+                .journal
+                .write(vec![
+                    Change::DropRef { id: r.id },
+                    Change::DropEnvIfUnheld {
+                        env_id: env_id.to_string(),
+                    },
+                ])
+                .await
+        {
+            tracing::warn!(error = %e, "a reference given back stays saved");
+        }
+    }
+
     /// Drops the last reference `caller` took (the daemon's user and root: the last one
-    /// anyone took). Returns the references left that `caller` may see.
-    pub fn release_reference(&self, env_id: EnvId, caller: &Caller) -> Result<u64, StateError> {
-        let mut envs = self.envs.lock().unwrap();
-        let record = envs
-            .get_mut(&env_id)
-            .filter(|record| record.visible_to(caller))
-            .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-        let at = record
-            .refs
-            .iter()
-            .rposition(|(uid, _)| *uid == caller.uid)
-            .or_else(|| caller.admin.then(|| record.refs.len().checked_sub(1)).flatten())
-            .ok_or_else(|| {
-                StateError::Conflict(format!("env {env_id} has no reference of yours to release"))
-            })?;
-        record.refs.remove(at);
-        record.last_used = now();
-        record.drop_leases_if_unheld();
-        Ok(record.refs.iter().filter(|(uid, _)| caller.may_see(*uid)).count() as u64)
+    /// anyone took), in memory and then in the saved state. Returns the references left
+    /// that `caller` may see.
+    pub async fn release_reference(&self, env_id: EnvId, caller: &Caller) -> Result<u64, StateError> {
+        let pick = |refs: &mut Vec<Ref>| -> Result<Ref, StateError> {
+            let at = refs
+                .iter()
+                .rposition(|r| r.uid == caller.uid)
+                .or_else(|| caller.admin.then(|| refs.len().checked_sub(1)).flatten())
+                .ok_or_else(|| {
+                    StateError::Conflict(format!("env {env_id} has no reference of yours to release"))
+                })?;
+            Ok(refs.remove(at))
+        };
+        let visible = |refs: &[Ref]| refs.iter().filter(|r| caller.may_see(r.uid)).count() as u64;
+        let (released, left) = {
+            let mut envs = self.envs.lock().unwrap();
+            match envs.get_mut(&env_id).filter(|record| record.visible_to(caller)) {
+                Some(record) => {
+                    let released = pick(&mut record.refs)?;
+                    record.last_used = now();
+                    record.drop_leases_if_unheld();
+                    (released, visible(&record.refs))
+                }
+                None => {
+                    drop(envs);
+                    let mut lost = self.lost.lock().unwrap();
+                    let refs = lost
+                        .get_mut(&env_id)
+                        .filter(|refs| caller.admin || refs.iter().any(|r| r.uid == caller.uid))
+                        .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
+                    let released = pick(refs)?;
+                    let left = visible(refs);
+                    if refs.is_empty() {
+                        lost.remove(&env_id);
+                    }
+                    (released, left)
+                }
+            }
+        };
+        self.journal
+            .write(vec![
+                Change::DropRef { id: released.id },
+                Change::DropEnvIfUnheld {
+                    env_id: env_id.to_string(),
+                },
+            ])
+            .await
+            .map_err(|e| StateError::Internal(format!("saving the release: {e}")))?;
+        Ok(left)
     }
 
     /// Drops a running worker of `owner` (its exit was recorded, or it never started).
-    pub fn release_worker(&self, env_id: EnvId, owner: u32) {
-        let mut envs = self.envs.lock().unwrap();
-        if let Some(record) = envs.get_mut(&env_id) {
-            if let Some(at) = record.workers.iter().position(|uid| *uid == owner) {
-                record.workers.remove(at);
+    pub async fn release_worker(&self, env_id: EnvId, owner: u32) {
+        {
+            let mut envs = self.envs.lock().unwrap();
+            if let Some(record) = envs.get_mut(&env_id) {
+                if let Some(at) = record.workers.iter().position(|uid| *uid == owner) {
+                    record.workers.remove(at);
+                }
+                record.last_used = now();
+                record.drop_leases_if_unheld();
             }
-            record.last_used = now();
-            record.drop_leases_if_unheld();
         }
+        let dropped = self
+            .journal
+            .write(vec![Change::DropEnvIfUnheld {
+                env_id: env_id.to_string(),
+            }])
+            .await;
+        if let Err(e) = dropped {
+            tracing::warn!(error = %e, "an env no worker holds stays saved");
+        }
+    }
+
+    /// Takes back what a previous daemon saved: each saved env is found again in the
+    /// store (nothing is built) and its references re-leased. References whose env lost
+    /// an entry meanwhile are kept as lost and reported. Returns the envs restored.
+    pub async fn restore(
+        self: &Arc<Self>,
+        envs: Vec<SavedEnv>,
+        refs: Vec<SavedRef>,
+    ) -> Result<usize, StateError> {
+        let mut refs_of: HashMap<String, Vec<Ref>> = HashMap::new();
+        for r in refs {
+            refs_of.entry(r.env_id).or_default().push(Ref {
+                id: r.id,
+                uid: r.uid,
+                tag: r.tag,
+            });
+        }
+        let store = Arc::clone(&self.store);
+        let found = tokio::task::spawn_blocking(move || {
+            envs.into_iter()
+                .map(|saved| {
+                    let built = BuiltEnv::restore(&store, &saved.recipe).and_then(|built| match built {
+                        Some(built) => Ok(built.lease(&store)?.map(|leases| (built, leases))),
+                        None => Ok(None),
+                    });
+                    (saved, built)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| StateError::Internal(format!("restoring panicked: {e}")))?;
+        let mut restored = 0;
+        for (saved, built) in found {
+            let refs = refs_of.remove(&saved.env_id).unwrap_or_default();
+            let Ok(env_id) = saved.env_id.parse::<EnvId>() else {
+                continue;
+            };
+            match built {
+                Ok(Some((built, leases))) => {
+                    if built.env_id != env_id {
+                        tracing::warn!(saved = %env_id, found = %built.env_id, "a saved env restores to another id");
+                    }
+                    restored += 1;
+                    self.envs.lock().unwrap().insert(
+                        env_id,
+                        EnvRecord {
+                            built: Arc::new(built),
+                            leases: (!refs.is_empty()).then_some(leases),
+                            refs,
+                            workers: Vec::new(),
+                            last_used: now(),
+                        },
+                    );
+                }
+                Ok(None) | Err(_) => {
+                    let error = built.err().map(|e| e.to_string());
+                    if !refs.is_empty() {
+                        tracing::warn!(
+                            env_id = %env_id,
+                            references = refs.len(),
+                            tags = ?refs.iter().filter_map(|r| r.tag.as_deref()).collect::<Vec<_>>(),
+                            error,
+                            "references whose env lost an entry while the daemon was down; they are kept                              (GET /v1/envs shows them missing) until released or the env is built again"
+                        );
+                        self.lost.lock().unwrap().insert(env_id, refs);
+                    }
+                }
+            }
+        }
+        for (env_id, refs) in refs_of {
+            // References saved without their env: impossible by construction (every
+            // change adding one saves the env too), reported if it happens anyway.
+            tracing::warn!(
+                env_id,
+                references = refs.len(),
+                "saved references without a saved env"
+            );
+            if let Ok(env_id) = env_id.parse::<EnvId>() {
+                self.lost.lock().unwrap().insert(env_id, refs);
+            }
+        }
+        Ok(restored)
     }
 }
 
@@ -618,7 +868,7 @@ fn forget_idle(envs: &mut HashMap<EnvId, EnvRecord>, max: usize, keep: EnvId) ->
 
 /// A hold as [`Daemon::hold`] took it, to give it back.
 enum Taken {
-    Reference(u32, Option<String>),
+    Reference(Ref),
     Worker(u32),
 }
 
@@ -626,8 +876,8 @@ impl EnvRecord {
     /// Gives back a hold that could not be leased (the newest one that matches).
     fn give_back(&mut self, taken: &Taken) {
         match taken {
-            Taken::Reference(owner, tag) => {
-                if let Some(at) = self.refs.iter().rposition(|(uid, t)| uid == owner && t == tag) {
+            Taken::Reference(taken) => {
+                if let Some(at) = self.refs.iter().position(|r| r.id == taken.id) {
                     self.refs.remove(at);
                 }
             }

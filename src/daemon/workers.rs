@@ -14,7 +14,6 @@
 //! worker object.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,17 +26,12 @@ use super::gpus::{GpuPool, ZeroGpus};
 use super::logs::LogPool;
 use super::peer::Caller;
 use super::state::{Daemon, Hold, StateError, now};
-use super::tree::{Cgroups, Leader, Tree};
 use crate::build::BuiltEnv;
+use crate::store::state_db::{Change, SavedWorker, StateDb, WorkerEnd};
+use crate::supervisor::tree::{Cgroups, WorkerCgroup};
+use crate::supervisor::{Spec, StartError, Supervisor};
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerState {
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-}
+pub use crate::supervisor::WorkerState;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerInfo {
@@ -56,11 +50,7 @@ pub struct WorkerInfo {
     pub stdout_log: PathBuf,
     pub stderr_log: PathBuf,
     #[serde(skip)]
-    pub stop_requested: bool,
-    /// The leader has exited: its tree is being ended (the leader is reaped, and its pid
-    /// and process group id let go, only once that is done; see [`Leader`]).
-    #[serde(skip)]
-    pub leader_exited: bool,
+    seq: i64,
 }
 
 /// Variables of the daemon's environment that describe the node, not the daemon's user,
@@ -133,14 +123,31 @@ pub struct Workers {
     /// Flips to true when a worker's exit has been recorded (for `?wait=true` and log
     /// followers, so they learn of it at once instead of polling).
     exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// The next worker's number: never one given before, by this daemon or an earlier one.
     next_worker: AtomicU64,
     /// Ended workers kept for `status` and logs; the oldest beyond this are forgotten
     /// (their log files stay until `renv prune` removes old logs).
     max_ended: usize,
-    /// Where workers' cgroups are made, if the node allows (see [`super::tree`]).
+    /// Where workers' cgroups are made, if the node allows (see [`crate::supervisor::tree`]).
     cgroups: Option<Cgroups>,
-    /// The process trees of workers whose end is not yet complete.
-    trees: Mutex<HashMap<String, Arc<Tree>>>,
+    /// The supervisors of running workers.
+    supervisors: Mutex<HashMap<String, Arc<Supervisor>>>,
+    /// Reads what supervisors recorded (the journal owns the writing connection).
+    reader: Arc<Mutex<StateDb>>,
+}
+
+/// What a running worker holds, given back when it ends.
+struct Held {
+    worker_id: String,
+    seq: i64,
+    env_id: crate::digest::EnvId,
+    owner: u32,
+    gpus: Vec<u32>,
+    cgroup: Option<PathBuf>,
+}
+
+fn worker_id(seq: i64) -> String {
+    format!("w{seq:06}")
 }
 
 impl Workers {
@@ -150,10 +157,10 @@ impl Workers {
         zero_gpus: ZeroGpus,
         stop_grace: Duration,
         max_ended: usize,
-    ) -> Workers {
-        let logs = LogPool::new(daemon.store.layout().worker_logs_dir())
-            .expect("the store's log directory is writable");
-        Workers {
+    ) -> Result<Workers, crate::store::StoreError> {
+        let logs = LogPool::new(daemon.store.layout().worker_logs_dir())?;
+        let reader = StateDb::open(daemon.store.layout())?;
+        Ok(Workers {
             daemon,
             gpus: Mutex::new(gpus),
             logs: Arc::new(logs),
@@ -175,8 +182,9 @@ impl Workers {
                     None
                 }
             },
-            trees: Mutex::new(HashMap::new()),
-        }
+            supervisors: Mutex::new(HashMap::new()),
+            reader: Arc::new(Mutex::new(reader)),
+        })
     }
 
     /// Whether workers get a cgroup each (for `/metrics`).
@@ -184,22 +192,40 @@ impl Workers {
         self.cgroups.is_some()
     }
 
-    /// Forgets the oldest ended workers beyond `max_ended`.
-    fn forget_ended(&self) {
-        let mut workers = self.workers.lock().unwrap();
-        let mut ended: Vec<(f64, String)> = workers
-            .values()
-            .filter_map(|w| w.ended_at.map(|t| (t, w.worker_id.clone())))
+    /// The node's GPUs.
+    pub fn all_gpus(&self) -> Vec<u32> {
+        self.gpus.lock().unwrap().all()
+    }
+
+    /// Forgets the oldest ended workers beyond `max_ended`, here and in the saved state.
+    async fn forget_ended(&self) {
+        let forgotten: Vec<i64> = {
+            let mut workers = self.workers.lock().unwrap();
+            let mut ended: Vec<(f64, String)> = workers
+                .values()
+                .filter_map(|w| w.ended_at.map(|t| (t, w.worker_id.clone())))
+                .collect();
+            if ended.len() <= self.max_ended {
+                return;
+            }
+            ended.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let excess = ended.len() - self.max_ended;
+            let mut exits = self.exits.lock().unwrap();
+            ended
+                .into_iter()
+                .take(excess)
+                .filter_map(|(_, id)| {
+                    exits.remove(&id);
+                    workers.remove(&id).map(|w| w.seq)
+                })
+                .collect()
+        };
+        let changes = forgotten
+            .into_iter()
+            .map(|seq| Change::ForgetWorker { seq })
             .collect();
-        if ended.len() <= self.max_ended {
-            return;
-        }
-        ended.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let excess = ended.len() - self.max_ended;
-        let mut exits = self.exits.lock().unwrap();
-        for (_, id) in ended.into_iter().take(excess) {
-            workers.remove(&id);
-            exits.remove(&id);
+        if let Err(e) = self.daemon.journal.write(changes).await {
+            tracing::warn!(error = %e, "forgotten workers stay saved");
         }
     }
 
@@ -208,12 +234,8 @@ impl Workers {
         self.logs.refill_if_low();
     }
 
-    fn new_worker_id(&self) -> String {
-        format!("w{:06}", self.next_worker.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Starts `argv` in `built`'s context with the GPUs asked for; the env is held and its
-    /// GPUs taken until the worker's exit is recorded.
+    /// Starts `argv` in `built`'s context with the GPUs asked for, under a supervisor of
+    /// its own; the env is held and its GPUs taken until the worker's end is recorded.
     pub async fn start(
         self: &Arc<Self>,
         built: Arc<BuiltEnv>,
@@ -240,10 +262,9 @@ impl Workers {
                 GpuRequest::None => Vec::new(),
             }
         };
-        let give_back = |workers: &Workers| workers.gpus.lock().unwrap().release(&gpus);
-
-        let daemon = &self.daemon;
-        let worker_id = self.new_worker_id();
+        let seq = self.next_worker.fetch_add(1, Ordering::Relaxed) as i64;
+        let worker_id = worker_id(seq);
+        let owner = caller.uid;
         let logs = self.logs.dir();
         let stdout_log = logs.join(format!("{worker_id}.stdout"));
         let stderr_log = logs.join(format!("{worker_id}.stderr"));
@@ -251,122 +272,44 @@ impl Workers {
             Some(cgroups) => match cgroups.create(&worker_id) {
                 Ok(cgroup) => Some(cgroup),
                 Err(e) => {
-                    give_back(self);
+                    self.gpus.lock().unwrap().release(&gpus);
                     return Err(StateError::Internal(format!("the worker's cgroup: {e}")));
                 }
             },
             None => None,
         };
-        let spawn = |leases: Vec<std::os::fd::OwnedFd>| -> Result<tokio::process::Child, StateError> {
-            let gpu_env = if gpus.is_empty() && self.zero_gpus == ZeroGpus::Inherit {
-                None
-            } else {
-                Some(gpus.as_slice())
-            };
-            // Another user's worker starts from a clean environment of its own, never the
-            // daemon's (its HOME, its secrets).
-            let tenant_env;
-            let base_env = match &run_as {
-                Some((uid, _, _)) => {
-                    tenant_env = tenant_env_of(*uid, &self.base_env);
-                    &tenant_env
-                }
-                None => &self.base_env,
-            };
-            // The worker's own user's bytecode cache (the daemon's, if it runs as itself).
-            let (uid, gid) = run_as
-                .as_ref()
-                .map_or((crate::sys::geteuid(), crate::sys::getegid()), |(uid, gid, _)| {
-                    (*uid, *gid)
-                });
-            let context = built
-                .context_for(&self.daemon.store, uid, gid)
-                .map_err(|e| StateError::Internal(format!("the worker's bytecode cache: {e}")))?;
-            let mut cmd = crate::worker::command(&context, base_env, argv, gpu_env)
-                .map_err(|e| StateError::bad_request("argv", e.to_string()))?;
-            // The caller's alone: a worker's output is nobody else's to read.
-            let log = |name: String| {
-                let file = self.logs.create(&name)?;
-                if let Some((uid, gid, _)) = &run_as {
-                    std::os::unix::fs::fchown(&file, Some(*uid), Some(*gid))?;
-                }
-                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-                Ok::<_, std::io::Error>(file)
-            };
-            let log = |name: String| log(name).map_err(|e| StateError::Internal(format!("worker log: {e}")));
-            let out = log(format!("{worker_id}.stdout"))?;
-            let err = log(format!("{worker_id}.stderr"))?;
-            cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
-            // A session of its own (and so a process group: pgid = pid), without a
-            // controlling terminal: a worker must never reach the terminal the daemon was
-            // started from (TIOCSTI would type into root's shell).
-            crate::sys::new_session(&mut cmd);
-            // The worker holds its env's leases too: they outlive this daemon.
-            crate::sys::inherit_in_child(&mut cmd, leases);
-            // Into its cgroup first: the cgroup's files are the daemon's, not the caller's.
-            if let Some(cgroup) = &cgroup {
-                let procs = cgroup
-                    .procs()
-                    .map_err(|e| StateError::Internal(format!("the worker's cgroup: {e}")))?;
-                crate::sys::join_cgroup(&mut cmd, procs);
-            }
-            if let Some((uid, gid, groups)) = &run_as {
-                crate::sys::run_as(&mut cmd, *uid, *gid, groups);
-            }
-            tokio::process::Command::from(cmd)
-                .kill_on_drop(false)
-                .spawn()
-                .map_err(|e| StateError::bad_request("argv", format!("cannot start {:?}: {e}", argv[0])))
+        let held = Held {
+            worker_id: worker_id.clone(),
+            seq,
+            env_id: built.env_id,
+            owner,
+            gpus: gpus.clone(),
+            cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
         };
-        // The env stays leased from before the spawn until the worker's exit is recorded, and
-        // the worker itself inherits a lease, so its env stays protected even if this daemon
-        // dies and restarts while it runs.
-        let owner = caller.uid;
-        if let Err(e) = daemon.hold(built.env_id, owner, Hold::Worker).await {
-            give_back(self);
-            if let Some(cgroup) = &cgroup {
-                cgroup.kill_and_remove().await;
-            }
+        if let Err(e) = self.daemon.hold(built.env_id, owner, Hold::Worker).await {
+            self.give_back(&held, false).await;
             return Err(e);
         }
-        // Every failure from here on gives back what was taken: GPUs and the hold. The
-        // leases are taken on the blocking pool: another process may hold an entry's lock.
-        let (store, leasing) = (Arc::clone(&daemon.store), Arc::clone(&built));
-        let spawned = tokio::task::spawn_blocking(move || leasing.lease(&store))
-            .await
-            .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))
-            .and_then(|leased| leased.map_err(StateError::from))
-            .and_then(|leases| {
-                // An entry that vanished since the build cannot be leased: say so rather
-                // than start a worker nothing protects.
-                leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
-            })
-            .and_then(|own_leases| {
-                let inherited = own_leases
-                    .iter()
-                    .map(|lease| lease.dup())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| StateError::Internal(format!("lease: {e}")))?;
-                spawn(inherited)
-            });
-        let mut child = match spawned {
-            Ok(child) => child,
+        // Every failure from here on gives back what was taken: GPUs, the hold, the cgroup.
+        let started = self
+            .start_supervised(
+                &built,
+                argv,
+                &run_as,
+                &held,
+                name.clone(),
+                &stdout_log,
+                &stderr_log,
+            )
+            .await;
+        let (supervisor, pid) = match started {
+            Ok(started) => started,
             Err(e) => {
-                give_back(self);
-                daemon.release_worker(built.env_id, owner);
-                if let Some(cgroup) = &cgroup {
-                    cgroup.kill_and_remove().await;
-                }
+                self.give_back(&held, true).await;
                 return Err(e);
             }
         };
         self.logs.refill_if_low();
-        let pid = child.id().unwrap_or(0);
-        let tree = Arc::new(Tree::new(Leader::new(pid as i32), cgroup));
-        self.trees
-            .lock()
-            .unwrap()
-            .insert(worker_id.clone(), Arc::clone(&tree));
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             name,
@@ -381,62 +324,307 @@ impl Workers {
             ended_at: None,
             stdout_log,
             stderr_log,
-            stop_requested: false,
-            leader_exited: false,
+            seq,
         };
         self.workers
             .lock()
             .unwrap()
             .insert(worker_id.clone(), info.clone());
-        let (exited, exit_rx) = watch::channel(false);
-        self.exits.lock().unwrap().insert(worker_id.clone(), exit_rx);
-        daemon.metrics.workers_started.fetch_add(1, Ordering::Relaxed);
+        self.daemon
+            .metrics
+            .workers_started
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(worker_id = %worker_id, pid, gpus = ?gpus, env_id = %built.env_id, "worker started");
+        self.watch(held, Arc::new(supervisor));
+        Ok(info)
+    }
 
-        let reaper = Arc::clone(self);
-        let env_id = built.env_id;
-        tokio::spawn(async move {
-            // The leader's exit, not yet reaped: its pid still names the worker's group.
-            tree.leader().exited().await;
-            if let Some(w) = reaper.workers.lock().unwrap().get_mut(&worker_id) {
-                w.leader_exited = true;
+    /// Starts the worker's supervisor, saves the worker, then hands it over: no worker
+    /// runs that the saved state does not name. Returns the supervisor and the worker's pid.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_supervised(
+        &self,
+        built: &BuiltEnv,
+        argv: &[String],
+        run_as: &Option<(u32, u32, Vec<u32>)>,
+        held: &Held,
+        name: Option<String>,
+        stdout_log: &std::path::Path,
+        stderr_log: &std::path::Path,
+    ) -> Result<(Supervisor, u32), StateError> {
+        let gpu_env = if held.gpus.is_empty() && self.zero_gpus == ZeroGpus::Inherit {
+            None
+        } else {
+            Some(held.gpus.as_slice())
+        };
+        // Another user's worker starts from a clean environment of its own, never the
+        // daemon's (its HOME, its secrets).
+        let tenant_env;
+        let base_env = match run_as {
+            Some((uid, _, _)) => {
+                tenant_env = tenant_env_of(*uid, &self.base_env);
+                &tenant_env
             }
-            // Whatever the leader left running goes with it. Only then is the worker
-            // ended: its state, its GPUs and `?wait=true` all say that nothing is left.
-            tree.end().await;
-            reaper.trees.lock().unwrap().remove(&worker_id);
-            // Only now is the leader reaped, and its pid free to be reused.
-            tree.leader().mark_reaped();
-            let status = child.wait().await;
-            reaper.gpus.lock().unwrap().release(&gpus);
+            None => &self.base_env,
+        };
+        // The worker's own user's bytecode cache (the daemon's, if it runs as itself).
+        let (uid, gid) = run_as
+            .as_ref()
+            .map_or((crate::sys::geteuid(), crate::sys::getegid()), |(uid, gid, _)| {
+                (*uid, *gid)
+            });
+        let context = built
+            .context_for(&self.daemon.store, uid, gid)
+            .map_err(|e| StateError::Internal(format!("the worker's bytecode cache: {e}")))?;
+        let launch = crate::worker::launch(&context, base_env, argv, gpu_env)
+            .map_err(|e| StateError::bad_request("argv", e.to_string()))?;
+        // The caller's alone: a worker's output is nobody else's to read.
+        for log in [&held.worker_id, &held.worker_id]
+            .iter()
+            .zip(["stdout", "stderr"])
+        {
+            let file = self
+                .logs
+                .create(&format!("{}.{}", log.0, log.1))
+                .and_then(|file| {
+                    if let Some((uid, gid, _)) = run_as {
+                        std::os::unix::fs::fchown(&file, Some(*uid), Some(*gid))?;
+                    }
+                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                })
+                .map_err(|e| StateError::Internal(format!("worker log: {e}")));
+            file?;
+        }
+        let mut starting =
+            Supervisor::spawn().map_err(|e| StateError::Internal(format!("the worker's supervisor: {e}")))?;
+        let supervisor = &starting.supervisor;
+        let row = SavedWorker {
+            seq: held.seq,
+            env_id: held.env_id.to_string(),
+            uid: held.owner,
+            name,
+            pid: 0,
+            gpus: held.gpus.clone(),
+            started_at: now(),
+            state: WorkerState::Running.as_str().into(),
+            exit_code: None,
+            signal: None,
+            ended_at: None,
+            supervisor: (supervisor.pid, supervisor.start),
+            cgroup: held.cgroup.clone(),
+        };
+        let journal = &self.daemon.journal;
+        journal
+            .write(vec![Daemon::save_env(built), Change::AddWorker(row)])
+            .await
+            .map_err(|e| StateError::Internal(format!("saving the worker: {e}")))?;
+        let spec = Spec {
+            seq: held.seq,
+            store: self
+                .daemon
+                .store
+                .layout()
+                .root()
+                .parent()
+                .unwrap_or(std::path::Path::new("/"))
+                .into(),
+            entries: built.entries().map(|e| e.to_string()).collect(),
+            launch,
+            run_as: run_as.clone(),
+            cgroup: held.cgroup.clone(),
+            stdout_log: stdout_log.to_path_buf(),
+            stderr_log: stderr_log.to_path_buf(),
+            stop_grace_ms: self.stop_grace.as_millis() as u64,
+            lock_timeout_ms: self
+                .daemon
+                .store
+                .options()
+                .lock_timeout
+                .map(|t| t.as_millis() as u64),
+        };
+        let handed = starting.hand_over(&spec).await;
+        let supervisor = starting.supervisor;
+        let pid = match handed {
+            Ok(pid) => pid,
+            Err(e) => {
+                // It records the failure and exits; the row goes, the number stays used.
+                supervisor.exited().await;
+                let _ = journal.write(vec![Change::ForgetWorker { seq: held.seq }]).await;
+                return Err(match e {
+                    StartError::Spawn(message) => StateError::bad_request("argv", message),
+                    StartError::Setup(message) => StateError::Internal(message),
+                });
+            }
+        };
+        journal
+            .write(vec![Change::WorkerPid { seq: held.seq, pid }])
+            .await
+            .map_err(|e| StateError::Internal(format!("saving the worker: {e}")))?;
+        Ok((supervisor, pid))
+    }
+
+    /// Gives back what a worker that did not start held (`hold`: its env hold was taken).
+    async fn give_back(&self, held: &Held, hold: bool) {
+        self.gpus.lock().unwrap().release(&held.gpus);
+        if hold {
+            self.daemon.release_worker(held.env_id, held.owner).await;
+        }
+        if let Some(dir) = &held.cgroup {
+            WorkerCgroup::at(dir.clone()).kill_and_remove().await;
+        }
+    }
+
+    /// Waits for the supervisor's exit, then records the worker's end and gives back what
+    /// it held.
+    fn watch(self: &Arc<Self>, held: Held, supervisor: Arc<Supervisor>) {
+        let (exited, exit_rx) = watch::channel(false);
+        self.exits.lock().unwrap().insert(held.worker_id.clone(), exit_rx);
+        self.supervisors
+            .lock()
+            .unwrap()
+            .insert(held.worker_id.clone(), Arc::clone(&supervisor));
+        let workers = Arc::clone(self);
+        tokio::spawn(async move {
+            supervisor.exited().await;
+            workers.supervisors.lock().unwrap().remove(&held.worker_id);
+            let end = workers.end_of(&held).await;
+            workers.gpus.lock().unwrap().release(&held.gpus);
             {
-                let mut workers = reaper.workers.lock().unwrap();
-                if let Some(w) = workers.get_mut(&worker_id) {
-                    w.ended_at = Some(now());
-                    match status {
-                        Ok(status) => {
-                            w.exit_code = status.code();
-                            w.signal = status.signal();
-                            w.state = if w.stop_requested {
-                                WorkerState::Stopped
-                            } else if status.success() {
-                                WorkerState::Succeeded
-                            } else {
-                                WorkerState::Failed
-                            };
+                let mut all = workers.workers.lock().unwrap();
+                if let Some(w) = all.get_mut(&held.worker_id) {
+                    w.ended_at = Some(end.ended_at);
+                    w.exit_code = end.exit_code;
+                    w.signal = end.signal;
+                    w.state = WorkerState::parse(&end.state);
+                    tracing::info!(worker_id = %held.worker_id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "worker ended");
+                }
+            }
+            workers.daemon.release_worker(held.env_id, held.owner).await;
+            let _ = exited.send(true);
+            workers.forget_ended().await;
+        });
+    }
+
+    /// The end of a worker whose supervisor has exited, as the supervisor recorded it; if
+    /// it recorded none (it was killed), the worker is lost: what is left of it is killed
+    /// where its cgroup allows, and that is recorded.
+    async fn end_of(&self, held: &Held) -> WorkerEnd {
+        let reader = Arc::clone(&self.reader);
+        let seq = held.seq;
+        let saved = tokio::task::spawn_blocking(move || reader.lock().unwrap().worker(seq))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(saved) = saved
+            && saved.state != WorkerState::Running.as_str()
+        {
+            return WorkerEnd {
+                state: saved.state,
+                exit_code: saved.exit_code,
+                signal: saved.signal,
+                ended_at: saved.ended_at.unwrap_or_else(now),
+            };
+        }
+        match &held.cgroup {
+            Some(dir) => WorkerCgroup::at(dir.clone()).kill_and_remove().await,
+            None => tracing::warn!(
+                worker_id = %held.worker_id,
+                "the worker's supervisor died without recording its end; without a cgroup, what is left of \
+                 the worker cannot be found safely and is left running"
+            ),
+        }
+        let end = WorkerEnd {
+            state: WorkerState::Lost.as_str().into(),
+            exit_code: None,
+            signal: None,
+            ended_at: now(),
+        };
+        let _ = self
+            .daemon
+            .journal
+            .write(vec![Change::WorkerEnded {
+                seq: held.seq,
+                end: end.clone(),
+            }])
+            .await;
+        end
+    }
+
+    /// Takes back the workers a previous daemon saved: running ones whose supervisor is
+    /// still there are adopted (their GPUs and env held again, their end awaited), those
+    /// whose supervisor is gone get the end it recorded (or are lost), ended ones are
+    /// listed again. `next` is the next worker's number.
+    pub async fn restore(self: &Arc<Self>, saved: Vec<SavedWorker>, next: i64) -> (usize, usize) {
+        self.next_worker.store(next.max(1) as u64, Ordering::Relaxed);
+        let (mut adopted, mut ended_meanwhile) = (0, 0);
+        let logs = self.logs.dir().to_path_buf();
+        for w in saved {
+            let Ok(env_id) = w.env_id.parse::<crate::digest::EnvId>() else {
+                continue;
+            };
+            let id = worker_id(w.seq);
+            let mut info = WorkerInfo {
+                worker_id: id.clone(),
+                name: w.name.clone(),
+                uid: w.uid,
+                env_id: w.env_id.clone(),
+                pid: w.pid,
+                state: WorkerState::parse(&w.state),
+                exit_code: w.exit_code,
+                signal: w.signal,
+                gpus: w.gpus.clone(),
+                started_at: w.started_at,
+                ended_at: w.ended_at,
+                stdout_log: logs.join(format!("{id}.stdout")),
+                stderr_log: logs.join(format!("{id}.stderr")),
+                seq: w.seq,
+            };
+            let held = Held {
+                worker_id: id.clone(),
+                seq: w.seq,
+                env_id,
+                owner: w.uid,
+                gpus: w.gpus.clone(),
+                cgroup: w.cgroup.clone(),
+            };
+            if info.state == WorkerState::Running {
+                // Its GPUs are in use until it is really gone, whatever else happens.
+                self.gpus.lock().unwrap().mark_busy(&w.gpus);
+                match Supervisor::adopt(w.supervisor.0, w.supervisor.1) {
+                    Some(supervisor) => {
+                        if let Err(e) = self.daemon.hold(env_id, w.uid, Hold::Worker).await {
+                            tracing::warn!(worker_id = %id, error = %e, "an adopted worker's env could not be held");
                         }
-                        Err(_) => w.state = WorkerState::Failed,
+                        adopted += 1;
+                        self.workers.lock().unwrap().insert(id.clone(), info);
+                        self.watch(held, Arc::new(supervisor));
+                        continue;
+                    }
+                    None => {
+                        let end = self.end_of(&held).await;
+                        self.gpus.lock().unwrap().release(&w.gpus);
+                        ended_meanwhile += 1;
+                        info.state = WorkerState::parse(&end.state);
+                        info.exit_code = end.exit_code;
+                        info.signal = end.signal;
+                        info.ended_at = Some(end.ended_at);
+                        let _ = self
+                            .daemon
+                            .journal
+                            .write(vec![Change::DropEnvIfUnheld {
+                                env_id: env_id.to_string(),
+                            }])
+                            .await;
                     }
                 }
             }
-            if let Some(w) = reaper.workers.lock().unwrap().get(&worker_id) {
-                tracing::info!(worker_id = %worker_id, state = ?w.state, exit_code = ?w.exit_code, signal = ?w.signal, "worker ended");
-            }
-            reaper.daemon.release_worker(env_id, owner);
-            let _ = exited.send(true);
-            reaper.forget_ended();
-        });
-        Ok(info)
+            let (_, ended) = watch::channel(true);
+            self.exits.lock().unwrap().insert(id.clone(), ended);
+            self.workers.lock().unwrap().insert(id, info);
+        }
+        self.forget_ended().await;
+        (adopted, ended_meanwhile)
     }
 
     /// The workers `caller` may see, running or ended, by id.
@@ -488,94 +676,35 @@ impl Workers {
         }
     }
 
-    /// SIGTERM to the worker's process group, SIGKILL after the grace period.
+    /// Asks the worker's supervisor to stop it: SIGTERM to its process group, SIGKILL to
+    /// its tree after the grace period.
     pub fn stop(self: &Arc<Self>, id: &str, caller: &Caller) -> Result<WorkerInfo, StateError> {
-        {
-            let mut workers = self.workers.lock().unwrap();
-            let w = workers
-                .get_mut(id)
-                .filter(|w| caller.may_see(w.uid))
-                .ok_or_else(|| StateError::NotFound(format!("no worker {id:?}")))?;
-            if w.state != WorkerState::Running {
-                return Err(StateError::Conflict(format!(
-                    "worker {id} is not running ({:?})",
-                    w.state
-                )));
-            }
-            w.stop_requested = true;
-            if w.leader_exited {
-                // Ending already: its tree is being killed.
-                drop(workers);
-                return self.find(id, caller);
-            }
-        };
-        if let Some(tree) = self.trees.lock().unwrap().get(id) {
-            tree.signal_group(libc::SIGTERM);
+        let info = self.find(id, caller)?;
+        if info.state != WorkerState::Running {
+            return Err(StateError::Conflict(format!(
+                "worker {id} is not running ({:?})",
+                info.state
+            )));
         }
-        let grace = self.stop_grace;
-        let watcher = Arc::clone(self);
-        let watched = id.to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if watcher.is_running(&watched) {
-                watcher.kill_tree(&watched);
-            }
-        });
-        self.find(id, caller)
+        if let Some(supervisor) = self.supervisors.lock().unwrap().get(id) {
+            supervisor.signal(libc::SIGTERM);
+        }
+        Ok(info)
     }
 
-    /// Stops every running worker (daemon shutdown): SIGTERM, then SIGKILL after the grace.
+    /// Stops every running worker (daemon shutdown without `--live-restore`), and waits
+    /// for their ends (the grace, and a little more for the kills).
     pub async fn stop_all(&self) {
-        let running: Vec<String> = {
-            let mut workers = self.workers.lock().unwrap();
-            workers
-                .values_mut()
-                .filter(|w| w.state == WorkerState::Running && !w.leader_exited)
-                .map(|w| {
-                    w.stop_requested = true;
-                    w.worker_id.clone()
-                })
-                .collect()
-        };
-        for id in &running {
-            if let Some(tree) = self.trees.lock().unwrap().get(id) {
-                tree.signal_group(libc::SIGTERM);
-            }
+        let supervisors: Vec<Arc<Supervisor>> = self.supervisors.lock().unwrap().values().cloned().collect();
+        for supervisor in &supervisors {
+            supervisor.signal(libc::SIGTERM);
         }
-        let deadline = tokio::time::Instant::now() + self.stop_grace;
+        let deadline = tokio::time::Instant::now() + self.stop_grace + Duration::from_secs(5);
         while self.live() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Whatever is left after the grace — leaders that ignored SIGTERM, and what any
-        // leader left behind — is killed; the reapers end each tree (and remove its
-        // cgroup); then the daemon's own cgroup directory goes.
-        let left: Vec<Arc<Tree>> = self.trees.lock().unwrap().values().cloned().collect();
-        for tree in &left {
-            tree.kill();
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !self.trees.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Some(cgroups) = &self.cgroups {
             cgroups.remove();
-        }
-    }
-
-    /// SIGKILL to all of a worker's tree, unless its leader has exited (then the reaper
-    /// is ending the tree).
-    fn kill_tree(&self, id: &str) {
-        let leader_exited = self
-            .workers
-            .lock()
-            .unwrap()
-            .get(id)
-            .is_none_or(|w| w.leader_exited);
-        if leader_exited {
-            return;
-        }
-        if let Some(tree) = self.trees.lock().unwrap().get(id) {
-            tree.kill();
         }
     }
 }

@@ -28,6 +28,8 @@
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
 //!   uv-cache-<b>-for-<c>/       the wheel cache of builds as build user <b> for caller <c>
 //!   logs/                       build logs; logs/workers/: worker output
+//!   state/daemon.db             what the daemon knows that must survive it: references,
+//!                               workers, their GPUs (SQLite, see [`super::state_db`])
 //! ```
 
 use std::fmt;
@@ -123,6 +125,23 @@ impl fmt::Display for EntryId {
     }
 }
 
+/// `pkg-<digest>` / `env-<key>`, as [`EntryId`]'s `Display` writes it.
+impl std::str::FromStr for EntryId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (prefix, digest) = s
+            .split_once('-')
+            .ok_or_else(|| format!("not an entry name: {s:?}"))?;
+        let kind = EntryKind::ALL
+            .into_iter()
+            .find(|kind| kind.prefix() == prefix)
+            .ok_or_else(|| format!("not an entry name: {s:?}"))?;
+        let digest = digest.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(EntryId { kind, digest })
+    }
+}
+
 /// A typed name of an entry: [`PackageDigest`] or [`EnvKey`].
 pub trait EntryName: Copy + Into<EntryId> + Send + Sync + 'static {}
 impl EntryName for PackageDigest {}
@@ -152,7 +171,7 @@ pub struct Layout {
 }
 
 /// Directories [`Layout::create`] makes.
-const SUBDIRS: [&str; 13] = [
+const SUBDIRS: [&str; 14] = [
     "pkgs",
     "envs",
     "meta",
@@ -166,6 +185,7 @@ const SUBDIRS: [&str; 13] = [
     "tools",
     "uv-cache",
     "pycache",
+    "state",
 ];
 
 /// Checks `dir` and every directory above it: anyone who could rename a directory on
@@ -278,6 +298,7 @@ impl Layout {
             ("logs", 0o711),
             ("logs/workers", 0o711),
             ("cache", 0o700),
+            ("state", 0o700),
             ("tools", 0o755),
             ("uv-cache", 0o700),
             ("pycache", 0o711),
@@ -379,6 +400,11 @@ impl Layout {
     /// Worker output (`<worker id>.stdout` / `.stderr`).
     pub fn worker_logs_dir(&self) -> PathBuf {
         self.logs_dir().join("workers")
+    }
+
+    /// The daemon's state database (see [`super::state_db`]).
+    pub fn state_db_path(&self) -> PathBuf {
+        self.root.join("state").join("daemon.db")
     }
 
     /// Stat caches of local sources.

@@ -11,6 +11,7 @@
 //! - [`transaction`]: the one publish protocol (begin → fill staging → commit or drop).
 //! - [`usage`]: last use, leases, holders, and the listing `renv ls` prints.
 //! - [`roots`]: entries live processes use (found in `/proc`), which maintenance keeps.
+//! - [`state_db`]: the daemon's saved references and workers, which maintenance keeps too.
 //! - [`prune`]: LRU / age eviction, orphans, old logs.
 //! - [`verify`]: re-checking committed entries.
 //! - `lock`: kernel file locks with deadlines; `single_flight`: one build per entry in a
@@ -36,6 +37,7 @@ pub mod prune;
 pub mod record;
 pub mod roots;
 mod single_flight;
+pub mod state_db;
 pub mod transaction;
 pub mod usage;
 pub mod verify;

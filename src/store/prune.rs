@@ -2,7 +2,8 @@
 //! builds, runs and the daemon are active. One prune at a time (`locks/prune.lock`).
 //!
 //! An entry a live process uses is kept: one holding a lease, or one using its files
-//! without one (see [`super::roots`]). Removal of one entry, under its exclusive lock taken
+//! without one (see [`super::roots`]); so is one the daemon's saved state holds (a
+//! reference or a running worker, see [`super::state_db`]), whether or not a daemon runs. Removal of one entry, under its exclusive lock taken
 //! *non-blocking* (a held lease or a build in progress means "in use": skip it): marker first (from then on nobody serves
 //! it), then rename into trash, then delete; an env's bytecode in the node's cache goes
 //! with it. A crash between the steps leaves a marker-less directory, which is garbage by
@@ -101,6 +102,12 @@ impl Store {
             } else {
                 "store over --max-size (LRU)"
             };
+            // A reference or a running worker the daemon saved keeps it, daemon up or not.
+            if !entry.held_by.is_empty() {
+                let reason = format!("held by the daemon's saved state ({})", entry.held_by.join(", "));
+                report.kept.push(Decision { entry, reason });
+                continue;
+            }
             // A live process that uses the entry without a lease (found in /proc when the
             // entries were listed) keeps it, as a lease does.
             if !entry.holders.is_empty() {

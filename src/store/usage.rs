@@ -34,6 +34,9 @@ pub struct EntryInfo {
     /// Processes holding a lease (or building it) right now, or using it without one
     /// (its files open, mapped, or named in their environment: see `roots`).
     pub holders: Vec<u32>,
+    /// References and running workers the daemon's saved state holds it for (kept whether
+    /// or not a daemon is up to lease it; see `state_db`).
+    pub held_by: Vec<String>,
     /// What it was built from: the working_dir source, or the requirement list.
     pub source: Value,
     #[serde(skip)]
@@ -95,11 +98,13 @@ impl Store {
         self.list_entries_using(&self.runtime_roots())
     }
 
-    /// As [`Self::list_entries`], with the runtime roots already scanned.
+    /// As [`Self::list_entries`], with the runtime roots already scanned; the saved
+    /// state's roots are read here.
     pub(super) fn list_entries_using(
         &self,
         roots: &super::roots::RuntimeRoots,
     ) -> Result<Vec<EntryInfo>, StoreError> {
+        let mut saved = super::state_db::roots(&self.layout)?;
         let now = unix_now();
         let mut out = Vec::new();
         for kind in EntryKind::ALL {
@@ -135,6 +140,7 @@ impl Store {
                         pids.dedup();
                         pids
                     },
+                    held_by: saved.remove(&id).unwrap_or_default(),
                     source: match (&marker.source, kind) {
                         // Env markers from before `source` was written: their requirements.
                         (Value::Null, EntryKind::Env) => marker.description["requirements"].clone(),

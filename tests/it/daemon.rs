@@ -974,8 +974,9 @@ fn a_full_disk_fails_one_request_and_the_daemon_keeps_serving() {
     assert!(list_dir(&store.join("store-v1/trash")).is_empty());
 }
 
-/// A worker inherits its env's lease: if the daemon dies, a prune still cannot take the
-/// entries out from under the running worker.
+/// A worker's env outlives the daemon: if the daemon dies, a prune still cannot take the
+/// entries out from under the running worker (its saved record holds them, and its
+/// supervisor's lease); once the worker ends, its supervisor records that, and they go.
 #[test]
 fn a_workers_lease_outlives_the_daemon() {
     let ws = setup();
@@ -1000,19 +1001,25 @@ fn a_workers_lease_outlives_the_daemon() {
     };
     let report = prune();
     assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
-    // (/proc/locks names the process that took the lock — the dead daemon — not the
-    // worker that now holds it.)
+    let reason = report["kept"][0]["reason"].as_str().unwrap();
     assert!(
-        report["kept"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("in use"),
+        reason.starts_with("held by the daemon's saved state") && reason.contains("worker w000001"),
         "{report}"
     );
     // SAFETY: ending the orphaned worker we started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(prune()["removed"].as_array().unwrap().len(), 1);
+    let start = Instant::now();
+    loop {
+        let removed = prune()["removed"].as_array().unwrap().len();
+        if removed == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker's end was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A client that waits for the socket file to appear (the SDK, the Ray plugin, scripts)

@@ -112,7 +112,7 @@ pub(super) async fn release(
     let env_id: EnvId = env_id
         .parse()
         .map_err(|_| ApiError::bad_request("env_id", "expected 64 lowercase hex digits"))?;
-    let refs = app.daemon.release_reference(env_id, &caller)?;
+    let refs = app.daemon.release_reference(env_id, &caller).await?;
     Ok(Json(json!({"env_id": env_id.to_string(), "refs": refs})))
 }
 
@@ -139,6 +139,16 @@ pub(super) async fn list(State(app): AppState, Extension(caller): Extension<Arc<
             })
         })
         .collect();
+    // References restored at start-up whose env lost an entry while the daemon was down.
+    list.extend(app.daemon.lost_envs(&caller).into_iter().map(|lost| {
+        json!({
+            "env_id": lost.env_id.to_string(),
+            "refs": lost.refs,
+            "ref_tags": lost.ref_tags,
+            "workers": 0,
+            "missing": true,
+        })
+    }));
     list.sort_by(|a, b| a["env_id"].as_str().cmp(&b["env_id"].as_str()));
     Json(json!({"envs": list}))
 }

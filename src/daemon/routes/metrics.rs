@@ -41,6 +41,7 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
             m.requests.load(Ordering::Relaxed) as f64,
         ),
         ("renv_env_references", refs as f64),
+        ("renv_env_references_lost", daemon.lost_reference_count() as f64),
         ("renv_envs_known", envs as f64),
         (
             "renv_workers_started_total",

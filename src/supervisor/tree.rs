@@ -106,6 +106,15 @@ pub struct WorkerCgroup {
 }
 
 impl WorkerCgroup {
+    /// The cgroup at `dir` (made by [`Cgroups::create`], perhaps by another process).
+    pub fn at(dir: PathBuf) -> WorkerCgroup {
+        WorkerCgroup { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The file a process writes `0` to, to move itself in (see `sys::join_cgroup`).
     pub fn procs(&self) -> io::Result<File> {
         Ok(fs_err::OpenOptions::new()

@@ -1,0 +1,410 @@
+//! A worker's supervisor: the small process that is its parent, so the worker outlives
+//! the daemon that asked for it (containerd's shim; Docker's `live-restore`).
+//!
+//! The daemon starts `renv __supervise` (this binary, [`ARG`]) in a session of its own and
+//! hands it a [`Spec`] on its stdin. The supervisor leases the env's entries (by name, in
+//! the store's lock files: its leases are its own and outlive the daemon), starts the
+//! worker exactly as the daemon used to (its identity, cgroup, session, logs), says
+//! `started <pid>` on its stdout, and waits. SIGTERM asks it to stop the worker: SIGTERM
+//! to the worker's group, SIGKILL to its tree after the grace. When the worker's leader
+//! exits, whatever it left is killed ([`tree`]), the leader is reaped, and the end is
+//! recorded in the store's state database ([`crate::store::state_db`]); then the
+//! supervisor exits, and with it the leases.
+//!
+//! A daemon that is (re)started finds each running worker's supervisor by the pid and
+//! start time saved with the worker ([`Supervisor::adopt`]); a supervisor's exit is its
+//! worker's end, and what the end was is in the database.
+//!
+//! Handing over is ordered so that no worker runs unrecorded: the daemon saves the worker
+//! (with its supervisor's pid) before it hands over the spec, and a supervisor whose
+//! stdin closes without a spec (the daemon died in between) exits without starting
+//! anything.
+
+pub mod tree;
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::store::state_db::{Change, StateDb, WorkerEnd};
+use crate::store::{EntryId, Layout, LockFile, LockMode, LockName};
+use crate::worker::Launch;
+use tree::{Leader, Tree, WorkerCgroup};
+
+/// The hidden first argument that makes `renv` a supervisor.
+pub const ARG: &str = "__supervise";
+
+/// A worker's state: running, or how it ended.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+    /// Its supervisor died without recording the end (killed itself): the exit status is
+    /// unknown, and what was left of the worker was killed where a cgroup allowed.
+    Lost,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Running => crate::store::state_db::RUNNING,
+            WorkerState::Succeeded => "succeeded",
+            WorkerState::Failed => "failed",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> WorkerState {
+        match s {
+            "running" => WorkerState::Running,
+            "succeeded" => WorkerState::Succeeded,
+            "stopped" => WorkerState::Stopped,
+            "lost" => WorkerState::Lost,
+            _ => WorkerState::Failed,
+        }
+    }
+}
+
+/// What a supervisor is handed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    /// The worker's number in the state database.
+    pub seq: i64,
+    /// The store directory (the one `renv --store` names).
+    pub store: PathBuf,
+    /// The entries the worker's env uses, leased for as long as the worker runs.
+    pub entries: Vec<String>,
+    pub launch: Launch,
+    /// Who the worker runs as (uid, gid, groups); `None`: as the supervisor.
+    pub run_as: Option<(u32, u32, Vec<u32>)>,
+    /// The worker's own cgroup, made by the daemon.
+    pub cgroup: Option<PathBuf>,
+    pub stdout_log: PathBuf,
+    pub stderr_log: PathBuf,
+    pub stop_grace_ms: u64,
+    pub lock_timeout_ms: Option<u64>,
+}
+
+/// `renv __supervise`: reads a [`Spec`] on stdin, runs the worker, records its end.
+pub fn main() -> ExitCode {
+    // A session of its own: nothing sent to the daemon's group or terminal reaches it.
+    let _ = rustix::process::setsid();
+    let mut text = String::new();
+    if std::io::stdin().read_to_string(&mut text).is_err() || text.is_empty() {
+        // The daemon died before handing the worker over: nothing was started.
+        return ExitCode::SUCCESS;
+    }
+    let spec: Spec = match serde_json::from_str(&text) {
+        Ok(spec) => spec,
+        Err(e) => {
+            report(&format!("failed the supervisor's spec: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let layout = Layout::new(&spec.store);
+    let end = match supervise(&spec, &layout) {
+        Ok(end) => end,
+        Err(Failure { message, spawn }) => {
+            let kind = if spawn { "spawn" } else { "setup" };
+            report(&format!("failed {kind} {message}"));
+            if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(&spec.stderr_log) {
+                let _ = writeln!(log, "renv: {message}");
+            }
+            WorkerEnd {
+                state: WorkerState::Failed.as_str().into(),
+                exit_code: None,
+                signal: None,
+                ended_at: now(),
+            }
+        }
+    };
+    match StateDb::open(&layout).and_then(|mut db| db.commit(&[Change::WorkerEnded { seq: spec.seq, end }])) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(&spec.stderr_log) {
+                let _ = writeln!(log, "renv: the worker's end could not be recorded: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Says how the start went, once, on stdout (the daemon may be gone: then no one hears).
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+struct Failure {
+    message: String,
+    /// The worker's program could not be started (the caller's mistake, not the node's).
+    spawn: bool,
+}
+
+fn setup(what: &str) -> impl Fn(std::io::Error) -> Failure + '_ {
+    move |e| Failure {
+        message: format!("{what}: {e}"),
+        spawn: false,
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Starts the worker, waits for its end (stopping it when asked), and returns the end.
+fn supervise(spec: &Spec, layout: &Layout) -> Result<WorkerEnd, Failure> {
+    let timeout = spec.lock_timeout_ms.map(Duration::from_millis);
+    let mut leases = Vec::new();
+    for name in &spec.entries {
+        let id: EntryId = name.parse().map_err(|e: String| Failure {
+            message: e,
+            spawn: false,
+        })?;
+        let lock = LockFile::acquire(&layout.lock_path(LockName::Entry(id)), LockMode::Shared, timeout)
+            .map_err(|e| Failure {
+                message: format!("leasing {name}: {e}"),
+                spawn: false,
+            })?;
+        // Leased now: the entry must still be there (prune may have won the race).
+        if !layout.entry_path(id).is_dir() {
+            return Err(Failure {
+                message: format!("{name} is gone from the store"),
+                spawn: false,
+            });
+        }
+        leases.push(lock);
+    }
+    let open_log = |path: &PathBuf| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(setup("the worker's log"))
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let (out, err) = (open_log(&spec.stdout_log)?, open_log(&spec.stderr_log)?);
+    let mut cmd = spec.launch.command();
+    cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+    // A session of its own (and so a process group: pgid = pid), without a controlling
+    // terminal: a worker must never reach a terminal (TIOCSTI would type into it).
+    crate::sys::new_session(&mut cmd);
+    // The worker holds its env's leases too: they outlive this supervisor.
+    let inherited = leases
+        .iter()
+        .map(|lease| lease.file().try_clone().map(OwnedFd::from))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(setup("lease"))?;
+    crate::sys::inherit_in_child(&mut cmd, inherited);
+    let cgroup = spec.cgroup.as_ref().map(|dir| WorkerCgroup::at(dir.clone()));
+    // Into its cgroup first: the cgroup's files are root's, not the caller's.
+    if let Some(cgroup) = &cgroup {
+        crate::sys::join_cgroup(&mut cmd, cgroup.procs().map_err(setup("the worker's cgroup"))?);
+    }
+    if let Some((uid, gid, groups)) = &spec.run_as {
+        crate::sys::run_as(&mut cmd, *uid, *gid, groups);
+    }
+    let mut child = cmd.spawn().map_err(|e| Failure {
+        message: format!("cannot start {:?}: {e}", spec.launch.argv[0]),
+        spawn: true,
+    })?;
+    let pid = child.id();
+    report(&format!("started {pid}"));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(setup("the supervisor's runtime"))?;
+    let tree = Tree::new(Leader::new(pid as i32), cgroup);
+    let grace = Duration::from_millis(spec.stop_grace_ms);
+    let stopped = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let exited = tree.leader().exited();
+        tokio::pin!(exited);
+        let mut stopped = false;
+        let kill = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(kill);
+        loop {
+            tokio::select! {
+                _ = &mut exited => break,
+                Some(()) = async { term.as_mut()?.recv().await }, if !stopped => {
+                    stopped = true;
+                    tree.signal_group(libc::SIGTERM);
+                    kill.as_mut().reset(tokio::time::Instant::now() + grace);
+                }
+                _ = &mut kill => tree.kill(),
+            }
+        }
+        // Whatever the leader left running goes with it; only then is the worker ended.
+        tree.end().await;
+        stopped
+    });
+    // Only now is the leader reaped, and its pid free to be reused.
+    tree.leader().mark_reaped();
+    let status = child.wait();
+    drop(leases);
+    use std::os::unix::process::ExitStatusExt;
+    let (state, exit_code, signal) = match status {
+        Ok(status) => (
+            if stopped {
+                WorkerState::Stopped
+            } else if status.success() {
+                WorkerState::Succeeded
+            } else {
+                WorkerState::Failed
+            },
+            status.code(),
+            status.signal(),
+        ),
+        Err(_) => (WorkerState::Failed, None, None),
+    };
+    Ok(WorkerEnd {
+        state: state.as_str().into(),
+        exit_code,
+        signal,
+        ended_at: now(),
+    })
+}
+
+/// The daemon's handle on a supervisor: started by it, or adopted after a restart.
+pub struct Supervisor {
+    pub pid: u32,
+    /// Its start time (see [`crate::sys::start_time`]).
+    pub start: u64,
+    pidfd: OwnedFd,
+    /// The process, while this daemon is its parent (to reap it).
+    child: Mutex<Option<tokio::process::Child>>,
+}
+
+/// A supervisor started and not yet handed its worker.
+pub struct Starting {
+    pub supervisor: Supervisor,
+    /// Closed once the spec is written: the supervisor reads it to the end.
+    stdin: Option<tokio::process::ChildStdin>,
+    stdout: tokio::process::ChildStdout,
+}
+
+/// Why a supervisor did not start its worker.
+#[derive(Debug)]
+pub enum StartError {
+    /// The worker's program could not be started.
+    Spawn(String),
+    /// Anything else (leases, logs, the supervisor itself).
+    Setup(String),
+}
+
+impl Supervisor {
+    /// Starts a supervisor, which waits for its spec ([`Starting::hand_over`]).
+    pub fn spawn() -> std::io::Result<Starting> {
+        // This very binary, even if it was replaced on disk since (an upgrade).
+        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        cmd.arg(ARG)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        let mut child = cmd.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+        // Our unreaped child: the pid is its own, for the pidfd and the start time.
+        let pidfd = crate::sys::pidfd_open(pid)?;
+        let start =
+            crate::sys::start_time(pid).ok_or_else(|| std::io::Error::other("the supervisor vanished"))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        Ok(Starting {
+            supervisor: Supervisor {
+                pid,
+                start,
+                pidfd,
+                child: Mutex::new(Some(child)),
+            },
+            stdin: Some(stdin),
+            stdout,
+        })
+    }
+
+    /// The running supervisor with this pid and start time, if it is still there.
+    pub fn adopt(pid: u32, start: u64) -> Option<Supervisor> {
+        let pidfd = crate::sys::pidfd_open(pid).ok()?;
+        // Opened first, checked after: the descriptor names the process that had the
+        // start time we read, or one that has exited (then signals reach nobody).
+        (crate::sys::start_time(pid)? == start).then_some(Supervisor {
+            pid,
+            start,
+            pidfd,
+            child: Mutex::new(None),
+        })
+    }
+
+    /// `signal` to the supervisor (SIGTERM: stop the worker); false if it has exited.
+    pub fn signal(&self, signal: libc::c_int) -> bool {
+        crate::sys::pidfd_signal(&self.pidfd, signal).is_ok()
+    }
+
+    /// Returns once the supervisor has exited (and is reaped, if it is our child).
+    pub async fn exited(&self) {
+        let child = self.child.lock().unwrap().take();
+        match child {
+            Some(mut child) => {
+                let _ = child.wait().await;
+            }
+            None => {
+                // A pidfd polls readable once its process has exited.
+                if let Ok(fd) = self.pidfd.try_clone() {
+                    crate::sys::pidfd_exited(fd).await;
+                }
+            }
+        }
+    }
+}
+
+impl Starting {
+    /// Hands the supervisor its spec; returns the worker's pid once it runs.
+    pub async fn hand_over(&mut self, spec: &Spec) -> Result<u32, StartError> {
+        let text = serde_json::to_vec(spec).map_err(|e| StartError::Setup(e.to_string()))?;
+        let gone = |e: std::io::Error| StartError::Setup(format!("the supervisor: {e}"));
+        let mut stdin = self
+            .stdin
+            .take()
+            .ok_or_else(|| StartError::Setup("handed over twice".into()))?;
+        stdin.write_all(&text).await.map_err(gone)?;
+        // Dropping it closes it (a child's stdin has no shutdown of its own).
+        drop(stdin);
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut self.stdout)
+            .read_line(&mut line)
+            .await
+            .map_err(gone)?;
+        let line = line.trim_end();
+        if let Some(pid) = line.strip_prefix("started ") {
+            return pid
+                .parse()
+                .map_err(|_| StartError::Setup(format!("the supervisor said {line:?}")));
+        }
+        Err(match line.split_once(' ') {
+            Some(("failed", rest)) => match rest.split_once(' ') {
+                Some(("spawn", message)) => StartError::Spawn(message.into()),
+                Some((_, message)) => StartError::Setup(message.into()),
+                None => StartError::Setup(rest.into()),
+            },
+            _ => StartError::Setup(format!(
+                "the supervisor exited without starting the worker ({line:?})"
+            )),
+        })
+    }
+}
