@@ -395,8 +395,15 @@ impl Workers {
                 .map_err(|e| StateError::Internal(format!("worker log: {e}")));
             file?;
         }
-        let mut starting =
-            Supervisor::spawn().map_err(|e| StateError::Internal(format!("the worker's supervisor: {e}")))?;
+        let store = self
+            .daemon
+            .store
+            .layout()
+            .root()
+            .parent()
+            .unwrap_or(std::path::Path::new("/"));
+        let mut starting = Supervisor::spawn(&held.worker_id, store)
+            .map_err(|e| StateError::Internal(format!("the worker's supervisor: {e}")))?;
         let supervisor = &starting.supervisor;
         let row = SavedWorker {
             seq: held.seq,

@@ -307,11 +307,14 @@ pub enum StartError {
 }
 
 impl Supervisor {
-    /// Starts a supervisor, which waits for its spec ([`Starting::hand_over`]).
-    pub fn spawn() -> std::io::Result<Starting> {
+    /// Starts a supervisor, which waits for its spec ([`Starting::hand_over`]). `worker`
+    /// and `store` only label it in `ps` (what it does comes with the spec).
+    pub fn spawn(worker: &str, store: &std::path::Path) -> std::io::Result<Starting> {
         // This very binary, even if it was replaced on disk since (an upgrade).
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
         cmd.arg(ARG)
+            .arg(worker)
+            .arg(store)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())

@@ -92,8 +92,16 @@ impl Daemon {
         self.client().json("POST", path, Some(body))
     }
 
+    /// SIGKILL: the daemon dies at whatever it was doing; its workers live on.
+    pub(crate) fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
     /// SIGTERM, then wait for a clean exit.
-    fn shutdown(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn shutdown(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -438,7 +446,7 @@ fn unsafe_socket_locations_are_refused() {
 }
 
 /// The whole of a worker's stdout or stderr so far.
-fn logs(daemon: &Daemon, id: &str, stream: &str) -> String {
+pub(crate) fn logs(daemon: &Daemon, id: &str, stream: &str) -> String {
     let mut out = String::new();
     let path = format!("/v1/workers/{id}/logs?stream={stream}");
     daemon
@@ -450,7 +458,7 @@ fn logs(daemon: &Daemon, id: &str, stream: &str) -> String {
     out
 }
 
-fn wait_for_end(daemon: &Daemon, id: &str) -> Value {
+pub(crate) fn wait_for_end(daemon: &Daemon, id: &str) -> Value {
     let start = Instant::now();
     loop {
         let info = daemon.get(&format!("/v1/workers/{id}"));
@@ -465,7 +473,7 @@ fn wait_for_end(daemon: &Daemon, id: &str) -> Value {
     }
 }
 
-fn start_worker(daemon: &Daemon, body: Value) -> Result<Value, ClientError> {
+pub(crate) fn start_worker(daemon: &Daemon, body: Value) -> Result<Value, ClientError> {
     daemon.post("/v1/workers", &body)
 }
 

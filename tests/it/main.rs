@@ -14,6 +14,7 @@ mod prune;
 mod py_modules;
 mod python_sdk;
 mod remote;
+mod restart;
 mod spec_cli;
 mod store_safety;
 mod venvs;
