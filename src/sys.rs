@@ -344,6 +344,17 @@ pub async fn pidfd_exited(pidfd: OwnedFd) {
     }
 }
 
+/// The nice value of the calling thread (on Linux, `PRIO_PROCESS` with pid 0 is the thread).
+pub fn thread_nice() -> io::Result<i32> {
+    Ok(rustix::process::getpriority_process(None)?)
+}
+
+/// Sets the calling thread's nice value (lowering it needs root); what it starts from
+/// now on inherits it.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    Ok(rustix::process::setpriority_process(None, nice)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

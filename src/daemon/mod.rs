@@ -136,6 +136,7 @@ pub async fn serve(
     // What a previous daemon saved, read before anything new is saved.
     let db = crate::store::state_db::StateDb::open(store.layout())?;
     let saved = db.load()?;
+    db.checkpoint_manually()?;
     let daemon = Arc::new(Daemon::new(
         Arc::new(store),
         policy,
@@ -157,7 +158,7 @@ pub async fn serve(
         config.max_ended_workers,
     )?);
     let (adopted, ended_meanwhile) = workers.restore(saved.workers, saved.next_worker).await;
-    workers.refill_logs();
+    workers.refill_spares();
     tracing::info!(
         socket = %config.socket.display(),
         gpus = ?workers.all_gpus(),

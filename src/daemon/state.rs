@@ -702,14 +702,14 @@ impl Daemon {
             Ok(refs.remove(at))
         };
         let visible = |refs: &[Ref]| refs.iter().filter(|r| caller.may_see(r.uid)).count() as u64;
-        let (released, left) = {
+        let (released, left, unheld) = {
             let mut envs = self.envs.lock().unwrap();
             match envs.get_mut(&env_id).filter(|record| record.visible_to(caller)) {
                 Some(record) => {
                     let released = pick(&mut record.refs)?;
                     record.last_used = now();
                     record.drop_leases_if_unheld();
-                    (released, visible(&record.refs))
+                    (released, visible(&record.refs), record.is_unheld())
                 }
                 None => {
                     drop(envs);
@@ -720,20 +720,23 @@ impl Daemon {
                         .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
                     let released = pick(refs)?;
                     let left = visible(refs);
-                    if refs.is_empty() {
+                    let unheld = refs.is_empty();
+                    if unheld {
                         lost.remove(&env_id);
                     }
-                    (released, left)
+                    (released, left, unheld)
                 }
             }
         };
+        // The env's row goes with its last hold (the database checks again).
+        let mut changes = vec![Change::DropRef { id: released.id }];
+        if unheld {
+            changes.push(Change::DropEnvIfUnheld {
+                env_id: env_id.to_string(),
+            });
+        }
         self.journal
-            .write(vec![
-                Change::DropRef { id: released.id },
-                Change::DropEnvIfUnheld {
-                    env_id: env_id.to_string(),
-                },
-            ])
+            .write(changes)
             .await
             .map_err(|e| StateError::Internal(format!("saving the release: {e}")))?;
         Ok(left)
@@ -741,15 +744,20 @@ impl Daemon {
 
     /// Drops a running worker of `owner` (its exit was recorded, or it never started).
     pub async fn release_worker(&self, env_id: EnvId, owner: u32) {
-        {
+        let unheld = {
             let mut envs = self.envs.lock().unwrap();
-            if let Some(record) = envs.get_mut(&env_id) {
+            envs.get_mut(&env_id).is_none_or(|record| {
                 if let Some(at) = record.workers.iter().position(|uid| *uid == owner) {
                     record.workers.remove(at);
                 }
                 record.last_used = now();
                 record.drop_leases_if_unheld();
-            }
+                record.is_unheld()
+            })
+        };
+        // Still held (a reference, another worker): its row stays, nothing to write.
+        if !unheld {
+            return;
         }
         let dropped = self
             .journal
@@ -890,9 +898,14 @@ impl EnvRecord {
         self.drop_leases_if_unheld();
     }
 
+    /// Neither a reference nor a worker holds it.
+    fn is_unheld(&self) -> bool {
+        self.refs.is_empty() && self.workers.is_empty()
+    }
+
     /// The leases go with the last reference or worker.
     fn drop_leases_if_unheld(&mut self) {
-        if self.refs.is_empty() && self.workers.is_empty() {
+        if self.is_unheld() {
             self.leases = None;
         }
     }

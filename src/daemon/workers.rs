@@ -29,7 +29,10 @@ use super::state::{Daemon, Hold, StateError, now};
 use crate::build::BuiltEnv;
 use crate::store::state_db::{Change, SavedWorker, StateDb, WorkerEnd};
 use crate::supervisor::tree::{Cgroups, WorkerCgroup};
-use crate::supervisor::{Spec, StartError, Supervisor};
+use crate::supervisor::{Spec, StartError, Starting, Supervisor};
+
+/// Supervisors kept started ahead of need.
+const SPARE_SUPERVISORS: usize = 2;
 
 pub use crate::supervisor::WorkerState;
 
@@ -132,6 +135,11 @@ pub struct Workers {
     cgroups: Option<Cgroups>,
     /// The supervisors of running workers.
     supervisors: Mutex<HashMap<String, Arc<Supervisor>>>,
+    /// Supervisors started ahead of need, waiting for a worker (see [`crate::supervisor`]).
+    spares: Mutex<Vec<Starting>>,
+    refilling: std::sync::atomic::AtomicBool,
+    /// The daemon's priority, which workers run at (spares start lower).
+    nice: i32,
     /// Reads what supervisors recorded (the journal owns the writing connection).
     reader: Arc<Mutex<StateDb>>,
 }
@@ -183,6 +191,9 @@ impl Workers {
                 }
             },
             supervisors: Mutex::new(HashMap::new()),
+            spares: Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            nice: crate::sys::thread_nice().unwrap_or(0),
             reader: Arc::new(Mutex::new(reader)),
         })
     }
@@ -229,9 +240,49 @@ impl Workers {
         }
     }
 
-    /// Tops up the spare log files (see [`LogPool`]); needs the runtime.
-    pub fn refill_logs(&self) {
+    /// Tops up the spare log files (see [`LogPool`]) and supervisors; needs the runtime.
+    pub fn refill_spares(self: &Arc<Self>) {
         self.logs.refill_if_low();
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let workers = Arc::clone(self);
+        // Off the event loop: starting a process blocks until it has exec'd. At a low
+        // priority where the daemon may raise it again (root): a spare never competes
+        // with the work at hand, and takes the daemon's priority back with its worker.
+        tokio::task::spawn_blocking(move || {
+            let normal = crate::sys::thread_nice().unwrap_or(0);
+            let lowered = crate::sys::geteuid() == 0 && crate::sys::set_thread_nice(19).is_ok();
+            while workers.spares.lock().unwrap().len() < SPARE_SUPERVISORS {
+                match Supervisor::spawn(&workers.store_dir()) {
+                    Ok(spare) => workers.spares.lock().unwrap().push(spare),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a spare supervisor");
+                        break;
+                    }
+                }
+            }
+            if lowered {
+                let _ = crate::sys::set_thread_nice(normal);
+            }
+            workers.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// A supervisor for the next worker: a spare if there is one, else a new one.
+    fn take_supervisor(self: &Arc<Self>) -> std::io::Result<Starting> {
+        let spare = self.spares.lock().unwrap().pop();
+        self.refill_spares();
+        match spare {
+            Some(spare) => Ok(spare),
+            None => Supervisor::spawn(&self.store_dir()),
+        }
+    }
+
+    /// The store directory (as `--store` names it).
+    fn store_dir(&self) -> PathBuf {
+        let root = self.daemon.store.layout().root();
+        root.parent().unwrap_or(root).to_path_buf()
     }
 
     /// Starts `argv` in `built`'s context with the GPUs asked for, under a supervisor of
@@ -309,7 +360,6 @@ impl Workers {
                 return Err(e);
             }
         };
-        self.logs.refill_if_low();
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             name,
@@ -343,7 +393,7 @@ impl Workers {
     /// runs that the saved state does not name. Returns the supervisor and the worker's pid.
     #[allow(clippy::too_many_arguments)]
     async fn start_supervised(
-        &self,
+        self: &Arc<Self>,
         built: &BuiltEnv,
         argv: &[String],
         run_as: &Option<(u32, u32, Vec<u32>)>,
@@ -395,14 +445,9 @@ impl Workers {
                 .map_err(|e| StateError::Internal(format!("worker log: {e}")));
             file?;
         }
-        let store = self
-            .daemon
-            .store
-            .layout()
-            .root()
-            .parent()
-            .unwrap_or(std::path::Path::new("/"));
-        let mut starting = Supervisor::spawn(&held.worker_id, store)
+        let store = self.store_dir();
+        let mut starting = self
+            .take_supervisor()
             .map_err(|e| StateError::Internal(format!("the worker's supervisor: {e}")))?;
         let supervisor = &starting.supervisor;
         let row = SavedWorker {
@@ -427,14 +472,7 @@ impl Workers {
             .map_err(|e| StateError::Internal(format!("saving the worker: {e}")))?;
         let spec = Spec {
             seq: held.seq,
-            store: self
-                .daemon
-                .store
-                .layout()
-                .root()
-                .parent()
-                .unwrap_or(std::path::Path::new("/"))
-                .into(),
+            store,
             entries: built.entries().map(|e| e.to_string()).collect(),
             launch,
             run_as: run_as.clone(),
@@ -442,6 +480,7 @@ impl Workers {
             stdout_log: stdout_log.to_path_buf(),
             stderr_log: stderr_log.to_path_buf(),
             stop_grace_ms: self.stop_grace.as_millis() as u64,
+            nice: self.nice,
             lock_timeout_ms: self
                 .daemon
                 .store
@@ -463,10 +502,14 @@ impl Workers {
                 });
             }
         };
-        journal
-            .write(vec![Change::WorkerPid { seq: held.seq, pid }])
-            .await
-            .map_err(|e| StateError::Internal(format!("saving the worker: {e}")))?;
+        // Not waited for: the saved worker is already whole (its supervisor is what finds
+        // it again), and a pid lost with the daemon is read back from the supervisor.
+        let (daemon, seq) = (Arc::clone(&self.daemon), held.seq);
+        tokio::spawn(async move {
+            if let Err(e) = daemon.journal.write(vec![Change::WorkerPid { seq, pid }]).await {
+                tracing::warn!(error = %e, "a worker's pid is not saved");
+            }
+        });
         Ok((supervisor, pid))
     }
 
@@ -492,9 +535,31 @@ impl Workers {
             .insert(held.worker_id.clone(), Arc::clone(&supervisor));
         let workers = Arc::clone(self);
         tokio::spawn(async move {
-            supervisor.exited().await;
+            // Said on its stdout as soon as the worker is gone (saved here too: the first
+            // record of an end wins); else, once it has exited, as it recorded it.
+            let end = match supervisor.ended().await {
+                Some(end) => {
+                    let saved = workers
+                        .daemon
+                        .journal
+                        .write(vec![Change::WorkerEnded {
+                            seq: held.seq,
+                            end: end.clone(),
+                        }])
+                        .await;
+                    if let Err(e) = saved {
+                        tracing::warn!(error = %e, "a worker's end is saved by its supervisor only");
+                    }
+                    end
+                }
+                None => {
+                    supervisor.exited().await;
+                    workers.end_of(&held).await
+                }
+            };
             workers.supervisors.lock().unwrap().remove(&held.worker_id);
-            let end = workers.end_of(&held).await;
+            // Reaped when it exits, a moment later.
+            tokio::spawn(async move { supervisor.exited().await });
             workers.gpus.lock().unwrap().release(&held.gpus);
             {
                 let mut all = workers.workers.lock().unwrap();
@@ -600,6 +665,10 @@ impl Workers {
                 self.gpus.lock().unwrap().mark_busy(&w.gpus);
                 match Supervisor::adopt(w.supervisor.0, w.supervisor.1) {
                     Some(supervisor) => {
+                        if info.pid == 0 {
+                            // Started just before the last daemon died: its only child.
+                            info.pid = supervisor.worker_pid().unwrap_or(0);
+                        }
                         if let Err(e) = self.daemon.hold(env_id, w.uid, Hold::Worker).await {
                             tracing::warn!(worker_id = %id, error = %e, "an adopted worker's env could not be held");
                         }

@@ -38,8 +38,10 @@ CREATE TABLE IF NOT EXISTS envs (
     -- The entries it uses, as names (`pkg-<digest>`), space-separated: prune's roots.
     entries TEXT NOT NULL
 );
+-- (Plain rowids: a released reference's id may be given again, which no one can tell;
+-- AUTOINCREMENT would cost a page written per reference.)
 CREATE TABLE IF NOT EXISTS refs (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id      INTEGER PRIMARY KEY,
     env_id  TEXT NOT NULL,
     uid     INTEGER NOT NULL,
     tag     TEXT
@@ -108,7 +110,7 @@ pub struct SavedWorker {
 }
 
 /// How a worker ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerEnd {
     pub state: String,
     pub exit_code: Option<i32>,
@@ -209,6 +211,23 @@ impl StateDb {
         Ok(StateDb { conn })
     }
 
+    /// Stops checkpointing on commit: the owner calls [`Self::checkpoint`] when it suits
+    /// it (a checkpoint may `fsync`).
+    pub fn checkpoint_manually(&self) -> Result<(), StoreError> {
+        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db_error(&path))
+    }
+
+    /// Copies what the WAL holds into the database, as far as no reader needs it.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(db_error(&path))
+    }
+
     /// Commits `changes` as one transaction. Returns one result per change: the new
     /// reference's id for [`Change::AddRef`], 0 for the others.
     pub fn commit(&mut self, changes: &[Change]) -> Result<Vec<i64>, StoreError> {
@@ -283,29 +302,9 @@ impl StateDb {
             .collect::<Result<Vec<_>, _>>()
             .map_err(&err)?;
         let workers = conn
-            .prepare(
-                "SELECT seq, env_id, uid, name, pid, gpus, started_at, state, exit_code, signal, ended_at, \
-                 supervisor_pid, supervisor_start, cgroup FROM workers ORDER BY seq",
-            )
+            .prepare(&format!("{SELECT_WORKERS} ORDER BY seq"))
             .map_err(&err)?
-            .query_map([], |row| {
-                let gpus: String = row.get(5)?;
-                Ok(SavedWorker {
-                    seq: row.get(0)?,
-                    env_id: row.get(1)?,
-                    uid: row.get(2)?,
-                    name: row.get(3)?,
-                    pid: row.get(4)?,
-                    gpus: gpus.split(',').filter_map(|id| id.parse().ok()).collect(),
-                    started_at: row.get(6)?,
-                    state: row.get(7)?,
-                    exit_code: row.get(8)?,
-                    signal: row.get(9)?,
-                    ended_at: row.get(10)?,
-                    supervisor: (row.get(11)?, row.get::<_, i64>(12)? as u64),
-                    cgroup: row.get::<_, Option<String>>(13)?.map(PathBuf::from),
-                })
-            })
+            .query_map([], worker_row)
             .map_err(&err)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(&err)?;
@@ -328,8 +327,37 @@ impl StateDb {
 
     /// The worker `seq` as saved.
     pub fn worker(&self, seq: i64) -> Result<Option<SavedWorker>, StoreError> {
-        Ok(self.load()?.workers.into_iter().find(|w| w.seq == seq))
+        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let err = db_error(&path);
+        self.conn
+            .prepare_cached(&format!("{SELECT_WORKERS} WHERE seq = ?1"))
+            .map_err(&err)?
+            .query_row([seq], worker_row)
+            .optional()
+            .map_err(&err)
     }
+}
+
+const SELECT_WORKERS: &str = "SELECT seq, env_id, uid, name, pid, gpus, started_at, state, exit_code, signal, \
+                              ended_at, supervisor_pid, supervisor_start, cgroup FROM workers";
+
+fn worker_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SavedWorker> {
+    let gpus: String = row.get(5)?;
+    Ok(SavedWorker {
+        seq: row.get(0)?,
+        env_id: row.get(1)?,
+        uid: row.get(2)?,
+        name: row.get(3)?,
+        pid: row.get(4)?,
+        gpus: gpus.split(',').filter_map(|id| id.parse().ok()).collect(),
+        started_at: row.get(6)?,
+        state: row.get(7)?,
+        exit_code: row.get(8)?,
+        signal: row.get(9)?,
+        ended_at: row.get(10)?,
+        supervisor: (row.get(11)?, row.get::<_, i64>(12)? as u64),
+        cgroup: row.get::<_, Option<String>>(13)?.map(PathBuf::from),
+    })
 }
 
 fn parse_entries(text: &str) -> Vec<EntryId> {

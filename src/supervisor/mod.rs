@@ -7,9 +7,14 @@
 //! worker exactly as the daemon used to (its identity, cgroup, session, logs), says
 //! `started <pid>` on its stdout, and waits. SIGTERM asks it to stop the worker: SIGTERM
 //! to the worker's group, SIGKILL to its tree after the grace. When the worker's leader
-//! exits, whatever it left is killed ([`tree`]), the leader is reaped, and the end is
-//! recorded in the store's state database ([`crate::store::state_db`]); then the
-//! supervisor exits, and with it the leases.
+//! exits, whatever it left is killed ([`tree`]), the leader is reaped, the leases are let
+//! go, and the end is said on stdout (`ended <json>`: the daemon that started it hears it
+//! at once) and recorded in the store's state database ([`crate::store::state_db`]),
+//! whether or not a daemon is there to hear it; then the supervisor exits.
+//!
+//! Starting a process of this size costs more than the worker's own start, so the daemon
+//! keeps a spare supervisor or two started ahead of need ([`Supervisor::spawn`] with no
+//! spec yet), as it keeps spare log files.
 //!
 //! A daemon that is (re)started finds each running worker's supervisor by the pid and
 //! start time saved with the worker ([`Supervisor::adopt`]); a supervisor's exit is its
@@ -93,6 +98,8 @@ pub struct Spec {
     pub stderr_log: PathBuf,
     pub stop_grace_ms: u64,
     pub lock_timeout_ms: Option<u64>,
+    /// The priority to run at (a spare was started at a lower one).
+    pub nice: i32,
 }
 
 /// `renv __supervise`: reads a [`Spec`] on stdin, runs the worker, records its end.
@@ -111,9 +118,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if crate::sys::thread_nice().is_ok_and(|nice| nice != spec.nice) {
+        let _ = crate::sys::set_thread_nice(spec.nice);
+    }
     let layout = Layout::new(&spec.store);
     let end = match supervise(&spec, &layout) {
-        Ok(end) => end,
+        Ok(end) => {
+            report(&format!(
+                "ended {}",
+                serde_json::to_string(&end).expect("an end serializes")
+            ));
+            end
+        }
         Err(Failure { message, spawn }) => {
             let kind = if spawn { "spawn" } else { "setup" };
             report(&format!("failed {kind} {message}"));
@@ -255,6 +271,7 @@ fn supervise(spec: &Spec, layout: &Layout) -> Result<WorkerEnd, Failure> {
     // Only now is the leader reaped, and its pid free to be reused.
     tree.leader().mark_reaped();
     let status = child.wait();
+    // Let go before the end is said: nothing of the worker holds the env any more.
     drop(leases);
     use std::os::unix::process::ExitStatusExt;
     let (state, exit_code, signal) = match status {
@@ -287,6 +304,8 @@ pub struct Supervisor {
     pidfd: OwnedFd,
     /// The process, while this daemon is its parent (to reap it).
     child: Mutex<Option<tokio::process::Child>>,
+    /// Its stdout, where it says the worker's end, while this daemon started it.
+    said: tokio::sync::Mutex<Option<tokio::io::BufReader<tokio::process::ChildStdout>>>,
 }
 
 /// A supervisor started and not yet handed its worker.
@@ -294,7 +313,6 @@ pub struct Starting {
     pub supervisor: Supervisor,
     /// Closed once the spec is written: the supervisor reads it to the end.
     stdin: Option<tokio::process::ChildStdin>,
-    stdout: tokio::process::ChildStdout,
 }
 
 /// Why a supervisor did not start its worker.
@@ -307,13 +325,12 @@ pub enum StartError {
 }
 
 impl Supervisor {
-    /// Starts a supervisor, which waits for its spec ([`Starting::hand_over`]). `worker`
-    /// and `store` only label it in `ps` (what it does comes with the spec).
-    pub fn spawn(worker: &str, store: &std::path::Path) -> std::io::Result<Starting> {
+    /// Starts a supervisor, which waits for its spec ([`Starting::hand_over`]). `store`
+    /// only labels it in `ps` (what it does comes with the spec).
+    pub fn spawn(store: &std::path::Path) -> std::io::Result<Starting> {
         // This very binary, even if it was replaced on disk since (an upgrade).
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
         cmd.arg(ARG)
-            .arg(worker)
             .arg(store)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -335,9 +352,9 @@ impl Supervisor {
                 start,
                 pidfd,
                 child: Mutex::new(Some(child)),
+                said: tokio::sync::Mutex::new(Some(tokio::io::BufReader::new(stdout))),
             },
             stdin: Some(stdin),
-            stdout,
         })
     }
 
@@ -351,12 +368,41 @@ impl Supervisor {
             start,
             pidfd,
             child: Mutex::new(None),
+            said: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The worker's pid: the supervisor's one child.
+    pub fn worker_pid(&self) -> Option<u32> {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid)).ok()?;
+        children.split_whitespace().next()?.parse().ok()
     }
 
     /// `signal` to the supervisor (SIGTERM: stop the worker); false if it has exited.
     pub fn signal(&self, signal: libc::c_int) -> bool {
         crate::sys::pidfd_signal(&self.pidfd, signal).is_ok()
+    }
+
+    /// The next line the supervisor says, if this daemon started it (`None`: it said
+    /// nothing more, or it is adopted).
+    async fn said(&self) -> Option<String> {
+        let mut said = self.said.lock().await;
+        let mut line = String::new();
+        match said.as_mut()?.read_line(&mut line).await {
+            Ok(n) if n > 0 => Some(line.trim_end().to_string()),
+            _ => {
+                *said = None;
+                None
+            }
+        }
+    }
+
+    /// The worker's end as the supervisor says it, as soon as it does; `None` if it will
+    /// not say (adopted, or it died first): then wait for [`Self::exited`] and read the
+    /// end it recorded.
+    pub async fn ended(&self) -> Option<WorkerEnd> {
+        let line = self.said().await?;
+        serde_json::from_str(line.strip_prefix("ended ")?).ok()
     }
 
     /// Returns once the supervisor has exited (and is reaped, if it is our child).
@@ -388,12 +434,8 @@ impl Starting {
         stdin.write_all(&text).await.map_err(gone)?;
         // Dropping it closes it (a child's stdin has no shutdown of its own).
         drop(stdin);
-        let mut line = String::new();
-        tokio::io::BufReader::new(&mut self.stdout)
-            .read_line(&mut line)
-            .await
-            .map_err(gone)?;
-        let line = line.trim_end();
+        let line = self.supervisor.said().await.unwrap_or_default();
+        let line = line.as_str();
         if let Some(pid) = line.strip_prefix("started ") {
             return pid
                 .parse()

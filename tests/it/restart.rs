@@ -49,7 +49,7 @@ fn prune_everything(ws: &Workspace) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Pids of the supervisors of this store's workers (their argv names the store).
+/// Pids of the supervisors of this store (their argv names the store), spares included.
 fn supervisors_of(ws: &Workspace) -> Vec<u32> {
     let store = ws.store().canonicalize().unwrap();
     let store = store.to_str().unwrap();
@@ -59,10 +59,21 @@ fn supervisors_of(ws: &Workspace) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
                 let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                args.get(1) == Some(&&b"__supervise"[..]) && args.get(3) == Some(&store.as_bytes())
+                args.get(1) == Some(&&b"__supervise"[..]) && args.get(2) == Some(&store.as_bytes())
             })
         })
         .collect()
+}
+
+fn wait_for_no_supervisors(ws: &Workspace) {
+    let start = Instant::now();
+    while !supervisors_of(ws).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "supervisors left running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -177,11 +188,9 @@ fn references_workers_and_gpus_survive_a_kill_9() {
             .unwrap();
         assert_eq!(released["refs"], left);
     }
-    assert!(
-        supervisors_of(&ws).is_empty(),
-        "every supervisor exits with its worker"
-    );
     drop(daemon);
+    // Every supervisor exits with its worker (and the spares with their daemon).
+    wait_for_no_supervisors(&ws);
     let report = prune_everything(&ws);
     assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
 }
@@ -475,15 +484,8 @@ fn thirty_kill_9_restarts_under_load_lose_and_leak_nothing() {
         "{}",
         daemon.get("/v1/envs")
     );
-    let start = Instant::now();
-    while !supervisors_of(&ws).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "supervisors left running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     drop(daemon);
+    wait_for_no_supervisors(&ws);
     let verify = ws.renv().args(["verify"]).output().unwrap();
     assert_success(&verify);
     let report = prune_everything(&ws);
