@@ -271,7 +271,8 @@ class RenvPlugin(RuntimeEnvPlugin):
             left = self.client().release_env(env_id)
             logger.info("renv env %s released for %s (%d references left)", env_id[:12], uri, left)
         except (RenvConflictError, RenvNotFoundError):
-            # The daemon restarted since: it holds no reference of ours to release.
+            # A daemon keeps references across restarts; one that does not know ours
+            # started on another store (or the store was wiped).
             logger.warning("renv env %s: the daemon held no reference for %s", env_id[:12], uri)
         except (RenvError, ConnectionError) as e:
             logger.warning("renv env %s: releasing %s failed: %s", env_id[:12], uri, e)

@@ -45,6 +45,24 @@ ray.init()
 print("RESULT " + json.dumps(ray.get(ray.remote(probe).remote())))
 '''
 
+# Holds its env while a task waits for a file: the plugin's reference must outlive a
+# daemon killed meanwhile.
+HOLDING_SCRIPT = PROBE + r'''
+import time
+spec, release = json.loads(sys.argv[1]), sys.argv[2]
+
+@ray.remote
+def hold():
+    result = probe()
+    print("HOLDING " + json.dumps(result), flush=True)
+    while not os.path.exists(release):
+        time.sleep(0.1)
+    return probe()
+
+ray.init(runtime_env={"renv": spec})
+print("RESULT " + json.dumps(ray.get(hold.remote())), flush=True)
+'''
+
 DRIVER_SCRIPT = PROBE + r'''
 spec = json.loads(sys.argv[1])
 ray.init(runtime_env={"renv": spec})
@@ -172,6 +190,38 @@ def main():
         wait_for("the reference to drop after the driver", lambda: refs_of(client, env_id) == 0)
         assert metric(client, "renv_builds_total") == builds, "the driver rebuilt the env"
         assert client.healthz()
+
+        # 4. The daemon is killed (-9) while a task runs in the env and the plugin holds its
+        # reference; a cron prune runs while it is down; the daemon is started again.
+        holding = os.path.join(work, "holding.py")
+        with open(holding, "w") as f:
+            f.write(HOLDING_SCRIPT)
+        release = os.path.join(work, "release")
+        held = subprocess.Popen([sys.executable, holding, json.dumps(SPEC), release], env=driver_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for("the holding task to run", lambda: refs_of(client, env_id) == 1, timeout=120)
+        daemon.kill()
+        log("daemon killed with a reference held; pruning while it is down")
+        pruned = run([os.environ["RENV_BIN"], "prune", "--store", daemon.store, "--json",
+                      "--max-size", "0", "--min-age", "0s"], env)
+        removed = [e["path"] for e in json.loads(pruned.stdout)["removed"]]
+        assert not any(first["python"].startswith(p) for p in removed), removed
+        daemon = Daemon(
+            "--python", sys.executable, "--system-site-packages", "--no-index", "--find-links", wheels,
+            store=daemon.store,
+        )
+        client = RenvClient(daemon.socket)
+        assert refs_of(client, env_id) == 1, "the plugin's reference is back after the restart"
+        with open(release, "w"):
+            pass
+        out, _ = held.communicate(timeout=120)
+        assert held.returncode == 0, out
+        after = result_line(out)
+        assert after["python"] == first["python"] and after["refs"] == 1, after
+        wait_for("the restored reference to be released by Ray", lambda: refs_of(client, env_id) == 0)
+        # The plugin released a reference the daemon had (it warns when one is missing).
+        missing = run(["grep", "-rl", "held no reference", ray_temp], env, check=False)
+        assert missing.returncode == 1, missing.stdout
     finally:
         if started:
             run([ray, "stop", "--force"], env, check=False)

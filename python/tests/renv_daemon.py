@@ -5,6 +5,7 @@ The binary comes from $RENV_BIN (cargo test sets it), the uv from $RENV_UV when 
 
 import os
 import signal
+import socket as sockets
 import subprocess
 import tempfile
 import time
@@ -45,10 +46,25 @@ class Daemon:
             start_new_session=True,
         )
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
+        # Connectable, not just there: a daemon killed before leaves its socket behind.
+        while not self._accepts():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"renv daemon did not start: {self.log()}")
             time.sleep(0.01)
+
+    def _accepts(self):
+        with sockets.socket(sockets.AF_UNIX) as s:
+            try:
+                s.connect(self.socket)
+                return True
+            except OSError:
+                return False
+
+    def kill(self):
+        """SIGKILL: the daemon dies at whatever it was doing (its store stays)."""
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
 
     def log(self):
         with open(self.log_path, "rb") as f:

@@ -494,3 +494,77 @@ fn thirty_kill_9_restarts_under_load_lose_and_leak_nothing() {
         "nothing held: {report}"
     );
 }
+
+/// The daemon killed in the middle of an upload (half the zip received) and in the middle
+/// of its unpack: the restarted daemon's store holds no part of it, the same upload then
+/// succeeds, and `renv verify` is clean.
+#[test]
+fn a_kill_9_during_an_upload_leaves_nothing_half_done() {
+    use std::io::{Read, Write};
+    let ws = setup();
+    for i in 0..400 {
+        ws.write(&format!("proj/f{i}.txt"), format!("{i} ").repeat(2000));
+    }
+    for half in [true, false] {
+        // A package of its own each time (one already stored is answered at once).
+        ws.write("proj/f0.txt", format!("{half}"));
+        let out = ws
+            .renv()
+            .args(["package", "proj", "-o", "proj.zip", "--json"])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        let digest = serde_json::from_slice::<Value>(&out.stdout).unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let zip = std::fs::read(ws.path("proj.zip")).unwrap();
+        let mut daemon = Daemon::start(&ws, &["--gpus", "none"]);
+        // Half the body, then the daemon dies; or all of it, and it dies while unpacking.
+        let sent = if half { zip.len() / 2 } else { zip.len() };
+        let mut raw = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        write!(
+            raw,
+            "PUT /v1/packages/{digest} HTTP/1.1\r\nHost: renv\r\nContent-Type: application/zip\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            zip.len()
+        )
+        .unwrap();
+        raw.write_all(&zip[..sent]).unwrap();
+        std::thread::sleep(Duration::from_millis(if half { 100 } else { 15 }));
+        daemon.kill9();
+        let ls = ws.renv().args(["ls", "--json"]).output().unwrap();
+        assert_success(&ls);
+        let committed = String::from_utf8_lossy(&ls.stdout).contains(&digest);
+        assert!(!(half && committed), "half a zip was never committed");
+        let verify = ws.renv().args(["verify"]).output().unwrap();
+        assert_success(&verify);
+        let daemon = Daemon::start(&ws, &["--gpus", "none"]);
+        if !committed {
+            // Nothing of it is served, and it uploads now.
+            let mut body = std::io::Cursor::new(zip.clone());
+            let mut answer = String::new();
+            daemon
+                .client()
+                .send(
+                    "PUT",
+                    &format!("/v1/packages/{digest}"),
+                    Some(("application/zip", zip.len() as u64, &mut body)),
+                )
+                .unwrap()
+                .read_to_string(&mut answer)
+                .unwrap();
+            assert!(answer.contains("\"created\":true"), "{answer}");
+        }
+        let env = daemon
+            .post(
+                "/v1/envs",
+                &json!({"runtime_env": {"working_dir": format!("pkg://{digest}")}}),
+            )
+            .unwrap();
+        let wd = env["working_dir"].as_str().unwrap();
+        assert_eq!(std::fs::read_dir(wd).unwrap().count(), 400);
+    }
+    let verify = ws.renv().args(["verify"]).output().unwrap();
+    assert_success(&verify);
+}
