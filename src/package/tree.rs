@@ -80,8 +80,11 @@ pub fn create_file(root: &Path, rel: &str, executable: bool) -> std::io::Result<
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (while creating {})", path.display())))?;
-    // The umask may have narrowed the mode; the store's modes are exact.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    // The umask may have narrowed the mode; the store's modes are exact. A umask that
+    // leaves read and execute bits alone (022, 002) cannot have: a syscall a file saved.
+    if crate::sys::umask().is_none_or(|umask| umask & mode != 0) {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     Ok(file)
 }
 
