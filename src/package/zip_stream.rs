@@ -10,7 +10,7 @@
 //! turned round: what is written before the directory is seen stays inside `dest`, a
 //! fresh directory in the store's private staging, because
 //!
-//! - names are checked ([`zip_read::check_name`]) before anything is created: no `..`, no
+//! - names are checked (as `zip_read` checks them) before anything is created: no `..`, no
 //!   absolute path, no empty or `.` component;
 //! - nothing but regular files and directories is created while streaming: an entry the
 //!   directory will call a symlink is first written as a file (its bytes are the target)
