@@ -327,6 +327,7 @@ fn unpack_from(
         })
         .collect();
     let written = AtomicU64::new(0);
+    let writeback = super::tree::wants_writeback(dest);
     let phase = progress.phase("unpacking", files.len() as u64);
     let chunks: Vec<&[(&String, usize, bool)]> = files
         .chunks(files.len().div_ceil(threads.max(1)).max(1))
@@ -364,7 +365,9 @@ fn unpack_from(
                 hasher.update(&buf[..n]);
                 file.write_all(&buf[..n])?;
             }
-            super::tree::start_writeback(&file);
+            if writeback {
+                super::tree::start_writeback(&file);
+            }
             phase.inc(1);
             let content: Digest = hasher.finalize().into();
             out.push(ManifestEntry {

@@ -38,7 +38,7 @@ use zip::read::{ArchiveOffset, Config};
 
 use super::manifest::{EntryKind, Manifest, ManifestEntry};
 use super::symlink;
-use super::tree::{EXEC_MODE, create_file, seal_dirs, start_writeback};
+use super::tree::{EXEC_MODE, create_file, seal_dirs, start_writeback, wants_writeback};
 use super::zip_read::{self, ArchiveError, MAX_SYMLINK_TARGET, Planned, UnpackLimits};
 use crate::digest::Digest;
 use crate::progress::Progress;
@@ -95,6 +95,7 @@ pub fn unpack_stream(
     let mut written = 0u64;
     let mut buf = vec![0u8; 256 << 10];
     let phase = progress.phase("unpacking", 0);
+    let writeback = wants_writeback(dest);
     let (tail_start, tail) = loop {
         let offset = input.pos;
         let mut magic = [0u8; 4];
@@ -173,7 +174,9 @@ pub fn unpack_stream(
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n])?;
             }
-            start_writeback(&out);
+            if writeback {
+                start_writeback(&out);
+            }
             if size != entry.size {
                 return Err(not_streamable(format!(
                     "{path:?}: {size} bytes, its header says {}",
