@@ -34,6 +34,31 @@ pub fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// The process's umask, read once from `/proc/self/status` (reading it through umask(2)
+/// means setting it, a race with every thread creating files); `None` where the kernel
+/// does not show it. [`with_umask`]'s callers create no files meanwhile, so the value
+/// read outside one holds.
+pub fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
+
+/// Whether `path` is on a filesystem that keeps nothing across a reboot (tmpfs, ramfs):
+/// syncing files there writes nothing anywhere, so it is skipped.
+pub fn is_volatile_fs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::statfs(path).is_ok_and(|fs| {
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+        let kind = fs.f_type as u64;
+        kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+    })
+}
+
 fn invalid() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
@@ -358,6 +383,31 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_umask_is_read_as_the_kernel_shows_it() {
+        // A child reports its own, inherited from this process.
+        let shown = std::process::Command::new("sh")
+            .args(["-c", "umask"])
+            .output()
+            .unwrap();
+        let shown = u32::from_str_radix(String::from_utf8_lossy(&shown.stdout).trim(), 8).unwrap();
+        assert_eq!(umask(), Some(shown));
+    }
+
+    #[test]
+    fn only_memory_filesystems_are_volatile() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let tmpfs = mounts.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(2) == Some(&"tmpfs")).then(|| fields[1].to_string())
+        });
+        if let Some(tmpfs) = tmpfs {
+            assert!(is_volatile_fs(std::path::Path::new(&tmpfs)), "{tmpfs}");
+        }
+        assert!(!is_volatile_fs(std::path::Path::new("/proc")));
+        assert!(!is_volatile_fs(std::path::Path::new("/no/such/path")));
+    }
 
     #[test]
     fn only_the_child_given_a_descriptor_inherits_it() {

@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import types
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -176,6 +177,7 @@ class _Staged:
             if internal_kv._internal_kv_exists(key, namespace=GCS_NAMESPACE):
                 logger.debug("renv: %s (%s) is in Ray's GCS already", field, digest[:12])
                 continue
+            started = time.monotonic()
             with open(path, "rb") as f:
                 data = f.read()
             try:
@@ -184,7 +186,13 @@ class _Staged:
                 raise RuntimeError(
                     f"runtime_env.renv.{field}: storing its package ({_mib(len(data))}) in Ray's GCS failed: {e}"
                 ) from e
-            logger.info("renv: %s pushed to Ray's GCS as pkg://%s (%s)", field, digest, _mib(len(data)))
+            logger.info(
+                "renv: %s pushed to Ray's GCS as pkg://%s (%s, %.0f ms)",
+                field,
+                digest,
+                _mib(len(data)),
+                (time.monotonic() - started) * 1000,
+            )
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -51,6 +51,7 @@ import os
 import shlex
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 from ray._private.runtime_env.plugin import RuntimeEnvPlugin
@@ -228,7 +229,9 @@ class RenvPlugin(RuntimeEnvPlugin):
                 if self._gcs is None:
                     logger.warning("renv: no GCS to fetch %s (pkg://%s) from; the daemon may have it", field, digest)
                     continue
+                started = time.monotonic()
                 data = self._gcs.internal_kv_get(gcs_key(digest), GCS_NAMESPACE, timeout=GCS_TIMEOUT_S)
+                fetched = time.monotonic()
                 if data is None:
                     logger.info("renv: %s (pkg://%s) is not in Ray's GCS; leaving it to the daemon", field, digest)
                     continue
@@ -238,10 +241,13 @@ class RenvPlugin(RuntimeEnvPlugin):
                     message = f"{field} (pkg://{digest}) from Ray's GCS: {e.message}"
                     raise type(e)(e.status, e.kind, message, e.field) from e
                 logger.info(
-                    "renv: package %s fetched from Ray's GCS into this node's store (%s, %d bytes)",
+                    "renv: package %s fetched from Ray's GCS into this node's store (%s, %d bytes; "
+                    "GCS %.0f ms, daemon %.0f ms)",
                     digest,
                     field,
                     len(data),
+                    (fetched - started) * 1000,
+                    (time.monotonic() - fetched) * 1000,
                 )
 
     def modify_context(self, uris: List[str], runtime_env, context, logger: logging.Logger = default_logger) -> None:

@@ -20,6 +20,7 @@ EACH node has returned, interleaved sample by sample after one warm-up round:
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,6 +151,9 @@ def main():
             # given with its gcs:// URI, and a reused dict would name the first package.
             methods = {
                 "driver, no working_dir (floor)": (lambda: None, False),
+                # A runtime_env with nothing to fetch: what any runtime_env costs on Ray.
+                "driver, env_vars only (runtime_env floor)": (lambda: {"env_vars": {"BENCH": str(time.time())}},
+                                                              False),
                 "ray working_dir": (lambda: {"working_dir": tree}, False),
                 "renv (hook + plugin)": (lambda: {"renv": {"working_dir": tree}}, True),
             }
@@ -165,7 +169,7 @@ def main():
                     if runtime_env and any(os.path.realpath(c) == os.path.realpath(tree) for c in cwds):
                         raise AssertionError(f"{name}: a task ran in the driver's own tree {cwds}")
                     # Every sample is a new package on each node, or it measured a cache.
-                    if runtime_env and used.intersection(cwds):
+                    if runtime_env and "env_vars" not in runtime_env and used.intersection(cwds):
                         raise AssertionError(f"{name}: sample {n} ran in an earlier sample's package {cwds}")
                     used.update(cwds)
                     log(f"{files} files, {total >> 20} MB, {'warm-up ' if n == 0 else ''}{name}: "
@@ -177,6 +181,22 @@ def main():
                                            "rows": {k: Stat(v).as_json() for k, v in rows.items()},
                                            "ray_init": {k: Stat(v).as_json() for k, v in inits.items()}})
             rmtree(tree)
+        # Where each node's time went: the plugin logs, per package it fetched, the time in
+        # Ray's GCS and in the daemon (the upload: unpacking, committing).
+        steps = {"gcs": [], "daemon": []}
+        for node in NODES:
+            logs = os.path.join(temps[node], "session_latest", "logs")
+            for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+                if name.startswith("runtime_env_setup") and name.endswith(".log"):
+                    with open(os.path.join(logs, name), errors="replace") as f:
+                        for line in f:
+                            found = re.search(r"from Ray's GCS into this node's store .*GCS (\d+) ms, daemon (\d+) ms",
+                                              line)
+                            if found:
+                                steps["gcs"].append(float(found.group(1)) / 1000)
+                                steps["daemon"].append(float(found.group(2)) / 1000)
+        if steps["gcs"]:
+            results["renv_node_steps"] = {k: Stat(v).as_json() for k, v in steps.items()}
         # Each node fetched every renv package from the GCS once: runs + 1 per tree.
         results["renv_packages_per_node"] = {
             node: len(os.listdir(os.path.join(daemons[node].store, "store-v1", "pkgs")))

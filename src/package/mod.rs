@@ -15,6 +15,7 @@ pub mod symlink;
 pub mod tree;
 pub mod zip_eocd;
 pub mod zip_read;
+pub mod zip_stream;
 pub mod zip_write;
 
 use std::path::PathBuf;

@@ -39,6 +39,7 @@ pub fn copy_into(
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .collect();
     let phase = progress.phase("copying", files.len() as u64);
+    let writeback = wants_writeback(dest);
     parallel_map(files.len(), threads, |i| {
         let entry = files[i];
         let EntryKind::File {
@@ -52,7 +53,9 @@ pub fn copy_into(
         let mut output = create_file(dest, &entry.path, executable)?;
         let mut buf = vec![0u8; (meta.len() as usize + 1).clamp(4096, 1 << 20)];
         let (_, copied) = copy_hashing(&mut input, &mut output, &source, &mut buf)?;
-        start_writeback(&output);
+        if writeback {
+            start_writeback(&output);
+        }
         if copied != content || super::scan::is_executable(&meta) != executable {
             return Err(PackageError::Changed(source));
         }
@@ -80,8 +83,11 @@ pub fn create_file(root: &Path, rel: &str, executable: bool) -> std::io::Result<
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{e} (while creating {})", path.display())))?;
-    // The umask may have narrowed the mode; the store's modes are exact.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    // The umask may have narrowed the mode; the store's modes are exact. A umask that
+    // leaves read and execute bits alone (022, 002) cannot have: a syscall a file saved.
+    if crate::sys::umask().is_none_or(|umask| umask & mode != 0) {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     Ok(file)
 }
 
@@ -95,6 +101,12 @@ pub fn seal_dirs(root: &Path, entries: &[ManifestEntry]) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Whether files written under `dest` should have their writeback started as they are
+/// written: not on tmpfs or ramfs, which have none (a syscall per file saved).
+pub fn wants_writeback(dest: &Path) -> bool {
+    !crate::sys::is_volatile_fs(dest)
 }
 
 /// Starts writing a file's pages to disk without waiting, so the fsync before publishing

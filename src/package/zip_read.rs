@@ -46,7 +46,7 @@ const S_IFMT: u32 = 0o170000;
 const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFLNK: u32 = 0o120000;
-const MAX_SYMLINK_TARGET: u64 = 4096;
+pub(super) const MAX_SYMLINK_TARGET: u64 = 4096;
 /// The most central-directory bytes one entry may need: the 46-byte fixed header, a name
 /// up to PATH_MAX (4096) and room for extra fields and a comment.
 const MAX_DIRECTORY_BYTES_PER_ENTRY: u64 = 8 << 10;
@@ -77,7 +77,7 @@ pub enum ArchiveError {
     Io(#[from] std::io::Error),
 }
 
-fn reject(entry: Option<&str>, reason: impl Into<String>) -> ArchiveError {
+pub(super) fn reject(entry: Option<&str>, reason: impl Into<String>) -> ArchiveError {
     ArchiveError::Rejected {
         entry: entry.map(str::to_string),
         reason: reason.into(),
@@ -85,7 +85,7 @@ fn reject(entry: Option<&str>, reason: impl Into<String>) -> ArchiveError {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Planned {
+pub(super) enum Planned {
     Dir,
     File { executable: bool },
     Symlink,
@@ -252,7 +252,10 @@ pub fn unpack(
 
 /// Refuses an archive whose end records declare more than the caps allow, before its
 /// central directory is parsed.
-fn check_declared(reader: &mut ReadAt, limits: UnpackLimits) -> Result<(), ArchiveError> {
+pub(super) fn check_declared<R: Read + Seek>(
+    reader: &mut R,
+    limits: UnpackLimits,
+) -> Result<(), ArchiveError> {
     let declared = zip_eocd::declared(reader)?;
     if declared.entries > limits.max_entries as u64 {
         return Err(reject(
@@ -307,7 +310,7 @@ fn unpack_from(
     if archive.has_duplicate_names() {
         return Err(reject(None, "duplicate names in the central directory"));
     }
-    let plan = plan(&mut archive, limits)?;
+    let plan = plan(&archive, limits)?;
 
     // Directories first (sorted: parents before children), then files in parallel, each
     // thread with its own reader, then symlinks last so nothing is written through one.
@@ -324,6 +327,7 @@ fn unpack_from(
         })
         .collect();
     let written = AtomicU64::new(0);
+    let writeback = super::tree::wants_writeback(dest);
     let phase = progress.phase("unpacking", files.len() as u64);
     let chunks: Vec<&[(&String, usize, bool)]> = files
         .chunks(files.len().div_ceil(threads.max(1)).max(1))
@@ -361,7 +365,9 @@ fn unpack_from(
                 hasher.update(&buf[..n]);
                 file.write_all(&buf[..n])?;
             }
-            super::tree::start_writeback(&file);
+            if writeback {
+                super::tree::start_writeback(&file);
+            }
             phase.inc(1);
             let content: Digest = hasher.finalize().into();
             out.push(ManifestEntry {
@@ -415,16 +421,18 @@ fn unpack_from(
 }
 
 /// Validates every central-directory entry and returns the full plan, including the
-/// directories that files imply, sorted by path.
-fn plan<R: Read + std::io::Seek>(
-    archive: &mut ZipArchive<R>,
+/// directories that files imply, sorted by path. Reads only the central directory (parsed
+/// already), never a local header: [`super::zip_stream`] plans from a directory whose
+/// entries' bytes are gone.
+pub(super) fn plan<R: Read + std::io::Seek>(
+    archive: &ZipArchive<R>,
     limits: UnpackLimits,
 ) -> Result<Vec<(String, Planned, Option<usize>)>, ArchiveError> {
     let mut explicit: HashMap<String, (Planned, Option<usize>)> = HashMap::with_capacity(archive.len());
     let mut declared = 0u64;
     for i in 0..archive.len() {
         let entry = archive
-            .by_index_raw(i)
+            .by_index_data(i)
             .map_err(|e| reject(None, format!("entry {i}: {e}")))?;
         let raw = entry.name_raw();
         let Ok(name) = std::str::from_utf8(raw) else {
@@ -503,7 +511,7 @@ fn plan<R: Read + std::io::Seek>(
     Ok(plan)
 }
 
-fn check_name(name: &str, path: &str) -> Result<(), ArchiveError> {
+pub(super) fn check_name(name: &str, path: &str) -> Result<(), ArchiveError> {
     let why = if path.is_empty() {
         Some("empty name")
     } else if path.starts_with('/') {

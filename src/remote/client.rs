@@ -312,6 +312,133 @@ impl RemoteClient {
         }
     }
 
+    /// Downloads the object `info` describes once, handing its bytes as they arrive to
+    /// `consume`, which runs on a thread of its own (an unpack overlapping the download),
+    /// and returns what it returned and how long the download took. Nothing is retried and nothing is written here: a
+    /// caller whose `consume` failed, or that got [`RemoteError::Failed`], starts again
+    /// with [`Self::download`]. `consume`'s reads fail if the download breaks off; if
+    /// `consume` returns before the end, the download stops.
+    pub fn download_streaming<T: Send>(
+        &self,
+        uri: &RemoteUri,
+        info: &ObjectInfo,
+        limit: u64,
+        consume: impl FnOnce(&mut dyn Read) -> T + Send,
+    ) -> Result<(T, Duration), StreamFailed> {
+        let final_error = |error| StreamFailed { error, retry: false };
+        let too_large = |size| RemoteError::TooLarge {
+            uri: uri.to_string(),
+            size,
+            limit,
+        };
+        if info.size > limit {
+            return Err(final_error(too_large(info.size)));
+        }
+        if uri.scheme() == Scheme::File {
+            return Err(final_error(RemoteError::Failed {
+                uri: uri.to_string(),
+                message: "a shared file is not streamed".into(),
+            }));
+        }
+        let (store, path) = self.store_for(uri).map_err(final_error)?;
+        // A few pieces in flight: the download runs ahead of the consumer by at most
+        // PIECES × PIECE_BYTES, and each hand-over (a wake-up) carries many chunks.
+        const PIECES: usize = 4;
+        const PIECE_BYTES: usize = 1 << 20;
+        let (tx, rx) = std::sync::mpsc::sync_channel(PIECES);
+        let options = GetOptions {
+            if_match: info.etag.clone(),
+            version: info.version.clone(),
+            ..GetOptions::default()
+        };
+        let transfer = async {
+            // Owned by the transfer: when it ends, however it ends, the consumer's reads
+            // end too.
+            let tx = tx;
+            let got = store.get_opts(&path, options).await?;
+            // As in `download`: without an ETag to send as If-Match, the object must still
+            // be the one its HEAD described.
+            let meta = &got.meta;
+            if meta.size != info.size
+                || (info.etag.is_none() && meta.last_modified.timestamp() != info.last_modified)
+            {
+                return Ok(Err(RemoteError::Changed { uri: uri.to_string() }));
+            }
+            let mut stream = got.into_stream();
+            let mut written = 0u64;
+            let mut piece = Vec::new();
+            let mut piece_bytes = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                written += chunk.len() as u64;
+                if written > limit {
+                    return Ok(Err(too_large(written)));
+                }
+                piece_bytes += chunk.len();
+                piece.push(chunk);
+                // A blocking send on the thread that runs this future (block_on): the
+                // consumer sets the pace, as the disk did in `download`.
+                if piece_bytes >= PIECE_BYTES {
+                    piece_bytes = 0;
+                    if tx.send(Piece::Data(std::mem::take(&mut piece))).is_err() {
+                        return Ok(Ok(false));
+                    }
+                }
+            }
+            if written != info.size {
+                return Ok(Err(RemoteError::Failed {
+                    uri: uri.to_string(),
+                    message: format!("got {written} bytes, its HEAD said {}", info.size),
+                }));
+            }
+            let sent = tx.send(Piece::Data(piece)).is_ok() && tx.send(Piece::End).is_ok();
+            Ok::<_, object_store::Error>(Ok(sent))
+        };
+        let deadline = self.options.idle_timeout + Duration::from_secs(info.size / MIN_THROUGHPUT);
+        std::thread::scope(|scope| {
+            let consumer = scope.spawn(move || {
+                let mut reader = PieceReader {
+                    rx,
+                    pieces: std::collections::VecDeque::new(),
+                    at: 0,
+                    ended: false,
+                };
+                consume(&mut reader)
+            });
+            let started = std::time::Instant::now();
+            let produced = runtime().block_on(async { tokio::time::timeout(deadline, transfer).await });
+            let took = started.elapsed();
+            // Whatever happened, the consumer must see the end of its input.
+            let consumed = consumer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            match produced {
+                Err(_) => Err(final_error(RemoteError::Failed {
+                    uri: uri.to_string(),
+                    message: format!(
+                        "the download took more than {} s (slower than {} KiB/s)",
+                        deadline.as_secs(),
+                        MIN_THROUGHPUT >> 10
+                    ),
+                })),
+                // As `download` retries: a failure that is not the object's (a body that
+                // broke off, a server error after object_store's own retries).
+                Ok(Err(e)) => {
+                    let error = RemoteError::of(uri, e);
+                    let retry = matches!(error, RemoteError::Failed { .. });
+                    Err(StreamFailed { error, retry })
+                }
+                Ok(Ok(Err(e))) => Err(final_error(e)),
+                // Sent whole, or the consumer stopped reading: its answer says which.
+                Ok(Ok(Ok(_))) => {
+                    self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                    self.stats.download_bytes.fetch_add(info.size, Ordering::Relaxed);
+                    Ok((consumed, took))
+                }
+            }
+        })
+    }
+
     /// Uploads the file at `path` as the object (in parts when large), unless it exists
     /// already. Returns whether it was uploaded. The object appears whole or not at all.
     pub fn put_file(&self, uri: &RemoteUri, path: &Path) -> Result<bool, RemoteError> {
@@ -439,6 +566,63 @@ impl RemoteClient {
                 });
             }
         })
+    }
+}
+
+/// Why [`RemoteClient::download_streaming`] failed, and whether another try may succeed.
+#[derive(Debug)]
+pub struct StreamFailed {
+    pub error: RemoteError,
+    pub retry: bool,
+}
+
+/// What [`RemoteClient::download_streaming`] hands its consumer: chunks as they came.
+enum Piece<B> {
+    Data(Vec<B>),
+    End,
+}
+
+/// The consumer's side: a `Read` over the pieces, without copying them on the way.
+struct PieceReader<B> {
+    rx: std::sync::mpsc::Receiver<Piece<B>>,
+    pieces: std::collections::VecDeque<B>,
+    /// How much of the front piece was read.
+    at: usize,
+    ended: bool,
+}
+
+impl<B: AsRef<[u8]>> Read for PieceReader<B> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(front) = self.pieces.front() {
+                let front = front.as_ref();
+                let rest = &front[self.at..];
+                let n = rest.len().min(out.len());
+                out[..n].copy_from_slice(&rest[..n]);
+                self.at += n;
+                if self.at == front.len() {
+                    self.pieces.pop_front();
+                    self.at = 0;
+                }
+                if n > 0 || out.is_empty() {
+                    return Ok(n);
+                }
+                continue;
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Piece::Data(chunks)) => self.pieces.extend(chunks),
+                Ok(Piece::End) => self.ended = true,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the download broke off",
+                    ));
+                }
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 pub mod client;
 pub mod uri;
 
-pub use client::{ObjectInfo, RemoteClient, RemoteError, RemoteOptions};
+pub use client::{ObjectInfo, RemoteClient, RemoteError, RemoteOptions, StreamFailed};
 pub use uri::{AllowList, RemoteUri, Scheme, UriError};
 
 use crate::digest::PackageDigest;

@@ -116,6 +116,27 @@ fn download_and_commit(
     keep: Keep<'_>,
     progress: &Progress,
 ) -> Result<PackageEntry, SourceError> {
+    if let Keep::Unpacked = keep
+        && uri.scheme() != crate::remote::Scheme::File
+    {
+        let mut attempt = 0;
+        loop {
+            match unpack_while_downloading(store, remotes, uri, info, expected, progress) {
+                Ok(entry) => return Ok(entry),
+                Err(Streamed::Failed(e)) => return Err(e),
+                Err(Streamed::Broke(e)) if attempt < remotes.client.options().retries => {
+                    attempt += 1;
+                    tracing::warn!(%uri, attempt, error = %e, "download broke off; starting again");
+                    std::thread::sleep(std::time::Duration::from_millis(200 << attempt.min(5)));
+                }
+                Err(Streamed::Broke(e)) => return Err(e.into()),
+                Err(Streamed::Again(why)) => {
+                    tracing::info!(%uri, %why, "downloading again into a file, then unpacking");
+                    break;
+                }
+            }
+        }
+    }
     let start = std::time::Instant::now();
     let staging = store.stage()?;
     let zip_path = staging.work_dir().join("download.zip");
@@ -147,6 +168,77 @@ fn download_and_commit(
     )?;
     entry.timings_ms.insert("download", download_ms);
     Ok(entry)
+}
+
+/// Why [`unpack_while_downloading`] did not commit.
+enum Streamed {
+    /// For good: the object changed, is too large, is not there, or the store failed.
+    Failed(SourceError),
+    /// The download broke off: try again, as a download into a file would.
+    Broke(crate::remote::RemoteError),
+    /// Try the other way (download into a file, then unpack): the zip is not one
+    /// [`zip_stream`](crate::package::zip_stream) unpacks, or writing the tree failed
+    /// (the other way says why in its own words).
+    Again(String),
+}
+
+/// Unpacks the zip into staging while it downloads, keeping no copy of the zip (see
+/// [`crate::package::zip_stream`]), and commits what it unpacked to, as
+/// [`super::zip::commit_received`] would. Timings: `download` until the last byte came,
+/// `unpack` what the unpack took after that.
+fn unpack_while_downloading(
+    store: &Store,
+    remotes: &Remotes,
+    uri: &RemoteUri,
+    info: &ObjectInfo,
+    expected: Option<PackageDigest>,
+    progress: &Progress,
+) -> Result<PackageEntry, Streamed> {
+    use crate::package::zip_stream::{StreamError, unpack_stream};
+    use crate::remote::StreamFailed;
+    use std::time::Instant;
+
+    let start = Instant::now();
+    let failed = |e: SourceError| Streamed::Failed(e);
+    let staging = store.stage().map_err(|e| failed(e.into()))?;
+    let dest = staging.entry_dir();
+    std::fs::create_dir(&dest).map_err(|e| failed(e.into()))?;
+    let limits = store.options().unpack_limits;
+    let unpacked = remotes
+        .client
+        .download_streaming(uri, info, limits.max_bytes, |input| {
+            unpack_stream(input, info.size, &dest, limits, progress)
+        });
+    let (manifest, download) = match unpacked {
+        Ok((Ok(manifest), download)) => (manifest, download),
+        Ok((Err(StreamError::NotStreamable(why)), _)) => return Err(Streamed::Again(why)),
+        Ok((Err(StreamError::Io(e)), _)) => return Err(Streamed::Again(e.to_string())),
+        Err(StreamFailed { error, retry: true }) => return Err(Streamed::Broke(error)),
+        Err(StreamFailed { error, .. }) => return Err(failed(error.into())),
+    };
+    let done = start.elapsed();
+    let digest = manifest.digest();
+    if let Some(expected) = expected
+        && digest != expected
+    {
+        return Err(failed(SourceError::DigestMismatch {
+            what: uri.to_string(),
+            expected,
+            actual: digest,
+        }));
+    }
+    let commit = crate::store::Commit {
+        contents: crate::store::Contents::Manifest(&manifest),
+        source: Value::String(uri.to_string()),
+        description: Value::Null,
+        timings_ms: std::collections::BTreeMap::from([
+            ("download", download.as_millis() as u64),
+            ("unpack", done.saturating_sub(download).as_millis() as u64),
+        ]),
+    };
+    store
+        .commit_staged(staging, digest, commit, progress)
+        .map_err(|e| failed(super::during("publishing", &format!("pkg://{digest}"))(e.into())))
 }
 
 /// Puts package `digest` (committed here) in the shared package store as renv's

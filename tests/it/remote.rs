@@ -98,6 +98,65 @@ fn http_zips_are_kept_by_revision_and_fetched_again_when_they_change() {
 }
 
 #[test]
+fn a_zip_unpacked_while_it_downloads_is_the_tree_a_downloaded_one_gives() {
+    let ws = Workspace::new();
+    let server = HttpServer::start(&ws.path("served"));
+    crate::common::write_many(&ws.path("tree/sub"), 20, 10_000);
+    ws.write("tree/run.sh", "#!/bin/sh\n");
+    std::fs::set_permissions(
+        ws.path("tree/run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("sub", ws.path("tree/link")).unwrap();
+    let digest = package(&ws, "tree", &server.root.join("wd.zip"));
+    let spec = ws.spec(
+        "env.json",
+        &json!({"working_dir": format!("{}/wd.zip", server.url)}),
+    );
+    let built = ws.build(&spec);
+    // Committed under the digest `renv package` computed from the tree itself: same
+    // files, modes and symlink. One GET: no second download into a file.
+    assert_eq!(digest_of(&built), digest);
+    assert_eq!(server.requests("GET", "/wd.zip"), 1);
+    let timings = &built["timings_ms"];
+    assert!(
+        timings["download"].is_u64() && timings["unpack"].is_u64(),
+        "{timings}"
+    );
+
+    // A zip whose local headers do not carry sizes (a writer that could not seek, as
+    // Python's zipfile into a pipe) cannot be unpacked as it streams: it is downloaded
+    // again into a file and unpacked from there.
+    let script = "import io, sys, zipfile\n\
+        class Pipe(io.RawIOBase):\n\
+        \x20   def __init__(self, f): self.f = f\n\
+        \x20   def writable(self): return True\n\
+        \x20   def write(self, b): return self.f.write(b)\n\
+        with open(sys.argv[1], 'wb') as f:\n\
+        \x20   with zipfile.ZipFile(Pipe(f), 'w') as z:\n\
+        \x20       z.writestr('piped.txt', 'through a pipe\\n')\n";
+    let status = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(server.root.join("piped.zip"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = ws.spec(
+        "piped.json",
+        &json!({"working_dir": format!("{}/piped.zip", server.url)}),
+    );
+    let built = ws.build(&spec);
+    let cwd = built["cwd"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(cwd).join("piped.txt")).unwrap(),
+        "through a pipe\n"
+    );
+    assert_eq!(server.requests("GET", "/piped.zip"), 2);
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+}
+
+#[test]
 fn a_download_that_breaks_off_is_retried_and_one_that_keeps_breaking_keeps_nothing() {
     let ws = Workspace::new();
     let server = HttpServer::start(&ws.path("served"));
