@@ -36,6 +36,8 @@ pub struct BuiltEnv {
     pub pycache: bool,
     /// The spec's `env_vars` (part of the env's identity).
     pub env_vars: BTreeMap<String, String>,
+    /// [`Self::recipe`], made once (the daemon saves it with every reference).
+    recipe: std::sync::OnceLock<String>,
     pub timings_ms: BTreeMap<String, u64>,
 }
 
@@ -101,7 +103,11 @@ impl BuiltEnv {
 
     /// What finds this env again in the store without building anything (see
     /// [`Self::restore`]): its packages' digests and roles, its venv's key, its variables.
-    pub fn recipe(&self) -> String {
+    pub fn recipe(&self) -> &str {
+        self.recipe.get_or_init(|| self.make_recipe())
+    }
+
+    fn make_recipe(&self) -> String {
         let recipe = EnvRecipe {
             packages: self
                 .packages
@@ -152,6 +158,7 @@ impl BuiltEnv {
             context,
             pycache: recipe.pycache,
             env_vars: recipe.env_vars,
+            recipe: std::sync::OnceLock::new(),
             timings_ms: BTreeMap::new(),
         }))
     }
@@ -309,6 +316,7 @@ pub fn build_env(
         context,
         pycache,
         env_vars: spec.env_vars.clone(),
+        recipe: std::sync::OnceLock::new(),
         timings_ms: timings,
     })
 }

@@ -10,7 +10,9 @@
 //! are committed.
 //!
 //! The daemon's connection never checkpoints on its own (that may `fsync`, and would
-//! stall whoever committed); the journal thread checkpoints when it is idle.
+//! stall whoever committed); the journal thread checkpoints every thousand commits and
+//! when idle, and the WAL is cut back to its size limit each time it starts over (see
+//! `state_db`), so it cannot grow with the number of requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -22,18 +24,31 @@ use crate::store::state_db::{Change, StateDb};
 
 type Reply = oneshot::Sender<Result<Vec<i64>, String>>;
 
+/// What the journal thread is asked to do.
+enum Job {
+    Write(Vec<Change>, Reply),
+    /// Copy the WAL into the database (commits made in place ask for it every
+    /// [`CHECKPOINT_EVERY`]), so the WAL is reset instead of growing.
+    Checkpoint,
+}
+
+/// Commits between checkpoints.
+const CHECKPOINT_EVERY: usize = 1000;
+
 pub struct Journal {
     db: Arc<Mutex<StateDb>>,
-    queue: mpsc::Sender<(Vec<Change>, Reply)>,
+    queue: mpsc::Sender<Job>,
     /// Writers waiting for the journal thread.
     waiting: AtomicUsize,
+    /// Commits made in place since the last checkpoint was asked for.
+    in_place: AtomicUsize,
 }
 
 impl Journal {
     /// Starts the thread that commits queued changes and checkpoints.
     pub fn start(db: StateDb) -> Journal {
         let db = Arc::new(Mutex::new(db));
-        let (queue, pending) = mpsc::channel::<(Vec<Change>, Reply)>();
+        let (queue, pending) = mpsc::channel::<Job>();
         let shared = Arc::clone(&db);
         std::thread::Builder::new()
             .name("renv-journal".into())
@@ -41,8 +56,8 @@ impl Journal {
                 let mut since_checkpoint = 0usize;
                 loop {
                     let first = match pending.recv_timeout(Duration::from_secs(1)) {
-                        Ok(first) => first,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                        Ok(Job::Write(changes, reply)) => (changes, reply),
+                        Ok(Job::Checkpoint) | Err(mpsc::RecvTimeoutError::Timeout) => {
                             let _ = shared.lock().unwrap().checkpoint();
                             since_checkpoint = 0;
                             continue;
@@ -50,7 +65,13 @@ impl Journal {
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     };
                     let mut batch = vec![first];
-                    batch.extend(pending.try_iter());
+                    let mut checkpoint = false;
+                    for job in pending.try_iter() {
+                        match job {
+                            Job::Write(changes, reply) => batch.push((changes, reply)),
+                            Job::Checkpoint => checkpoint = true,
+                        }
+                    }
                     let changes: Vec<&[Change]> = batch.iter().map(|(c, _)| c.as_slice()).collect();
                     let mut db = shared.lock().unwrap();
                     match db.commit_batches(&changes) {
@@ -66,7 +87,7 @@ impl Journal {
                         }
                     }
                     since_checkpoint += 1;
-                    if since_checkpoint >= 1000 {
+                    if checkpoint || since_checkpoint >= CHECKPOINT_EVERY {
                         let _ = db.checkpoint();
                         since_checkpoint = 0;
                     }
@@ -77,6 +98,7 @@ impl Journal {
             db,
             queue,
             waiting: AtomicUsize::new(0),
+            in_place: AtomicUsize::new(0),
         }
     }
 
@@ -86,7 +108,13 @@ impl Journal {
         if self.waiting.load(Ordering::Acquire) == 0
             && let Ok(mut db) = self.db.try_lock()
         {
-            return db.commit(&changes).map_err(|e| e.to_string());
+            let committed = db.commit(&changes).map_err(|e| e.to_string());
+            drop(db);
+            if self.in_place.fetch_add(1, Ordering::Relaxed) + 1 >= CHECKPOINT_EVERY {
+                self.in_place.store(0, Ordering::Relaxed);
+                let _ = self.queue.send(Job::Checkpoint);
+            }
+            return committed;
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let answered = self.queued(changes).await;
@@ -97,7 +125,7 @@ impl Journal {
     async fn queued(&self, changes: Vec<Change>) -> Result<Vec<i64>, String> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send((changes, reply))
+            .send(Job::Write(changes, reply))
             .map_err(|_| "the state journal has stopped".to_string())?;
         answer
             .await

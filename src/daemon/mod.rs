@@ -129,6 +129,17 @@ pub async fn serve(
         .copied()
         .chain(policy.build_user.map(|user| user.uid))
         .collect();
+    // One daemon a store: two would adopt each other's workers and number new ones alike.
+    let _serving = crate::store::LockFile::try_acquire(
+        &store.layout().lock_path(crate::store::LockName::Daemon),
+        crate::store::LockMode::Exclusive,
+    )?
+    .ok_or_else(|| {
+        crate::store::StoreError::Busy(format!(
+            "another renv daemon serves the store at {}; one store has one daemon",
+            store.root().display()
+        ))
+    })?;
     store.grant_traverse(&reach, &config.allow_gids)?;
     let listener = socket::bind(&config.socket, &access)?;
     let listener = UnixListener::from_std(listener)?;

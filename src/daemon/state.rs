@@ -563,7 +563,7 @@ impl Daemon {
     pub fn save_env(built: &BuiltEnv) -> Change {
         Change::PutEnv(SavedEnv {
             env_id: built.env_id.to_string(),
-            recipe: built.recipe(),
+            recipe: built.recipe().to_string(),
             entries: built.entries().collect(),
         })
     }
@@ -668,6 +668,15 @@ impl Daemon {
         })
         .await
         .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?
+    }
+
+    /// Holds an env for a worker a previous daemon started, which its supervisor keeps
+    /// leased: counted at once, with no lease of the daemon's to wait for.
+    pub fn adopt_worker(&self, env_id: EnvId, owner: u32) {
+        match self.envs.lock().unwrap().get_mut(&env_id) {
+            Some(record) => record.workers.push(owner),
+            None => tracing::warn!(env_id = %env_id, "an adopted worker's env was not found again"),
+        }
     }
 
     /// Removes a saved reference that was given back (a worker's row is its module's).
@@ -787,36 +796,36 @@ impl Daemon {
             });
         }
         let store = Arc::clone(&self.store);
+        // Found by their markers, nothing built or locked: a restart never waits here.
         let found = tokio::task::spawn_blocking(move || {
             envs.into_iter()
                 .map(|saved| {
-                    let built = BuiltEnv::restore(&store, &saved.recipe).and_then(|built| match built {
-                        Some(built) => Ok(built.lease(&store)?.map(|leases| (built, leases))),
-                        None => Ok(None),
-                    });
+                    let built = BuiltEnv::restore(&store, &saved.recipe);
                     (saved, built)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| StateError::Internal(format!("restoring panicked: {e}")))?;
-        let mut restored = 0;
+        let mut restored = Vec::new();
         for (saved, built) in found {
             let refs = refs_of.remove(&saved.env_id).unwrap_or_default();
             let Ok(env_id) = saved.env_id.parse::<EnvId>() else {
                 continue;
             };
             match built {
-                Ok(Some((built, leases))) => {
+                Ok(Some(built)) => {
                     if built.env_id != env_id {
                         tracing::warn!(saved = %env_id, found = %built.env_id, "a saved env restores to another id");
                     }
-                    restored += 1;
+                    if !refs.is_empty() {
+                        restored.push(env_id);
+                    }
                     self.envs.lock().unwrap().insert(
                         env_id,
                         EnvRecord {
                             built: Arc::new(built),
-                            leases: (!refs.is_empty()).then_some(leases),
+                            leases: None,
                             refs,
                             workers: Vec::new(),
                             last_used: now(),
@@ -831,13 +840,51 @@ impl Daemon {
                             references = refs.len(),
                             tags = ?refs.iter().filter_map(|r| r.tag.as_deref()).collect::<Vec<_>>(),
                             error,
-                            "references whose env lost an entry while the daemon was down; they are kept                              (GET /v1/envs shows them missing) until released or the env is built again"
+                            "references whose env lost an entry while the daemon was down; they are kept \
+                             (GET /v1/envs shows them missing) until released or the env is built again"
                         );
                         self.lost.lock().unwrap().insert(env_id, refs);
                     }
                 }
             }
         }
+        // Their leases are taken after, off the start-up path: an entry lock someone holds
+        // (for up to the lock timeout) delays that env's lease, not the daemon. Meanwhile
+        // the saved references keep the entries from prune.
+        let count = restored.len();
+        let daemon = Arc::clone(self);
+        tokio::spawn(async move {
+            for env_id in restored {
+                let Some(built) = daemon
+                    .envs
+                    .lock()
+                    .unwrap()
+                    .get(&env_id)
+                    .map(|r| Arc::clone(&r.built))
+                else {
+                    continue;
+                };
+                let store = Arc::clone(&daemon.store);
+                let leased = tokio::task::spawn_blocking(move || built.lease(&store)).await;
+                match leased {
+                    Ok(Ok(Some(leases))) => {
+                        if let Some(record) = daemon.envs.lock().unwrap().get_mut(&env_id)
+                            && record.leases.is_none()
+                            && !record.is_unheld()
+                        {
+                            record.leases = Some(leases);
+                        }
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::warn!(env_id = %env_id, "a restored env lost an entry before it was leased")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(env_id = %env_id, error = %e, "a restored env is not leased yet")
+                    }
+                    Err(e) => tracing::warn!(env_id = %env_id, error = %e, "leasing a restored env panicked"),
+                }
+            }
+        });
         for (env_id, refs) in refs_of {
             // References saved without their env: impossible by construction (every
             // change adding one saves the env too), reported if it happens anyway.
@@ -850,7 +897,7 @@ impl Daemon {
                 self.lost.lock().unwrap().insert(env_id, refs);
             }
         }
-        Ok(restored)
+        Ok(count)
     }
 }
 

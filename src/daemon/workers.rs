@@ -152,6 +152,9 @@ struct Held {
     owner: u32,
     gpus: Vec<u32>,
     cgroup: Option<PathBuf>,
+    /// The worker's pid and start time, where known (to end what is left of it if its
+    /// supervisor dies).
+    leader: Option<(u32, u64)>,
 }
 
 fn worker_id(seq: i64) -> String {
@@ -271,7 +274,11 @@ impl Workers {
 
     /// A supervisor for the next worker: a spare if there is one, else a new one.
     fn take_supervisor(self: &Arc<Self>) -> std::io::Result<Starting> {
-        let spare = self.spares.lock().unwrap().pop();
+        // A spare someone killed meanwhile is dropped (and reaped by the runtime).
+        let spare = {
+            let mut spares = self.spares.lock().unwrap();
+            std::iter::from_fn(|| spares.pop()).find(|spare| spare.supervisor.is_alive())
+        };
         self.refill_spares();
         match spare {
             Some(spare) => Ok(spare),
@@ -329,13 +336,14 @@ impl Workers {
             },
             None => None,
         };
-        let held = Held {
+        let mut held = Held {
             worker_id: worker_id.clone(),
             seq,
             env_id: built.env_id,
             owner,
             gpus: gpus.clone(),
             cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
+            leader: None,
         };
         if let Err(e) = self.daemon.hold(built.env_id, owner, Hold::Worker).await {
             self.give_back(&held, false).await;
@@ -353,13 +361,14 @@ impl Workers {
                 &stderr_log,
             )
             .await;
-        let (supervisor, pid) = match started {
+        let (supervisor, (pid, pid_start)) = match started {
             Ok(started) => started,
             Err(e) => {
                 self.give_back(&held, true).await;
                 return Err(e);
             }
         };
+        held.leader = Some((pid, pid_start));
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             name,
@@ -401,7 +410,7 @@ impl Workers {
         name: Option<String>,
         stdout_log: &std::path::Path,
         stderr_log: &std::path::Path,
-    ) -> Result<(Supervisor, u32), StateError> {
+    ) -> Result<(Supervisor, (u32, u64)), StateError> {
         let gpu_env = if held.gpus.is_empty() && self.zero_gpus == ZeroGpus::Inherit {
             None
         } else {
@@ -456,6 +465,7 @@ impl Workers {
             uid: held.owner,
             name,
             pid: 0,
+            pid_start: 0,
             gpus: held.gpus.clone(),
             started_at: now(),
             state: WorkerState::Running.as_str().into(),
@@ -506,7 +516,12 @@ impl Workers {
         // it again), and a pid lost with the daemon is read back from the supervisor.
         let (daemon, seq) = (Arc::clone(&self.daemon), held.seq);
         tokio::spawn(async move {
-            if let Err(e) = daemon.journal.write(vec![Change::WorkerPid { seq, pid }]).await {
+            let (pid, start) = pid;
+            if let Err(e) = daemon
+                .journal
+                .write(vec![Change::WorkerPid { seq, pid, start }])
+                .await
+            {
                 tracing::warn!(error = %e, "a worker's pid is not saved");
             }
         });
@@ -598,12 +613,25 @@ impl Workers {
                 ended_at: saved.ended_at.unwrap_or_else(now),
             };
         }
-        match &held.cgroup {
-            Some(dir) => WorkerCgroup::at(dir.clone()).kill_and_remove().await,
-            None => tracing::warn!(
+        match (&held.cgroup, held.leader) {
+            (Some(dir), _) => WorkerCgroup::at(dir.clone()).kill_and_remove().await,
+            // Without a cgroup, the tree is the leader's group: killed while the leader is
+            // still the process that started (its pid, and so the group id, its own), and
+            // its GPUs kept until it is gone.
+            (None, Some((pid, start))) => {
+                if let Ok(pidfd) = crate::sys::pidfd_open(pid)
+                    && crate::sys::start_time(pid) == Some(start)
+                {
+                    let _ = crate::sys::kill_group(pid as i32, libc::SIGKILL);
+                    let _ = crate::sys::pidfd_signal(&pidfd, libc::SIGKILL);
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(10), crate::sys::pidfd_exited(pidfd)).await;
+                }
+            }
+            (None, None) => tracing::warn!(
                 worker_id = %held.worker_id,
-                "the worker's supervisor died without recording its end; without a cgroup, what is left of \
-                 the worker cannot be found safely and is left running"
+                "the worker's supervisor died before it said the worker's pid; without a cgroup, what \
+                 may be left of the worker cannot be found"
             ),
         }
         let end = WorkerEnd {
@@ -659,6 +687,7 @@ impl Workers {
                 owner: w.uid,
                 gpus: w.gpus.clone(),
                 cgroup: w.cgroup.clone(),
+                leader: (w.pid != 0 && w.pid_start != 0).then_some((w.pid, w.pid_start)),
             };
             if info.state == WorkerState::Running {
                 // Its GPUs are in use until it is really gone, whatever else happens.
@@ -669,9 +698,8 @@ impl Workers {
                             // Started just before the last daemon died: its only child.
                             info.pid = supervisor.worker_pid().unwrap_or(0);
                         }
-                        if let Err(e) = self.daemon.hold(env_id, w.uid, Hold::Worker).await {
-                            tracing::warn!(worker_id = %id, error = %e, "an adopted worker's env could not be held");
-                        }
+                        // Its env is held at once (its supervisor holds the leases).
+                        self.daemon.adopt_worker(env_id, w.uid);
                         adopted += 1;
                         self.workers.lock().unwrap().insert(id.clone(), info);
                         self.watch(held, Arc::new(supervisor));

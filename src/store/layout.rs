@@ -17,6 +17,7 @@
 //!   locks/uv-cache.lock         shared by builds using the uv cache, exclusive to prune it
 //!   locks/tool-<name>.lock      exclusive while bootstrapping a tool into tools/
 //!   locks/build-user-<uid>.lock held by the build running as that build user
+//!   locks/daemon.lock           held by the one daemon serving the store
 //!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
 //!   trash/                      entries being deleted
 //!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
@@ -162,6 +163,8 @@ pub enum LockName<'a> {
     BuildUser(u32),
     /// Bootstrapping the tool `tools/<name>`.
     Tool(&'a str),
+    /// Held by the one daemon serving the store.
+    Daemon,
 }
 
 /// The paths of one store; cheap to clone.
@@ -370,6 +373,7 @@ impl Layout {
             LockName::UvCache => "uv-cache".into(),
             LockName::BuildUser(uid) => format!("build-user-{uid}"),
             LockName::Tool(name) => format!("tool-{name}"),
+            LockName::Daemon => "daemon".into(),
         };
         self.root.join("locks").join(format!("{name}.lock"))
     }

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS workers (
     uid             INTEGER NOT NULL,
     name            TEXT,
     pid             INTEGER NOT NULL,
+    -- The worker's start time (as the supervisor's below): its pid and group are its own
+    -- only while this matches.
+    pid_start       INTEGER NOT NULL DEFAULT 0,
     gpus            TEXT NOT NULL,
     started_at      REAL NOT NULL,
     state           TEXT NOT NULL,
@@ -98,6 +101,8 @@ pub struct SavedWorker {
     pub uid: u32,
     pub name: Option<String>,
     pub pid: u32,
+    /// The worker's start time (0: not known yet).
+    pub pid_start: u64,
     pub gpus: Vec<u32>,
     pub started_at: f64,
     pub state: String,
@@ -147,9 +152,11 @@ pub enum Change {
         id: i64,
     },
     AddWorker(SavedWorker),
+    /// The worker's pid and start time, once its supervisor has started it.
     WorkerPid {
         seq: i64,
         pid: u32,
+        start: u64,
     },
     /// Records a running worker's end (a worker already ended is left as it was: the
     /// first record of an end wins).
@@ -189,6 +196,10 @@ impl StateDb {
         conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(&err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(&err)?;
+        // A WAL that has grown (a burst of commits between checkpoints) is cut back to
+        // this when it starts over.
+        conn.pragma_update(None, "journal_size_limit", 16 << 20)
+            .map_err(&err)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(&err)?;
@@ -339,7 +350,7 @@ impl StateDb {
 }
 
 const SELECT_WORKERS: &str = "SELECT seq, env_id, uid, name, pid, gpus, started_at, state, exit_code, signal, \
-                              ended_at, supervisor_pid, supervisor_start, cgroup FROM workers";
+                              ended_at, supervisor_pid, supervisor_start, cgroup, pid_start FROM workers";
 
 fn worker_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SavedWorker> {
     let gpus: String = row.get(5)?;
@@ -357,6 +368,7 @@ fn worker_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SavedWorker> {
         ended_at: row.get(10)?,
         supervisor: (row.get(11)?, row.get::<_, i64>(12)? as u64),
         cgroup: row.get::<_, Option<String>>(13)?.map(PathBuf::from),
+        pid_start: row.get::<_, i64>(14)? as u64,
     })
 }
 
@@ -392,8 +404,8 @@ fn apply(conn: &Connection, change: &Change) -> Result<i64, rusqlite::Error> {
             let gpus: Vec<String> = w.gpus.iter().map(u32::to_string).collect();
             conn.prepare_cached(
                 "INSERT INTO workers (seq, env_id, uid, name, pid, gpus, started_at, state, exit_code, signal, \
-                 ended_at, supervisor_pid, supervisor_start, cgroup) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 ended_at, supervisor_pid, supervisor_start, cgroup, pid_start) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
             .execute(params![
                 w.seq,
@@ -410,11 +422,12 @@ fn apply(conn: &Connection, change: &Change) -> Result<i64, rusqlite::Error> {
                 w.supervisor.0,
                 w.supervisor.1 as i64,
                 w.cgroup.as_ref().map(|p| p.display().to_string()),
+                w.pid_start as i64,
             ])?;
         }
-        Change::WorkerPid { seq, pid } => {
-            conn.prepare_cached("UPDATE workers SET pid = ?2 WHERE seq = ?1")?
-                .execute(params![seq, pid])?;
+        Change::WorkerPid { seq, pid, start } => {
+            conn.prepare_cached("UPDATE workers SET pid = ?2, pid_start = ?3 WHERE seq = ?1")?
+                .execute(params![seq, pid, *start as i64])?;
         }
         Change::WorkerEnded { seq, end } => {
             conn.prepare_cached(
@@ -488,6 +501,7 @@ mod tests {
             ended_at: None,
             supervisor: (41, 12345),
             cgroup: None,
+            pid_start: 7,
         }
     }
 

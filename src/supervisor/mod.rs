@@ -106,6 +106,19 @@ pub struct Spec {
 pub fn main() -> ExitCode {
     // A session of its own: nothing sent to the daemon's group or terminal reaches it.
     let _ = rustix::process::setsid();
+    // SIGTERM (stop the worker) is caught from the start: one that comes between the
+    // worker's start and the wait for it must not kill the supervisor and orphan it.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            report(&format!("failed setup the supervisor's runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let term = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+    };
     let mut text = String::new();
     if std::io::stdin().read_to_string(&mut text).is_err() || text.is_empty() {
         // The daemon died before handing the worker over: nothing was started.
@@ -122,7 +135,7 @@ pub fn main() -> ExitCode {
         let _ = crate::sys::set_thread_nice(spec.nice);
     }
     let layout = Layout::new(&spec.store);
-    let end = match supervise(&spec, &layout) {
+    let end = match supervise(&spec, &layout, &runtime, term) {
         Ok(end) => {
             report(&format!(
                 "ended {}",
@@ -182,7 +195,12 @@ fn now() -> f64 {
 }
 
 /// Starts the worker, waits for its end (stopping it when asked), and returns the end.
-fn supervise(spec: &Spec, layout: &Layout) -> Result<WorkerEnd, Failure> {
+fn supervise(
+    spec: &Spec,
+    layout: &Layout,
+    runtime: &tokio::runtime::Runtime,
+    mut term: Option<tokio::signal::unix::Signal>,
+) -> Result<WorkerEnd, Failure> {
     let timeout = spec.lock_timeout_ms.map(Duration::from_millis);
     let mut leases = Vec::new();
     for name in &spec.entries {
@@ -218,13 +236,8 @@ fn supervise(spec: &Spec, layout: &Layout) -> Result<WorkerEnd, Failure> {
     // A session of its own (and so a process group: pgid = pid), without a controlling
     // terminal: a worker must never reach a terminal (TIOCSTI would type into it).
     crate::sys::new_session(&mut cmd);
-    // The worker holds its env's leases too: they outlive this supervisor.
-    let inherited = leases
-        .iter()
-        .map(|lease| lease.file().try_clone().map(OwnedFd::from))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(setup("lease"))?;
-    crate::sys::inherit_in_child(&mut cmd, inherited);
+    // The leases are the supervisor's alone: a worker given their descriptors could
+    // pass one to a process of its own, which could hold the entry's lock against all.
     let cgroup = spec.cgroup.as_ref().map(|dir| WorkerCgroup::at(dir.clone()));
     // Into its cgroup first: the cgroup's files are root's, not the caller's.
     if let Some(cgroup) = &cgroup {
@@ -238,16 +251,14 @@ fn supervise(spec: &Spec, layout: &Layout) -> Result<WorkerEnd, Failure> {
         spawn: true,
     })?;
     let pid = child.id();
-    report(&format!("started {pid}"));
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(setup("the supervisor's runtime"))?;
+    // With its start time: the pid names this process and no later one.
+    report(&format!(
+        "started {pid} {}",
+        crate::sys::start_time(pid).unwrap_or(0)
+    ));
     let tree = Tree::new(Leader::new(pid as i32), cgroup);
     let grace = Duration::from_millis(spec.stop_grace_ms);
     let stopped = runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let exited = tree.leader().exited();
         tokio::pin!(exited);
         let mut stopped = false;
@@ -372,6 +383,15 @@ impl Supervisor {
         })
     }
 
+    /// Whether it is still there (a spare someone killed is not).
+    pub fn is_alive(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let exited = stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with(['Z', 'X']));
+        !exited && crate::sys::start_time(self.pid) == Some(self.start)
+    }
+
     /// The worker's pid: the supervisor's one child.
     pub fn worker_pid(&self) -> Option<u32> {
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid)).ok()?;
@@ -423,8 +443,9 @@ impl Supervisor {
 }
 
 impl Starting {
-    /// Hands the supervisor its spec; returns the worker's pid once it runs.
-    pub async fn hand_over(&mut self, spec: &Spec) -> Result<u32, StartError> {
+    /// Hands the supervisor its spec; returns the worker's pid and start time once it
+    /// runs.
+    pub async fn hand_over(&mut self, spec: &Spec) -> Result<(u32, u64), StartError> {
         let text = serde_json::to_vec(spec).map_err(|e| StartError::Setup(e.to_string()))?;
         let gone = |e: std::io::Error| StartError::Setup(format!("the supervisor: {e}"));
         let mut stdin = self
@@ -436,10 +457,12 @@ impl Starting {
         drop(stdin);
         let line = self.supervisor.said().await.unwrap_or_default();
         let line = line.as_str();
-        if let Some(pid) = line.strip_prefix("started ") {
-            return pid
-                .parse()
-                .map_err(|_| StartError::Setup(format!("the supervisor said {line:?}")));
+        if let Some(started) = line.strip_prefix("started ") {
+            let mut words = started.split(' ').map(str::parse::<u64>);
+            return match (words.next(), words.next()) {
+                (Some(Ok(pid)), Some(Ok(start))) => Ok((pid as u32, start)),
+                _ => Err(StartError::Setup(format!("the supervisor said {line:?}"))),
+            };
         }
         Err(match line.split_once(' ') {
             Some(("failed", rest)) => match rest.split_once(' ') {

@@ -434,9 +434,12 @@ fn unsafe_socket_locations_are_refused() {
     assert!(err.contains("not a socket"), "{err}");
     std::fs::remove_file(ws.path("run/renv.sock")).unwrap();
     let first = Daemon::start(&ws, &[]);
+    // (A store of its own: one store has one daemon anyway.)
     let second = ws
         .renv()
-        .args(["daemon", "--gpus", "none", "--socket"])
+        .args(["daemon", "--gpus", "none", "--store"])
+        .arg(ws.path("other-store"))
+        .arg("--socket")
         .arg(&first.socket)
         .output()
         .unwrap();

@@ -568,3 +568,129 @@ fn a_kill_9_during_an_upload_leaves_nothing_half_done() {
     let verify = ws.renv().args(["verify"]).output().unwrap();
     assert_success(&verify);
 }
+
+/// The parent process (field 4 of /proc/<pid>/stat).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+}
+
+fn is_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A stop that comes right after the start (the supervisor has just started the worker)
+/// stops the worker: never a supervisor killed by it and a worker orphaned, running on
+/// with GPUs handed to the next.
+#[test]
+fn a_stop_right_after_the_start_stops_the_worker() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "0"]);
+    let env = json!({"env_vars": {"X": "1"}});
+    let mut session = daemon.client().session().unwrap();
+    for _ in 0..20 {
+        let w = session
+            .json(
+                "POST",
+                "/v1/workers",
+                Some(&json!({"runtime_env": env, "argv": ["sleep", "600"], "num_gpus": 1})),
+            )
+            .unwrap();
+        let id = w["worker_id"].as_str().unwrap();
+        session
+            .json("DELETE", &format!("/v1/workers/{id}"), None)
+            .unwrap();
+        let ended = session
+            .json("GET", &format!("/v1/workers/{id}?wait=true"), None)
+            .unwrap();
+        assert_eq!(ended["state"], "stopped", "{ended}");
+        assert!(is_gone(w["pid"].as_u64().unwrap() as u32), "the worker is gone");
+    }
+}
+
+/// A supervisor killed while its worker runs: the worker's tree is ended, the worker is
+/// `lost`, and its GPUs go back only then.
+#[test]
+fn a_killed_supervisor_takes_its_worker_with_it() {
+    let ws = setup();
+    let daemon = Daemon::start(&ws, &["--gpus", "0"]);
+    let env = json!({"env_vars": {"X": "1"}});
+    let w = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["sleep", "600"], "num_gpus": 1}),
+    )
+    .unwrap();
+    let pid = w["pid"].as_u64().unwrap() as u32;
+    let supervisor = parent_of(pid).unwrap();
+    // SAFETY: killing the supervisor our daemon started.
+    unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
+    let ended = wait_for_end(&daemon, w["worker_id"].as_str().unwrap());
+    assert_eq!(ended["state"], "lost", "{ended}");
+    assert!(is_gone(pid), "the worker went with its supervisor");
+    let next = start_worker(
+        &daemon,
+        json!({"runtime_env": env, "argv": ["true"], "num_gpus": 1}),
+    )
+    .unwrap();
+    assert_eq!(next["gpus"], json!([0]));
+    // Spares someone killed are not handed out.
+    for spare in supervisors_of(&ws) {
+        // SAFETY: killing supervisors of our own store.
+        unsafe { libc::kill(spare as i32, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let after = start_worker(&daemon, json!({"runtime_env": env, "argv": ["true"]})).unwrap();
+    assert_eq!(
+        wait_for_end(&daemon, after["worker_id"].as_str().unwrap())["state"],
+        "succeeded"
+    );
+}
+
+/// One store, one daemon: a second on another socket is refused, naming why.
+#[test]
+fn a_second_daemon_on_one_store_is_refused() {
+    let ws = setup();
+    let _first = Daemon::start(&ws, &["--gpus", "none"]);
+    let second = Daemon::try_start_with(&ws, "run/other.sock", &["--gpus", "none"], &[]);
+    let err = second.err().expect("refused");
+    assert!(err.contains("another renv daemon serves the store"), "{err}");
+}
+
+/// References taken and released many times leave a WAL of bounded size (checkpoints
+/// keep pace with commits made in place).
+#[test]
+fn the_state_log_stays_bounded_under_churn() {
+    let ws = setup();
+    // (Quiet: nobody reads its log here, and 3,000 lines would fill the pipe.)
+    let daemon = Daemon::try_start_with(
+        &ws,
+        "run/renv.sock",
+        &["--gpus", "none"],
+        &[("RENV_LOG", "warn".into())],
+    )
+    .unwrap();
+    let env = json!({"env_vars": {"X": "1"}});
+    let mut session = daemon.client().session().unwrap();
+    for _ in 0..1500 {
+        let e = session
+            .json("POST", "/v1/envs", Some(&json!({"runtime_env": env})))
+            .unwrap();
+        session
+            .json(
+                "DELETE",
+                &format!("/v1/envs/{}", e["env_id"].as_str().unwrap()),
+                None,
+            )
+            .unwrap();
+    }
+    let wal = std::fs::metadata(ws.store_v1("state/daemon.db-wal"))
+        .unwrap()
+        .len();
+    // (Without checkpoints: about 8 KiB a commit, 24 MiB here.)
+    assert!(wal < 16 << 20, "the WAL grew to {wal} bytes");
+}
