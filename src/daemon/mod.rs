@@ -130,15 +130,19 @@ pub async fn serve(
         .chain(policy.build_user.map(|user| user.uid))
         .collect();
     // One daemon a store: two would adopt each other's workers and number new ones alike.
-    let _serving = crate::store::LockFile::try_acquire(
+    // A daemon that has just exited may still share the lock for a moment (a child it was
+    // starting, not yet exec'd, holds a copy of its descriptors): wait a little for it.
+    let _serving = crate::store::LockFile::acquire(
         &store.layout().lock_path(crate::store::LockName::Daemon),
         crate::store::LockMode::Exclusive,
-    )?
-    .ok_or_else(|| {
-        crate::store::StoreError::Busy(format!(
+        Some(Duration::from_secs(5)),
+    )
+    .map_err(|e| match e {
+        crate::store::StoreError::LockTimeout { .. } => crate::store::StoreError::Busy(format!(
             "another renv daemon serves the store at {}; one store has one daemon",
             store.root().display()
-        ))
+        )),
+        e => e,
     })?;
     store.grant_traverse(&reach, &config.allow_gids)?;
     let listener = socket::bind(&config.socket, &access)?;

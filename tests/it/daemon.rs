@@ -1046,12 +1046,16 @@ fn the_socket_appears_only_once_it_accepts_connections() {
             .args(["daemon", "--socket"])
             .arg(&socket)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let start = Instant::now();
         while socket.symlink_metadata().is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+            if child.try_wait().unwrap().is_some() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("the daemon exited: {err}");
+            }
             assert!(start.elapsed() < Duration::from_secs(30), "daemon did not start");
             std::thread::sleep(Duration::from_micros(200));
         }
