@@ -181,6 +181,11 @@ fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
 }
 
 impl StateDb {
+    /// The database file, for errors.
+    fn path(&self) -> PathBuf {
+        self.conn.path().map(PathBuf::from).unwrap_or_default()
+    }
+
     /// Opens (creating if needed) the store's state database for reading and writing.
     pub fn open(layout: &Layout) -> Result<StateDb, StoreError> {
         let path = layout.state_db_path();
@@ -225,7 +230,7 @@ impl StateDb {
     /// Stops checkpointing on commit: the owner calls [`Self::checkpoint`] when it suits
     /// it (a checkpoint may `fsync`).
     pub fn checkpoint_manually(&self) -> Result<(), StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let path = self.path();
         self.conn
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db_error(&path))
@@ -233,7 +238,7 @@ impl StateDb {
 
     /// Copies what the WAL holds into the database, as far as no reader needs it.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let path = self.path();
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(db_error(&path))
@@ -242,15 +247,15 @@ impl StateDb {
     /// Commits `changes` as one transaction. Returns one result per change: the new
     /// reference's id for [`Change::AddRef`], 0 for the others.
     pub fn commit(&mut self, changes: &[Change]) -> Result<Vec<i64>, StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
-        let err = db_error(&path);
-        let tx = self.conn.transaction().map_err(&err)?;
-        let mut results = Vec::with_capacity(changes.len());
-        for change in changes {
-            results.push(apply(&tx, change).map_err(&err)?);
-        }
-        tx.commit().map_err(&err)?;
-        Ok(results)
+        let path = self.path();
+        let mut results = self.commit_batches(&[changes])?;
+        results
+            .pop()
+            .expect("one result per batch")
+            .map_err(|reason| StoreError::Unusable {
+                path,
+                reason: format!("state database: {reason}"),
+            })
     }
 
     /// Commits each batch in a transaction of its own within one commit: a batch that
@@ -259,7 +264,7 @@ impl StateDb {
         &mut self,
         batches: &[&[Change]],
     ) -> Result<Vec<Result<Vec<i64>, String>>, StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let path = self.path();
         let err = db_error(&path);
         let mut tx = self.conn.transaction().map_err(&err)?;
         let mut results = Vec::with_capacity(batches.len());
@@ -281,7 +286,7 @@ impl StateDb {
 
     /// Everything saved.
     pub fn load(&self) -> Result<Saved, StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let path = self.path();
         let err = db_error(&path);
         let conn = &self.conn;
         let envs = conn
@@ -338,7 +343,7 @@ impl StateDb {
 
     /// The worker `seq` as saved.
     pub fn worker(&self, seq: i64) -> Result<Option<SavedWorker>, StoreError> {
-        let path = self.conn.path().map(PathBuf::from).unwrap_or_default();
+        let path = self.path();
         let err = db_error(&path);
         self.conn
             .prepare_cached(&format!("{SELECT_WORKERS} WHERE seq = ?1"))
