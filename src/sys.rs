@@ -369,6 +369,38 @@ pub async fn pidfd_exited(pidfd: OwnedFd) {
     }
 }
 
+/// The supplementary groups a Unix socket's peer had when it connected
+/// (`SO_PEERGROUPS`, Linux 4.13): like `SO_PEERCRED`, fixed at connect time, so nothing
+/// the peer (or a process given its pid later) does afterwards changes them.
+pub fn peer_groups(socket: &impl AsRawFd) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of initialized `gid_t`s that outlive the call;
+        // the kernel writes at most `len` bytes and says in `len` how many it wrote (or,
+        // with ERANGE, how many it needs).
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE) || count <= groups.len() {
+            return Err(error);
+        }
+        groups.resize(count, 0);
+    }
+}
+
 /// The nice value of the calling thread (on Linux, `PRIO_PROCESS` with pid 0 is the thread).
 pub fn thread_nice() -> io::Result<i32> {
     Ok(rustix::process::getpriority_process(None)?)

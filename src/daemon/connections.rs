@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::peer::{Caller, PeerPolicy};
+use super::peer::{Caller, PeerCred, PeerPolicy};
 
 /// Longest a refused connection is kept (to let its client finish writing and read the
 /// answer), and most it may send meanwhile.
@@ -169,9 +169,9 @@ impl Admission {
 
     /// Admits or refuses a connection whose peer the kernel reported as `cred` (`None`:
     /// it could not say).
-    pub fn admit(&self, cred: Option<(u32, u32, Option<i32>)>) -> Result<Admitted, Refused> {
-        let (uid, gid, pid) = cred.ok_or(Refused::Forbidden)?;
-        let caller = self.peers.admit(uid, gid, pid).ok_or(Refused::Forbidden)?;
+    pub fn admit(&self, cred: Option<PeerCred>) -> Result<Admitted, Refused> {
+        let PeerCred { uid, gid, groups } = cred.ok_or(Refused::Forbidden)?;
+        let caller = self.peers.admit(uid, gid, groups).ok_or(Refused::Forbidden)?;
         let uid_slot = if caller.admin {
             None
         } else {
@@ -268,6 +268,14 @@ mod tests {
         assert!(refusals.take(1000).is_some(), "slots come back when answered");
     }
 
+    fn cred(uid: u32, gid: u32) -> PeerCred {
+        PeerCred {
+            uid,
+            gid,
+            groups: vec![],
+        }
+    }
+
     fn admission(max: usize, per_uid: usize) -> Admission {
         let peers = PeerPolicy {
             me: 4242,
@@ -280,18 +288,18 @@ mod tests {
     #[test]
     fn a_uid_at_its_cap_is_refused_and_others_are_not() {
         let admission = admission(10, 2);
-        let a = admission.admit(Some((1000, 1000, None))).unwrap();
-        let _b = admission.admit(Some((1000, 1000, None))).unwrap();
-        let refused = admission.admit(Some((1000, 1000, None))).err().unwrap();
+        let a = admission.admit(Some(cred(1000, 1000))).unwrap();
+        let _b = admission.admit(Some(cred(1000, 1000))).unwrap();
+        let refused = admission.admit(Some(cred(1000, 1000))).err().unwrap();
         assert_eq!(refused, Refused::PerUid { uid: 1000, cap: 2 });
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(refused.message().contains("--max-connections-per-uid 2"));
-        assert!(admission.admit(Some((1001, 1001, None))).is_ok(), "another uid");
+        assert!(admission.admit(Some(cred(1001, 1001))).is_ok(), "another uid");
         // Root and the daemon's own user have no per-uid cap.
         let admins: Vec<_> = (0..4)
             .map(|i| {
                 admission
-                    .admit(Some((if i % 2 == 0 { 0 } else { 4242 }, 0, None)))
+                    .admit(Some(cred(if i % 2 == 0 { 0 } else { 4242 }, 0)))
                     .unwrap()
             })
             .collect();
@@ -299,7 +307,7 @@ mod tests {
         drop(a);
         assert_eq!(admission.held_by(1000), 1);
         assert!(
-            admission.admit(Some((1000, 1000, None))).is_ok(),
+            admission.admit(Some(cred(1000, 1000))).is_ok(),
             "its place came back"
         );
     }
@@ -308,14 +316,14 @@ mod tests {
     fn a_refused_peer_or_a_full_daemon_holds_nothing() {
         let admission = admission(2, 5);
         assert_eq!(
-            admission.admit(Some((1002, 1002, None))).err(),
+            admission.admit(Some(cred(1002, 1002))).err(),
             Some(Refused::Forbidden)
         );
         assert_eq!(admission.admit(None).err(), Some(Refused::Forbidden));
-        let _a = admission.admit(Some((1000, 1000, None))).unwrap();
-        let _b = admission.admit(Some((1001, 1001, None))).unwrap();
+        let _a = admission.admit(Some(cred(1000, 1000))).unwrap();
+        let _b = admission.admit(Some(cred(1001, 1001))).unwrap();
         assert_eq!(
-            admission.admit(Some((1000, 1000, None))).err(),
+            admission.admit(Some(cred(1000, 1000))).err(),
             Some(Refused::Busy { max: 2 })
         );
         assert_eq!(

@@ -216,19 +216,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let cred = stream
-            .peer_cred()
-            .ok()
-            .map(|cred| (cred.uid(), cred.gid(), cred.pid()));
+        let cred = peer::PeerCred::of(&stream);
+        let uid = cred.as_ref().map_or(u32::MAX, |cred| cred.uid);
         // Before a byte is read: a refused peer, a uid at its cap or a full daemon is
         // answered at once and holds nothing.
         let admitted = match admission.admit(cred) {
             Ok(admitted) => admitted,
             Err(refused) => {
-                tracing::debug!(?cred, reason = refused.kind(), "connection refused");
+                tracing::debug!(uid, reason = refused.kind(), "connection refused");
                 // Answering takes a descriptor for a while: a few at once per uid, a
                 // few dozen in all; past that (a flood) a refusal is closed unanswered.
-                let uid = cred.map_or(u32::MAX, |(uid, _, _)| uid);
                 if let Some(slot) = refusing.take(uid) {
                     tokio::spawn(async move {
                         connections::refuse(stream, refused).await;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -91,6 +91,9 @@ pub struct Ref {
     tag: Option<String>,
 }
 
+/// How often a cached answer looks at the disk for its env.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 struct EnvRecord {
     built: Arc<BuiltEnv>,
     /// References, in the order they were taken.
@@ -100,6 +103,8 @@ struct EnvRecord {
     last_used: f64,
     /// Held while there are references or workers.
     leases: Option<Vec<Lease>>,
+    /// When a cached answer last looked at the disk (see [`Daemon::cached`]).
+    disk_checked: Option<Instant>,
 }
 
 impl EnvRecord {
@@ -383,21 +388,28 @@ impl Daemon {
     }
 
     /// A spec built before whose entries are still leased cannot have lost them (prune
-    /// skips leased entries), so it is served from memory; only the interpreter link is
-    /// checked, so a removed base Python still means a rebuild.
+    /// skips leased entries), so it is served from memory. The disk is looked at once a
+    /// second at most per env: the interpreter link (a removed base Python means a
+    /// rebuild, from the next second on) and the entries' use times (kept per minute).
     fn cached(&self, key: &str) -> Option<Arc<BuiltEnv>> {
         let env_id = *self.resolved.lock().unwrap().get(key)?;
         let mut envs = self.envs.lock().unwrap();
         let record = envs.get_mut(&env_id)?;
         record.leases.as_ref()?;
-        if let Some(venv) = &record.built.venv
-            && !venv.python().exists()
+        if record
+            .disk_checked
+            .is_none_or(|at| at.elapsed() >= DISK_CHECK_EVERY)
         {
-            return None;
+            if let Some(venv) = &record.built.venv
+                && !venv.python().exists()
+            {
+                return None;
+            }
+            // On disk too (at most once a minute per entry), so LRU pruning sees the use.
+            record.built.touch(&self.store);
+            record.disk_checked = Some(Instant::now());
         }
         record.last_used = now();
-        // On disk too (at most once a minute per entry), so LRU pruning sees the use.
-        record.built.touch(&self.store);
         Some(Arc::clone(&record.built))
     }
 
@@ -457,6 +469,7 @@ impl Daemon {
                     workers: Vec::new(),
                     last_used: now(),
                     leases: None,
+                    disk_checked: None,
                 });
                 // A rebuild replaces the record's env: answers cached for the old one are
                 // recognised as stale by pointer (see `routes::envs`).
@@ -685,7 +698,10 @@ impl Daemon {
             && let Err(e) = self
                 .journal
                 .write(vec![
-                    Change::DropRef { id: r.id },
+                    Change::DropRef {
+                        env_id: env_id.to_string(),
+                        id: r.id,
+                    },
                     Change::DropEnvIfUnheld {
                         env_id: env_id.to_string(),
                     },
@@ -738,7 +754,10 @@ impl Daemon {
             }
         };
         // The env's row goes with its last hold (the database checks again).
-        let mut changes = vec![Change::DropRef { id: released.id }];
+        let mut changes = vec![Change::DropRef {
+            env_id: env_id.to_string(),
+            id: released.id,
+        }];
         if unheld {
             changes.push(Change::DropEnvIfUnheld {
                 env_id: env_id.to_string(),
@@ -829,6 +848,7 @@ impl Daemon {
                             refs,
                             workers: Vec::new(),
                             last_used: now(),
+                            disk_checked: None,
                         },
                     );
                 }

@@ -21,14 +21,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::StoreError;
 use super::layout::{EntryId, Layout};
 
-/// Bumped with any change of the schema below; a database of another version is refused
-/// (the store's layout directory names the format; this is a check, not a migration).
-const SCHEMA_VERSION: i64 = 1;
+/// Bumped with any change of the schema below; an older database is brought up to it
+/// ([`MIGRATIONS`]), a newer one refused.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS envs (
@@ -38,15 +38,17 @@ CREATE TABLE IF NOT EXISTS envs (
     -- The entries it uses, as names (`pkg-<digest>`), space-separated: prune's roots.
     entries TEXT NOT NULL
 );
--- (Plain rowids: a released reference's id may be given again, which no one can tell;
--- AUTOINCREMENT would cost a page written per reference.)
+-- Keyed by env, so a new reference writes one leaf page and no index: it is the write
+-- every cached get-or-create makes. Ids are given by the one connection that adds
+-- references (the daemon's), counting on from the largest at open; a released
+-- reference's id may be given again, which no one can tell.
 CREATE TABLE IF NOT EXISTS refs (
-    id      INTEGER PRIMARY KEY,
     env_id  TEXT NOT NULL,
+    id      INTEGER NOT NULL,
     uid     INTEGER NOT NULL,
-    tag     TEXT
-);
-CREATE INDEX IF NOT EXISTS refs_by_env ON refs(env_id);
+    tag     TEXT,
+    PRIMARY KEY (env_id, id)
+) WITHOUT ROWID;
 -- AUTOINCREMENT: a worker's number is never given again, even after its row is gone.
 CREATE TABLE IF NOT EXISTS workers (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -71,6 +73,18 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 CREATE INDEX IF NOT EXISTS workers_by_state ON workers(state);
 ";
+
+/// What brings a database of version `n + 1` (the index) to `n + 2`.
+const MIGRATIONS: &[&str] = &[
+    // 1 -> 2: references keyed by env (they had a rowid and an index on env_id).
+    "CREATE TABLE refs_v2 (
+         env_id TEXT NOT NULL, id INTEGER NOT NULL, uid INTEGER NOT NULL, tag TEXT,
+         PRIMARY KEY (env_id, id)
+     ) WITHOUT ROWID;
+     INSERT INTO refs_v2 (env_id, id, uid, tag) SELECT env_id, id, uid, tag FROM refs;
+     DROP TABLE refs;
+     ALTER TABLE refs_v2 RENAME TO refs;",
+];
 
 /// A worker's state while it runs (the others are its end: succeeded, failed, stopped,
 /// lost).
@@ -149,6 +163,7 @@ pub enum Change {
         tag: Option<String>,
     },
     DropRef {
+        env_id: String,
         id: i64,
     },
     AddWorker(SavedWorker),
@@ -171,6 +186,8 @@ pub enum Change {
 
 pub struct StateDb {
     conn: Connection,
+    /// The largest reference id given (see the schema).
+    last_ref: i64,
 }
 
 fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -208,6 +225,10 @@ impl StateDb {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(&err)?;
+        let unusable = |reason: String| StoreError::Unusable {
+            path: path.clone(),
+            reason,
+        };
         match version {
             0 => {
                 conn.execute_batch(SCHEMA).map_err(&err)?;
@@ -215,16 +236,27 @@ impl StateDb {
                     .map_err(&err)?;
             }
             SCHEMA_VERSION => {}
+            older if older > 0 && older < SCHEMA_VERSION => {
+                let steps: String = MIGRATIONS[older as usize - 1..].concat();
+                conn.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(|e| {
+                    unusable(format!(
+                        "state database: bringing version {older} to {SCHEMA_VERSION}: {e}"
+                    ))
+                })?;
+            }
             other => {
-                return Err(StoreError::Unusable {
-                    path: path.clone(),
-                    reason: format!(
-                        "state database version {other}, this renv reads version {SCHEMA_VERSION}"
-                    ),
-                });
+                return Err(unusable(format!(
+                    "state database version {other}, this renv reads version {SCHEMA_VERSION}"
+                )));
             }
         }
-        Ok(StateDb { conn })
+        let last_ref = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM refs", [], |row| row.get(0))
+            .map_err(&err)?;
+        Ok(StateDb { conn, last_ref })
     }
 
     /// Stops checkpointing on commit: the owner calls [`Self::checkpoint`] when it suits
@@ -266,11 +298,30 @@ impl StateDb {
     ) -> Result<Vec<Result<Vec<i64>, String>>, StoreError> {
         let path = self.path();
         let err = db_error(&path);
-        let mut tx = self.conn.transaction().map_err(&err)?;
+        // IMMEDIATE: the write lock from the start, so two writing processes (the daemon,
+        // a supervisor) wait for each other at BEGIN instead of failing at the first write.
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        // One batch needs no savepoint: its failure is the transaction's.
+        if let [batch] = batches {
+            let applied: Result<Vec<i64>, rusqlite::Error> =
+                batch.iter().map(|c| apply(&tx, c, &mut self.last_ref)).collect();
+            return match applied {
+                Ok(ids) => {
+                    tx.commit().map_err(&err)?;
+                    Ok(vec![Ok(ids)])
+                }
+                // Dropping the transaction rolls it back.
+                Err(e) => Ok(vec![Err(e.to_string())]),
+            };
+        }
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             let sp = tx.savepoint().map_err(&err)?;
-            let applied: Result<Vec<i64>, rusqlite::Error> = batch.iter().map(|c| apply(&sp, c)).collect();
+            let applied: Result<Vec<i64>, rusqlite::Error> =
+                batch.iter().map(|c| apply(&sp, c, &mut self.last_ref)).collect();
             match applied {
                 Ok(ids) => {
                     sp.commit().map_err(&err)?;
@@ -381,7 +432,8 @@ fn parse_entries(text: &str) -> Vec<EntryId> {
     text.split(' ').filter_map(|name| name.parse().ok()).collect()
 }
 
-fn apply(conn: &Connection, change: &Change) -> Result<i64, rusqlite::Error> {
+/// Applies one change; `last_ref` is the largest reference id given so far.
+fn apply(conn: &Connection, change: &Change, last_ref: &mut i64) -> Result<i64, rusqlite::Error> {
     match change {
         Change::PutEnv(env) => {
             let entries: Vec<String> = env.entries.iter().map(EntryId::to_string).collect();
@@ -397,13 +449,15 @@ fn apply(conn: &Connection, change: &Change) -> Result<i64, rusqlite::Error> {
             .execute(params![env_id])?;
         }
         Change::AddRef { env_id, uid, tag } => {
-            conn.prepare_cached("INSERT INTO refs (env_id, uid, tag) VALUES (?1, ?2, ?3)")?
-                .execute(params![env_id, uid, tag])?;
-            return Ok(conn.last_insert_rowid());
+            let id = *last_ref + 1;
+            conn.prepare_cached("INSERT INTO refs (env_id, id, uid, tag) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![env_id, id, uid, tag])?;
+            *last_ref = id;
+            return Ok(id);
         }
-        Change::DropRef { id } => {
-            conn.prepare_cached("DELETE FROM refs WHERE id = ?1")?
-                .execute(params![id])?;
+        Change::DropRef { env_id, id } => {
+            conn.prepare_cached("DELETE FROM refs WHERE env_id = ?1 AND id = ?2")?
+                .execute(params![env_id, id])?;
         }
         Change::AddWorker(w) => {
             let gpus: Vec<String> = w.gpus.iter().map(u32::to_string).collect();
@@ -578,11 +632,61 @@ mod tests {
         assert_eq!(saved.envs[0].entries, vec![entry]);
         let mut db = db;
         db.commit(&[
-            Change::DropRef { id: ids[1] },
+            Change::DropRef {
+                env_id: "e1".into(),
+                id: ids[1],
+            },
             Change::DropEnvIfUnheld { env_id: "e1".into() },
         ])
         .unwrap();
         assert!(roots(&layout).unwrap().is_empty());
         assert!(db.load().unwrap().envs.is_empty());
+    }
+
+    /// A database a version-1 renv wrote opens with its references kept, and numbering
+    /// goes on after them.
+    #[test]
+    fn a_version_1_database_is_brought_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let v1 = Connection::open(layout.state_db_path()).unwrap();
+        v1.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE envs (env_id TEXT PRIMARY KEY, recipe TEXT NOT NULL, entries TEXT NOT NULL);
+             CREATE TABLE refs (id INTEGER PRIMARY KEY, env_id TEXT NOT NULL, uid INTEGER NOT NULL, tag TEXT);
+             CREATE INDEX refs_by_env ON refs(env_id);
+             CREATE TABLE workers (seq INTEGER PRIMARY KEY AUTOINCREMENT, env_id TEXT NOT NULL,
+                 uid INTEGER NOT NULL, name TEXT, pid INTEGER NOT NULL, pid_start INTEGER NOT NULL DEFAULT 0,
+                 gpus TEXT NOT NULL, started_at REAL NOT NULL, state TEXT NOT NULL, exit_code INTEGER,
+                 signal INTEGER, ended_at REAL, supervisor_pid INTEGER NOT NULL,
+                 supervisor_start INTEGER NOT NULL, cgroup TEXT);
+             CREATE INDEX workers_by_state ON workers(state);
+             INSERT INTO envs VALUES ('e1', '{}', '');
+             INSERT INTO refs (id, env_id, uid, tag) VALUES (7, 'e1', 1000, 'kept');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(v1);
+        let mut db = StateDb::open(&layout).unwrap();
+        let saved = db.load().unwrap();
+        assert_eq!(saved.refs.len(), 1);
+        assert_eq!(
+            (saved.refs[0].id, saved.refs[0].tag.as_deref()),
+            (7, Some("kept"))
+        );
+        let ids = db
+            .commit(&[Change::AddRef {
+                env_id: "e1".into(),
+                uid: 1000,
+                tag: None,
+            }])
+            .unwrap();
+        assert_eq!(ids, vec![8]);
+        let version: i64 = db
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

@@ -1105,6 +1105,46 @@ pub(crate) fn as_user(
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// A caller let in by a supplementary group (`--allow-gid`) is known by the groups the
+/// kernel saw when it connected: it is admitted, and its worker runs with exactly those
+/// groups; the same uid without the group is refused.
+#[test]
+fn a_callers_supplementary_groups_are_the_ones_it_connected_with() {
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Daemon::start(&ws, &["--gpus", "none", "--allow-gid", "2345"]);
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let post_as = |groups: &str| -> (u16, String) {
+        let body = json!({"runtime_env": {"env_vars": {"G": "1"}}, "argv": ["id", "-G"]});
+        let out = Command::new("setpriv")
+            .args(["--reuid=1001", "--regid=1001", groups])
+            .args(["curl", "-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .args(["-X", "POST", "-d", &body.to_string(), "http://renv/v1/workers"])
+            .output()
+            .expect("setpriv");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.parse().unwrap_or(0), body.to_string())
+    };
+    let (status, body) = post_as("--groups=2345,2346");
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["worker_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_for_end(&daemon, &id)["state"], "succeeded");
+    assert_eq!(logs(&daemon, &id, "stdout").trim(), "1001 2345 2346");
+    // The socket opened to everyone: only the daemon's admission stands in the way.
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (status, body) = post_as("--clear-groups");
+    assert_eq!(status, 403, "{body}");
+}
+
 /// The uid is the boundary: a caller's workers run as that caller, its logs are its own,
 /// and it can neither see nor touch another user's workers, logs or references.
 #[test]
