@@ -412,6 +412,14 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     Ok(rustix::process::setpriority_process(None, nice)?)
 }
 
+/// Sets the nice value of the process `process` (its main thread, on Linux).
+pub fn set_process_nice(process: u32, nice: i32) -> io::Result<()> {
+    Ok(rustix::process::setpriority_process(
+        Some(pid(process as i32)?),
+        nice,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -562,8 +562,11 @@ impl Workers {
                             end: end.clone(),
                         }])
                         .await;
-                    if let Err(e) = saved {
-                        tracing::warn!(error = %e, "a worker's end is saved by its supervisor only");
+                    match saved {
+                        Ok(_) => supervisor.end_saved().await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a worker's end is saved by its supervisor only")
+                        }
                     }
                     end
                 }

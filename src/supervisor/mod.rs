@@ -9,8 +9,9 @@
 //! to the worker's group, SIGKILL to its tree after the grace. When the worker's leader
 //! exits, whatever it left is killed ([`tree`]), the leader is reaped, the leases are let
 //! go, and the end is said on stdout (`ended <json>`: the daemon that started it hears it
-//! at once) and recorded in the store's state database ([`crate::store::state_db`]),
-//! whether or not a daemon is there to hear it; then the supervisor exits.
+//! at once, saves it and says `saved` on the supervisor's stdin); if no daemon says so (it
+//! is gone, or was restarted and adopted this supervisor), the supervisor records the end
+//! in the store's state database itself ([`crate::store::state_db`]); then it exits.
 //!
 //! Starting a process of this size costs more than the worker's own start, so the daemon
 //! keeps a spare supervisor or two started ahead of need ([`Supervisor::spawn`] with no
@@ -27,7 +28,7 @@
 
 pub mod tree;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -119,8 +120,9 @@ pub fn main() -> ExitCode {
         let _entered = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
     };
+    // The spec is one line; a line cut short (the daemon died while writing it) is none.
     let mut text = String::new();
-    if std::io::stdin().read_to_string(&mut text).is_err() || text.is_empty() {
+    if std::io::stdin().read_line(&mut text).is_err() || !text.ends_with('\n') {
         // The daemon died before handing the worker over: nothing was started.
         return ExitCode::SUCCESS;
     }
@@ -141,6 +143,9 @@ pub fn main() -> ExitCode {
                 "ended {}",
                 serde_json::to_string(&end).expect("an end serializes")
             ));
+            if saved_by_daemon() {
+                return ExitCode::SUCCESS;
+            }
             end
         }
         Err(Failure { message, spawn }) => {
@@ -166,6 +171,24 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How long a supervisor waits for the daemon to say it saved the end.
+const SAVED_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the daemon that heard the end says it saved it (`saved` on stdin). It has then,
+/// and the supervisor need not open the database: a second writer there would only make
+/// the daemon's next commit wait for its lock. A daemon that is gone (stdin closes), could
+/// not save it, or does not answer in [`SAVED_WAIT`] leaves it to the supervisor.
+fn saved_by_daemon() -> bool {
+    let (said, heard) = std::sync::mpsc::channel();
+    // A thread of its own, so the wait can end (a read of stdin cannot be cut short).
+    let reader = std::thread::Builder::new().spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        let _ = said.send(line);
+    });
+    reader.is_ok() && heard.recv_timeout(SAVED_WAIT).is_ok_and(|line| line == "saved\n")
 }
 
 /// Says how the start went, once, on stdout (the daemon may be gone: then no one hears).
@@ -317,12 +340,15 @@ pub struct Supervisor {
     child: Mutex<Option<tokio::process::Child>>,
     /// Its stdout, where it says the worker's end, while this daemon started it.
     said: tokio::sync::Mutex<Option<tokio::io::BufReader<tokio::process::ChildStdout>>>,
+    /// Its stdin after the spec, while this daemon started it: where the daemon says it
+    /// saved the worker's end.
+    tell: Mutex<Option<tokio::process::ChildStdin>>,
 }
 
 /// A supervisor started and not yet handed its worker.
 pub struct Starting {
     pub supervisor: Supervisor,
-    /// Closed once the spec is written: the supervisor reads it to the end.
+    /// Where the spec goes (then kept as the supervisor's `tell`).
     stdin: Option<tokio::process::ChildStdin>,
 }
 
@@ -364,6 +390,7 @@ impl Supervisor {
                 pidfd,
                 child: Mutex::new(Some(child)),
                 said: tokio::sync::Mutex::new(Some(tokio::io::BufReader::new(stdout))),
+                tell: Mutex::new(None),
             },
             stdin: Some(stdin),
         })
@@ -380,6 +407,7 @@ impl Supervisor {
             pidfd,
             child: Mutex::new(None),
             said: tokio::sync::Mutex::new(None),
+            tell: Mutex::new(None),
         })
     }
 
@@ -425,6 +453,15 @@ impl Supervisor {
         serde_json::from_str(line.strip_prefix("ended ")?).ok()
     }
 
+    /// Tells the supervisor its worker's end is saved (it then leaves the database alone).
+    /// Not telling it, or dropping the supervisor, leaves the recording to it.
+    pub async fn end_saved(&self) {
+        let tell = self.tell.lock().unwrap().take();
+        if let Some(mut tell) = tell {
+            let _ = tell.write_all(b"saved\n").await;
+        }
+    }
+
     /// Returns once the supervisor has exited (and is reaped, if it is our child).
     pub async fn exited(&self) {
         let child = self.child.lock().unwrap().take();
@@ -446,21 +483,27 @@ impl Starting {
     /// Hands the supervisor its spec; returns the worker's pid and start time once it
     /// runs.
     pub async fn hand_over(&mut self, spec: &Spec) -> Result<(u32, u64), StartError> {
-        let text = serde_json::to_vec(spec).map_err(|e| StartError::Setup(e.to_string()))?;
+        // One line (compact JSON has no newline in it).
+        let mut text = serde_json::to_vec(spec).map_err(|e| StartError::Setup(e.to_string()))?;
+        text.push(b'\n');
         let gone = |e: std::io::Error| StartError::Setup(format!("the supervisor: {e}"));
+        // A spare waits at a low priority; woken at it, it would queue behind whatever
+        // runs. Raised first (a root daemon can; others never lowered it).
+        let _ = crate::sys::set_process_nice(self.supervisor.pid, spec.nice);
         let mut stdin = self
             .stdin
             .take()
             .ok_or_else(|| StartError::Setup("handed over twice".into()))?;
         stdin.write_all(&text).await.map_err(gone)?;
-        // Dropping it closes it (a child's stdin has no shutdown of its own).
-        drop(stdin);
         let line = self.supervisor.said().await.unwrap_or_default();
         let line = line.as_str();
         if let Some(started) = line.strip_prefix("started ") {
             let mut words = started.split(' ').map(str::parse::<u64>);
             return match (words.next(), words.next()) {
-                (Some(Ok(pid)), Some(Ok(start))) => Ok((pid as u32, start)),
+                (Some(Ok(pid)), Some(Ok(start))) => {
+                    *self.supervisor.tell.lock().unwrap() = Some(stdin);
+                    Ok((pid as u32, start))
+                }
                 _ => Err(StartError::Setup(format!("the supervisor said {line:?}"))),
             };
         }
