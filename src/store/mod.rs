@@ -34,6 +34,7 @@ pub mod layout;
 mod lock;
 pub mod marker;
 pub mod prune;
+pub mod pycache;
 pub mod record;
 pub mod roots;
 mod single_flight;

@@ -49,6 +49,8 @@ pub struct PruneReport {
     pub orphans_removed: usize,
     /// Build and worker logs removed (untouched for longer than `--older-than`, else 7 days).
     pub logs_removed: usize,
+    /// Bytecode files keyed by source content that no one loaded for as long.
+    pub bytecode_removed: usize,
 }
 
 /// `locks/prune.lock`, held for a whole prune (the store's and its owners' caches').
@@ -134,6 +136,7 @@ impl Store {
             report.orphans_removed = self.remove_orphans()?;
             let keep = policy.older_than.unwrap_or(Duration::from_secs(7 * 86_400));
             report.logs_removed = self.prune_logs(keep.max(policy.min_age))?;
+            report.bytecode_removed = self.prune_bytecode(keep.max(policy.min_age))?;
         }
         Ok(report)
     }

@@ -16,8 +16,11 @@
 //! Bytecode: a committed env is read-only, so workers cannot write `__pycache__` into it.
 //! By default nothing is compiled at build time (for numpy + pandas that would cost 25×
 //! the install itself); workers get `PYTHONPYCACHEPREFIX` pointing at their own user's
-//! bytecode cache outside the entries (`BuiltEnv::context_for`), so the modules they
-//! really import are compiled once per node and user, and no user loads bytecode another
+//! bytecode cache outside the entries (`BuiltEnv::context_for`), and every env carries a
+//! small import hook (`bytecode_hook.py`, loaded by a `.pth` file) that looks the store's
+//! modules up there by the digest of their source rather than by their path. So a module
+//! is compiled once per node and user for every env that has the same file (a new env
+//! with pandas imports it as fast as an old one), and no user loads bytecode another
 //! wrote. `--compile-bytecode` compiles everything at build time instead.
 //!
 //! With a build user (a root daemon's `--build-user`), every installer step runs as that
@@ -448,6 +451,9 @@ fn ensure_once(
         }
         built?;
     }
+    // Once the tree is the store owner's alone (reclaimed, the build user's processes
+    // gone): nothing can swap a directory in it for a symlink meanwhile.
+    install_bytecode_hook(plan, &venv)?;
     if let Installer::Pip { .. } = plan.installer {
         relocate_scripts(&venv, &store.layout().entry_path(id))?;
     }
@@ -615,12 +621,7 @@ fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvErr
     if !plan.system_site_packages || plan.python.parent_site_packages.is_empty() {
         return Ok(());
     }
-    let lib = venv.join("lib");
-    let site_packages = fs_err::read_dir(&lib)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("site-packages"))
-        .find(|path| path.is_dir())
-        .ok_or_else(|| std::io::Error::other(format!("no site-packages under {}", lib.display())))?;
+    let site_packages = site_packages(venv)?;
     let mut lines = String::new();
     for dir in &plan.python.parent_site_packages {
         lines.push_str(&dir.to_string_lossy());
@@ -629,6 +630,46 @@ fn link_parent_site_packages(plan: &VenvPlan, venv: &Path) -> Result<(), VenvErr
     // A new file, never through a name someone left there.
     let mut file = crate::package::tree::create_file(&site_packages, "_renv_parent_venv.pth", false)?;
     std::io::Write::write_all(&mut file, lines.as_bytes())?;
+    Ok(())
+}
+
+/// The venv's `lib/pythonX.Y/site-packages`.
+fn site_packages(venv: &Path) -> std::io::Result<PathBuf> {
+    let lib = venv.join("lib");
+    fs_err::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("site-packages"))
+        .find(|path| path.is_dir())
+        .ok_or_else(|| std::io::Error::other(format!("no site-packages under {}", lib.display())))
+}
+
+/// The module that makes the env's workers share bytecode by source content (see its
+/// doc, `bytecode_hook.py`), and the `.pth` line that loads it when Python starts. Not
+/// for envs compiled at build time: their bytecode is in the env already.
+const BYTECODE_HOOK: &str = include_str!("bytecode_hook.py");
+
+fn install_bytecode_hook(plan: &VenvPlan, venv: &Path) -> Result<(), VenvError> {
+    if plan.compile_bytecode {
+        return Ok(());
+    }
+    let site_packages = site_packages(venv)?;
+    // The installer made these directories: each must be one, not a symlink to elsewhere.
+    for dir in site_packages
+        .ancestors()
+        .take_while(|dir| dir.starts_with(venv) && *dir != venv)
+    {
+        if !fs_err::symlink_metadata(dir)?.is_dir() {
+            return Err(std::io::Error::other(format!("{}: not a directory", dir.display())).into());
+        }
+    }
+    for (name, text) in [
+        ("_renv_bytecode.py", BYTECODE_HOOK),
+        ("_renv_bytecode.pth", "import _renv_bytecode\n"),
+    ] {
+        // New files, never through a name someone left there.
+        let mut file = crate::package::tree::create_file(&site_packages, name, false)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+    }
     Ok(())
 }
 

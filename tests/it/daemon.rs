@@ -1793,6 +1793,30 @@ fn one_tenants_bytecode_never_runs_in_anothers_worker() {
         "clean",
         "another tenant's worker never loads it"
     );
+    // The same with bytecode keyed by source content (the store's modules): planted in
+    // the attacker's cache under the digest of tinypkg's real source, it runs for the
+    // attacker alone.
+    let forge_by_content = "import importlib.util, os, sys, marshal, _imp, importlib._bootstrap_external as ext\n\
+         from _blake2 import blake2b\n\
+         src = importlib.util.find_spec('tinypkg').origin\n\
+         data = open(src, 'rb').read()\n\
+         key = blake2b(data, digest_size=16).hexdigest()\n\
+         code = compile(b\"print('PLANTED BY CONTENT')\\n\" + data, src, 'exec')\n\
+         d = os.path.join(sys.pycache_prefix, '.renv-by-content', key[:2])\n\
+         os.makedirs(d, exist_ok=True)\n\
+         head = ext.MAGIC_NUMBER + (3).to_bytes(4, 'little') + _imp.source_hash(ext._RAW_MAGIC_NUMBER, data)\n\
+         open(os.path.join(d, key[2:] + '.' + sys.implementation.cache_tag + '.pyc'), 'wb').write(head + marshal.dumps(code))\n";
+    python_as(&daemon, 1000, &env, forge_by_content);
+    assert_eq!(
+        python_as(&daemon, 1000, &env, "import tinypkg").trim(),
+        "PLANTED BY CONTENT",
+        "the forgery works where it was planted"
+    );
+    assert_eq!(
+        python_as(&daemon, 1001, &env, "import tinypkg; print('clean')").trim(),
+        "clean",
+        "another tenant's worker never loads it"
+    );
     let meta = std::fs::metadata(victim_cache).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (1001, 0o700));

@@ -95,13 +95,10 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
     assert!(list_dir(&Path::new(&site).join("__pycache__")).is_empty());
     let env_path = built["venv"]["path"].as_str().unwrap();
     let env_bytecode = Path::new(pycache).join(env_path.trim_start_matches('/'));
-    let compiled = crate::common::tree_listing(&env_bytecode);
-    assert!(
-        compiled
-            .iter()
-            .any(|p| p.contains("tinypkg") && p.ends_with(".pyc")),
-        "{compiled:?}"
-    );
+    // The store's modules are compiled by what their source holds (see the bytecode test
+    // below), not by path.
+    let compiled = crate::common::tree_listing(&Path::new(pycache).join(".renv-by-content"));
+    assert!(compiled.iter().any(|p| p.ends_with(".pyc")), "{compiled:?}");
     assert_eq!(crate::common::mode_of(Path::new(&site)), 0o555);
     // Every file is sealed, those hardlinked from the installer's cache included (an
     // append to one would change every env sharing the inode, and the cache).
@@ -140,7 +137,8 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
     );
     assert!(ws.leftovers().is_empty());
 
-    // An env's bytecode goes with it; the node's cache stays.
+    // An env's bytecode (by path) goes with it; the node's cache stays, and so does
+    // bytecode by content that was loaded recently.
     let pruned = ws
         .renv()
         .args(["prune", "--max-size", "0", "--min-age", "0s"])
@@ -150,6 +148,92 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
     assert!(list_dir(&ws.store_v1("envs")).is_empty());
     assert!(!env_bytecode.exists());
     assert!(Path::new(pycache).is_dir());
+    assert_eq!(
+        crate::common::tree_listing(&Path::new(pycache).join(".renv-by-content")),
+        compiled
+    );
+}
+
+/// A new env's workers load the bytecode an older env's workers compiled, when their
+/// sources are the same bytes: keyed by content, not by path. The code is this env's own
+/// (tracebacks name its files), a changed source is compiled again, and bytecode no one
+/// loaded for longer than prune keeps logs goes (without following a planted symlink).
+#[test]
+fn bytecode_is_shared_by_source_content_across_envs() {
+    let (ws, flags) = setup();
+    wheelhouse(
+        &ws.path("wheels"),
+        &[("tracepkg", "1.0", "def boom():\n    raise ValueError('boom')\n")],
+    );
+    let probe = "import sys, traceback, tracepkg\n\
+                 print(type(tracepkg.__spec__.loader).__name__)\n\
+                 try:\n    tracepkg.boom()\n\
+                 except ValueError as e:\n    print(traceback.extract_tb(e.__traceback__)[-1].filename)\n";
+    let run_in = |spec: &Value, name: &str| -> (String, String) {
+        let path = ws.spec(name, spec);
+        let out = run(&ws, &flags, &path, &[], &["python", "-c", probe]);
+        assert_success(&out);
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines().map(str::to_string);
+        (lines.next().unwrap(), lines.next().unwrap())
+    };
+    let cache = ws.store_v1("pycache/0/.renv-by-content");
+    let pycs = || -> Vec<String> {
+        crate::common::tree_listing(&cache)
+            .into_iter()
+            .filter(|p| p.ends_with(".pyc"))
+            .collect()
+    };
+    let first = json!({"pip": ["tracepkg==1.0"]});
+    let (loader, file) = run_in(&first, "first.json");
+    assert_eq!(loader, "ContentKeyedLoader");
+    let envs = ws.store_v1("envs").canonicalize().unwrap();
+    assert!(file.starts_with(envs.to_str().unwrap()), "{file}");
+    let compiled = pycs();
+    assert!(!compiled.is_empty());
+
+    // Another env (another key) with the same wheel: nothing compiled, its own paths.
+    let second = json!({"pip": ["tracepkg==1.0", "otherpkg==0.1"]});
+    let (loader, second_file) = run_in(&second, "second.json");
+    assert_eq!(loader, "ContentKeyedLoader");
+    assert_ne!(second_file, file, "the traceback names the second env's file");
+    assert!(Path::new(&second_file).exists(), "{second_file}");
+    assert_eq!(pycs(), compiled, "found by content, not compiled again");
+
+    // Other bytes are compiled on their own.
+    wheelhouse(
+        &ws.path("wheels"),
+        &[("tracepkg", "2.0", "def boom():\n    raise ValueError('two')\n")],
+    );
+    run_in(&json!({"pip": ["tracepkg==2.0"]}), "third.json");
+    assert_eq!(pycs().len(), compiled.len() + 1);
+
+    // Unread for longer than prune keeps logs: removed; a planted symlink is removed
+    // itself, its target left alone.
+    let outside = ws.write("outside", "not bytecode\n");
+    let fanout = cache.join(compiled[0].split('/').next().unwrap());
+    std::os::unix::fs::symlink(&outside, fanout.join("planted.pyc")).unwrap();
+    let files = crate::common::tree_listing(&cache)
+        .into_iter()
+        .filter(|p| !p.ends_with('/'));
+    for pyc in files.map(|p| p.split(" -> ").next().unwrap().to_string()) {
+        let status = std::process::Command::new("touch")
+            .args(["-h", "-a", "-d", "30 days ago"])
+            .arg(cache.join(&pyc))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let pruned = ws
+        .renv()
+        .args(["prune", "--json", "--max-size", "0", "--min-age", "0s"])
+        .output()
+        .unwrap();
+    assert_success(&pruned);
+    let report: Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    assert_eq!(report["bytecode_removed"], compiled.len() + 2, "{report}");
+    assert!(pycs().is_empty());
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "not bytecode\n");
 }
 
 #[test]
