@@ -210,13 +210,8 @@ pub fn build_env(
     let mut env_packages = Vec::new();
     let start = Instant::now();
     let hash_cache = store.layout().hash_cache_dir();
-    let working_dir = resolve::resolve_working_dir(
-        spec,
-        base_dir,
-        store.options().threads,
-        Some(&hash_cache),
-        progress,
-    )?;
+    let working_dir =
+        resolve::resolve_working_dir(spec, base_dir, store.options().threads, Some(&hash_cache))?;
     if let Some(source) = working_dir {
         if let crate::sources::PackageSource::Tree(_) = source {
             record(&BTreeMap::from([("scan", start.elapsed().as_millis() as u64)]));
@@ -233,13 +228,7 @@ pub fn build_env(
             entry,
         });
     }
-    let py_modules = resolve::resolve_py_modules(
-        spec,
-        base_dir,
-        store.options().threads,
-        Some(&hash_cache),
-        progress,
-    )?;
+    let py_modules = resolve::resolve_py_modules(spec, base_dir, store.options().threads, Some(&hash_cache))?;
     let mut wheels = Vec::new();
     for (i, module) in py_modules.into_iter().enumerate() {
         let field = || format!("py_modules[{i}]");

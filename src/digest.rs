@@ -13,7 +13,20 @@ impl Digest {
     }
 
     pub fn to_hex(&self) -> String {
-        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+        self.hex().to_string()
+    }
+
+    /// The 64 hex digits without allocating (what a manifest hashes, once per entry).
+    pub fn hex(&self) -> impl AsRef<str> + fmt::Display {
+        blake3::Hash::from_bytes(self.0).to_hex()
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Digest(bytes)
     }
 }
 

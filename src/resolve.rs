@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::package::{self, PackageError};
-use crate::progress::Progress;
 use crate::sources::PackageSource;
 use crate::sources::wheel::WheelSource;
 use crate::spec::{
@@ -89,13 +88,12 @@ pub fn resolve_packages(
 }
 
 /// Resolves `working_dir`: relative paths are taken from `base_dir`; a directory is
-/// scanned with its stat cache in `hash_cache_dir`.
+/// walked with its stat cache in `hash_cache_dir` (its files are read when it is ensured).
 pub fn resolve_working_dir(
     spec: &RuntimeEnvSpec,
     base_dir: &Path,
     threads: usize,
     hash_cache_dir: Option<&Path>,
-    progress: &Progress,
 ) -> Result<Option<PackageSource>, ResolveError> {
     let Some(wd) = &spec.working_dir else {
         return Ok(None);
@@ -112,7 +110,7 @@ pub fn resolve_working_dir(
             match fs_err::metadata(&path) {
                 Err(_) => return Err(PackageError::NotFound(path).into()),
                 Ok(meta) if meta.is_dir() => {
-                    let tree = package::scan_dir(&path, &spec.excludes, threads, hash_cache_dir, progress)?;
+                    let tree = package::scan::walk_dir(&path, &spec.excludes, threads, hash_cache_dir)?;
                     PackageSource::Tree(tree)
                 }
                 Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {
@@ -132,7 +130,7 @@ pub fn resolve_working_dir(
 }
 
 /// A `py_modules` entry: a package for `PYTHONPATH`, or a wheel to install into the env.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum ModuleSource {
     Package(PackageSource),
     Wheel { source: WheelSource, file_name: String },
@@ -147,7 +145,6 @@ pub fn resolve_py_modules(
     base_dir: &Path,
     threads: usize,
     hash_cache_dir: Option<&Path>,
-    progress: &Progress,
 ) -> Result<Vec<ModuleSource>, ResolveError> {
     spec.py_modules
         .iter()
@@ -178,7 +175,7 @@ pub fn resolve_py_modules(
                             let path = fs_err::canonicalize(&path)
                                 .map_err(|_| PackageError::NotFound(path.clone()))?;
                             let tree =
-                                package::scan_dir(&path, &spec.excludes, threads, hash_cache_dir, progress)?;
+                                package::scan::walk_dir(&path, &spec.excludes, threads, hash_cache_dir)?;
                             PackageSource::Tree(tree.nested()?)
                         }
                         Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "zip") => {

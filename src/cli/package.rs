@@ -102,7 +102,21 @@ pub fn run(args: PackageArgs) -> Result<(), Error> {
                 // The store's own path: a checked unpack straight into staging.
                 PackageSource::Zip(args.dir.clone())
             } else {
-                PackageSource::Tree(scan(Some(&store.layout().hash_cache_dir()))?)
+                // Walked only: the store's copy reads each new file once (`sources::tree`).
+                let dir = match args.as_module {
+                    true => fs_err::canonicalize(&args.dir)?,
+                    false => args.dir.clone(),
+                };
+                let tree = crate::package::scan::walk_dir(
+                    &dir,
+                    &args.excludes,
+                    args.store.threads(),
+                    Some(&store.layout().hash_cache_dir()),
+                )?;
+                PackageSource::Tree(match args.as_module {
+                    true => tree.nested()?,
+                    false => tree,
+                })
             };
             let entry = source.ensure(&store, &remotes, &progress)?;
             let location = json!({"path": entry.path, "created": entry.created});

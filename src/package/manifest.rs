@@ -85,7 +85,7 @@ impl Manifest {
                 EntryKind::Symlink { target } => (b'l', b'-', Digest::of(target.as_bytes())),
             };
             hasher.update(&[kind, exec]);
-            hasher.update(content.to_hex().as_bytes());
+            hasher.update(content.hex().as_ref().as_bytes());
             hasher.update(entry.path.as_bytes());
             hasher.update(b"\0");
         }

@@ -5,7 +5,7 @@
 //! is one new module here and one variant of [`PackageSource`], not an edit of the store
 //! or the pipeline.
 //!
-//! - [`tree`]: a local directory, scanned and hashed by `package::scan`, then copied.
+//! - [`tree`]: a local directory, walked by `package::scan`, then hashed and copied.
 //! - [`zip`]: a zip file on this machine, recognized by the digest of its bytes.
 //! - [`stored`]: `pkg://<digest>`: committed already, or fetched from the shared package
 //!   store (`--remote`) and checked against its digest.
@@ -26,17 +26,18 @@ pub mod zip;
 use std::path::PathBuf;
 
 use crate::digest::PackageDigest;
+use crate::package::PackageError;
+use crate::package::scan::WalkedTree;
 use crate::package::zip_read::ArchiveError;
-use crate::package::{PackageError, ScannedTree};
 use crate::progress::Progress;
 use crate::remote::{RemoteError, RemoteUri, Remotes};
 use crate::store::{PackageEntry, Store, StoreError};
 
 /// A package as a request named it, resolved to something the store can ensure.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum PackageSource {
-    /// A local directory, walked and hashed: its digest is known.
-    Tree(ScannedTree),
+    /// A local directory, walked: its digest is known once its files are read.
+    Tree(WalkedTree),
     /// A zip on this machine; its digest is known once unpacked (or from a previous unpack).
     Zip(PathBuf),
     /// An entry in the store, or in the shared package store.

@@ -102,10 +102,12 @@ fn hash_zip(store: &Store, zip: &OpenZip) -> Result<Digest, SourceError> {
         return Ok(digest);
     }
     let digest = zip.hash()?;
-    cache.record("", zip.metadata(), digest);
-    if let Some(path) = cache_path {
+    let stat = crate::package::hash_cache::StatKey::of(zip.metadata());
+    if let Some(path) = cache_path
+        && let Some(entry) = cache.entry("", &stat, digest)
+    {
         // Best effort: a cache that cannot be written only costs a re-hash next time.
-        let _ = cache.save(&path);
+        let _ = cache.save(&path, &[entry], 1);
     }
     Ok(digest)
 }

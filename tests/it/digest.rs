@@ -71,6 +71,24 @@ fn same_content_same_digest_anywhere_anyhow() {
     assert_eq!(digest(&ws, "a"), base);
 }
 
+/// A new tree is hashed as it is copied into staging, so the store learns its name only
+/// once it is copied: a tree the store holds already, found at a new place (no stat cache
+/// there), keeps the stored entry and leaves nothing behind.
+#[test]
+fn a_new_tree_equal_to_a_stored_one_leaves_no_copy_behind() {
+    let ws = Workspace::new();
+    write_project(&ws, "a", false);
+    let first = ws.build(&ws.spec("a.json", &json!({"working_dir": "a"})));
+    assert_eq!(first["package"]["created"], true);
+    write_project(&ws, "elsewhere/b", true);
+    let second = ws.build(&ws.spec("b.json", &json!({"working_dir": "elsewhere/b"})));
+    assert_eq!(second["package"]["digest"], first["package"]["digest"]);
+    assert_eq!(second["package"]["created"], false);
+    assert_eq!(second["working_dir"], first["working_dir"]);
+    assert_eq!(ws.committed_packages().len(), 1);
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+}
+
 #[test]
 fn content_name_and_exec_bit_each_change_the_digest() {
     let ws = Workspace::new();

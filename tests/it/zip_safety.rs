@@ -233,14 +233,16 @@ fn a_hash_cache_forged_by_another_user_is_not_believed() {
         let root = std::fs::canonicalize(ws.path(tree)).unwrap();
         renv::package::hash_cache::HashCache::path_for(&hashes, &root)
     };
-    let read = |path: &Path| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+    use renv::package::hash_cache::{decode, encode};
+    let read = |path: &Path| decode(&std::fs::read(path).unwrap()).expect("a well-formed cache");
     let (victim_cache, other_cache) = (read(&cache_of("victim")), read(&cache_of("other")));
     let mut forged = victim_cache.clone();
-    for (rel, entry) in forged["entries"].as_object_mut().unwrap() {
-        entry[1] = other_cache["entries"][rel][1].clone();
+    for entry in &mut forged {
+        let other = other_cache.iter().find(|o| o.rel == entry.rel).unwrap();
+        entry.digest = other.digest;
     }
     assert_ne!(forged, victim_cache, "the forgery changes the digests");
-    ws.write("forged.json", forged.to_string());
+    std::fs::write(ws.path("forged.json"), encode(&forged)).unwrap();
 
     // For the forgery, uid 1000 may reach and write the cache directory (as a member of
     // a group-shared store could); the modes are put back before the victim's build,
