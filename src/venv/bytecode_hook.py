@@ -41,8 +41,17 @@ def _install():
     optimize = f".opt-{sys.flags.optimize}" if sys.flags.optimize else ""
     suffix = f".{sys.implementation.cache_tag}{optimize}.pyc"
     magic = external.MAGIC_NUMBER
+    # The key Python hashes sources with for hash-based .pyc files: the magic number as an
+    # integer (3.13 and before name it `_RAW_MAGIC_NUMBER`, 3.14 `_imp.pyc_magic_number_token`).
+    hash_key = int.from_bytes(magic, "little")
     # PEP 552: hash-based, checked against the source.
     flags = (0b11).to_bytes(4, "little")
+    # Everything used per import is looked up now: one missing in this Python leaves
+    # imports as they are instead of failing each one.
+    source_hash = _imp.source_hash
+    fix_co_filename = _imp._fix_co_filename
+    write_atomic = external._write_atomic
+    code_type = type(_install.__code__)
 
     class ContentKeyedLoader(machinery.SourceFileLoader):
         def get_code(self, fullname):
@@ -50,8 +59,7 @@ def _install():
             source = self.get_data(path)
             key = blake2b(source, digest_size=16).hexdigest()
             pyc = os.path.join(cache, key[:2], key[2:] + suffix)
-            source_hash = _imp.source_hash(external._RAW_MAGIC_NUMBER, source)
-            header = magic + flags + source_hash
+            header = magic + flags + source_hash(hash_key, source)
             try:
                 with open(pyc, "rb") as f:
                     data = f.read()
@@ -62,14 +70,14 @@ def _install():
                     code = marshal.loads(memoryview(data)[16:])
                 except (EOFError, ValueError, TypeError):
                     code = None
-                if code is not None:
-                    _imp._fix_co_filename(code, path)
+                if isinstance(code, code_type):
+                    fix_co_filename(code, path)
                     return code
             code = self.source_to_code(source, path)
             if not sys.dont_write_bytecode:
                 try:
                     os.makedirs(os.path.dirname(pyc), mode=0o700, exist_ok=True)
-                    external._write_atomic(pyc, header + marshal.dumps(code), 0o600)
+                    write_atomic(pyc, header + marshal.dumps(code), 0o600)
                 except OSError:
                     pass
             return code

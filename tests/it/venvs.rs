@@ -236,6 +236,51 @@ fn bytecode_is_shared_by_source_content_across_envs() {
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "not bytecode\n");
 }
 
+/// CPython 3.14 has no `importlib._bootstrap_external._RAW_MAGIC_NUMBER` (its hash key is
+/// `_imp.pyc_magic_number_token`): the hook must not need it, or every import of a store
+/// module fails there. A cached file whose payload is no code object is compiled over, not
+/// an import error.
+#[test]
+fn content_keyed_bytecode_needs_no_interpreter_private_name_and_survives_a_bad_payload() {
+    let (ws, flags) = setup();
+    wheelhouse(
+        &ws.path("wheels"),
+        &[("tracepkg", "1.0", "def boom():\n    raise ValueError('boom')\n")],
+    );
+    let path = ws.spec("env.json", &json!({"pip": ["tracepkg==1.0"]}));
+    // As on 3.14: the name is not there.
+    let probe = "from importlib import _bootstrap_external as e\n\
+                 del e._RAW_MAGIC_NUMBER\n\
+                 import tracepkg\n\
+                 print(type(tracepkg.__spec__.loader).__name__)\n";
+    let out = run(&ws, &flags, &path, &[], &["python", "-c", probe]);
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "ContentKeyedLoader"
+    );
+    let cache = ws.store_v1("pycache/0/.renv-by-content");
+    let pycs: Vec<String> = crate::common::tree_listing(&cache)
+        .into_iter()
+        .filter(|p| p.ends_with(".pyc"))
+        .collect();
+    assert_eq!(pycs.len(), 1, "{pycs:?}");
+    // A right header over a payload that is no code object (an int).
+    let pyc = cache.join(&pycs[0]);
+    let mut bytes = std::fs::read(&pyc).unwrap()[..16].to_vec();
+    bytes.extend_from_slice(&[0xe9, 42, 0, 0, 0]);
+    std::fs::write(&pyc, bytes).unwrap();
+    let out = run(
+        &ws,
+        &flags,
+        &path,
+        &[],
+        &["python", "-c", "import tracepkg; print(tracepkg.boom.__name__)"],
+    );
+    assert_success(&out);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "boom");
+}
+
 #[test]
 fn spellings_share_an_env_and_real_differences_do_not() {
     let (ws, flags) = setup();
