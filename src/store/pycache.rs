@@ -37,11 +37,12 @@ impl Store {
             let Some(user) = open_dir(Some(&pycache), &user)? else {
                 continue;
             };
-            let Some(by_content) = open_dir(Some(&user), BY_CONTENT.as_ref())? else {
+            let owner = rustix::fs::fstat(&user).map_err(std::io::Error::from)?.st_uid;
+            let Some(by_content) = open_owned_dir(&user, BY_CONTENT.as_ref(), owner)? else {
                 continue;
             };
             for fanout in subdirs(&by_content)? {
-                let Some(dir) = open_dir(Some(&by_content), &fanout)? else {
+                let Some(dir) = open_owned_dir(&by_content, &fanout, owner)? else {
                     continue;
                 };
                 removed += remove_unread(&dir, cutoff)?;
@@ -64,6 +65,18 @@ fn open_dir(at: Option<&OwnedFd>, path: &std::path::Path) -> Result<Option<Owned
         Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => Ok(None),
         Err(e) => Err(std::io::Error::from(e).into()),
     }
+}
+
+/// `path` in `at` as a directory of `owner`'s, never through a symlink. A user can move
+/// into their cache any directory they may write, though not their own: say another user's
+/// world-writable sticky one, where the sticky bit keeps them from removing that user's
+/// files. Prune, as root, would remove them; it only looks in the cache owner's directories.
+fn open_owned_dir(at: &OwnedFd, path: &std::path::Path, owner: u32) -> Result<Option<OwnedFd>, StoreError> {
+    let Some(dir) = open_dir(Some(at), path)? else {
+        return Ok(None);
+    };
+    let stat = rustix::fs::fstat(&dir).map_err(std::io::Error::from)?;
+    Ok((stat.st_uid == owner).then_some(dir))
 }
 
 /// The names in `dir` that are directories (as `lstat` sees them).

@@ -595,3 +595,65 @@ fn entries_used_by_processes_renv_did_not_start_are_kept() {
     expected.sort();
     assert_eq!(removed, expected);
 }
+
+/// A tenant may move into its bytecode cache a directory it can write but whose files the
+/// sticky bit keeps it from removing: another user's world-writable drop box inside a
+/// directory the tenant may write. Prune, as root, must not remove those files for it.
+#[test]
+fn prune_leaves_alone_another_users_directory_moved_into_a_bytecode_cache() {
+    use std::os::unix::fs::chown;
+    let ws = Workspace::new();
+    ws.write("p/data", "x");
+    ws.build(&ws.spec("p.json", &json!({"working_dir": "p"})));
+    for dir in [ws.dir.path().to_path_buf(), ws.store(), ws.store_v1("")] {
+        crate::common::set_mode(&dir, 0o711);
+    }
+    let cache = ws.store_v1("pycache/1000");
+    std::fs::create_dir(&cache).unwrap();
+    chown(&cache, Some(1000), Some(1000)).unwrap();
+    crate::common::set_mode(&cache, 0o700);
+    // uid 1001's drop box, in a directory uid 1000 may write.
+    let shared = ws.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    chown(&shared, Some(1000), Some(1000)).unwrap();
+    let drop_box = shared.join("drop");
+    std::fs::create_dir(&drop_box).unwrap();
+    chown(&drop_box, Some(1001), Some(1001)).unwrap();
+    crate::common::set_mode(&drop_box, 0o1777);
+    let victim = drop_box.join("victims.pyc");
+    std::fs::write(&victim, "uid 1001's\n").unwrap();
+    chown(&victim, Some(1001), Some(1001)).unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-a", "-d", "30 days ago"])
+        .arg(&victim)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let as_tenant = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
+            .arg(&cache)
+            .arg(&drop_box)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(!as_tenant("rm -f \"$2/victims.pyc\""), "the sticky bit keeps it");
+    assert!(as_tenant(
+        "mkdir \"$1/.renv-by-content\" && mv \"$2\" \"$1/.renv-by-content/ab\""
+    ));
+    let moved = cache.join(".renv-by-content/ab/victims.pyc");
+    assert!(moved.exists());
+
+    let report = prune(&ws, &["--min-age", "0s"]);
+    assert_eq!(report["bytecode_removed"], 0, "{report}");
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), "uid 1001's\n");
+}
