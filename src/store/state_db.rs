@@ -26,9 +26,12 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use super::StoreError;
 use super::layout::{EntryId, Layout};
 
-/// Bumped with any change of the schema below; an older database is brought up to it
-/// ([`MIGRATIONS`]), a newer one refused.
-const SCHEMA_VERSION: i64 = 2;
+/// Bumped with any change of the schema that an older renv's writers cannot live with; a
+/// database of another version is refused. Supervisors of the renv before an upgrade
+/// still record their workers' ends here (they run the old binary until their worker
+/// ends), so a change they never see — the layout of `refs`, which only a daemon writes —
+/// is brought up in place ([`REFS_BY_ENV`]) and keeps the version.
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS envs (
@@ -74,17 +77,15 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE INDEX IF NOT EXISTS workers_by_state ON workers(state);
 ";
 
-/// What brings a database of version `n + 1` (the index) to `n + 2`.
-const MIGRATIONS: &[&str] = &[
-    // 1 -> 2: references keyed by env (they had a rowid and an index on env_id).
-    "CREATE TABLE refs_v2 (
-         env_id TEXT NOT NULL, id INTEGER NOT NULL, uid INTEGER NOT NULL, tag TEXT,
-         PRIMARY KEY (env_id, id)
-     ) WITHOUT ROWID;
-     INSERT INTO refs_v2 (env_id, id, uid, tag) SELECT env_id, id, uid, tag FROM refs;
-     DROP TABLE refs;
-     ALTER TABLE refs_v2 RENAME TO refs;",
-];
+/// References keyed by env, from the first layout (a rowid, and an index on env_id).
+const REFS_BY_ENV: &str = "
+    CREATE TABLE refs_by_env_id (
+        env_id TEXT NOT NULL, id INTEGER NOT NULL, uid INTEGER NOT NULL, tag TEXT,
+        PRIMARY KEY (env_id, id)
+    ) WITHOUT ROWID;
+    INSERT INTO refs_by_env_id (env_id, id, uid, tag) SELECT env_id, id, uid, tag FROM refs;
+    DROP TABLE refs;
+    ALTER TABLE refs_by_env_id RENAME TO refs;";
 
 /// A worker's state while it runs (the others are its end: succeeded, failed, stopped,
 /// lost).
@@ -235,18 +236,8 @@ impl StateDb {
                 conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(&err)?;
             }
-            SCHEMA_VERSION => {}
-            older if older > 0 && older < SCHEMA_VERSION => {
-                let steps: String = MIGRATIONS[older as usize - 1..].concat();
-                conn.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .map_err(|e| {
-                    unusable(format!(
-                        "state database: bringing version {older} to {SCHEMA_VERSION}: {e}"
-                    ))
-                })?;
-            }
+            SCHEMA_VERSION => bring_refs_up(&conn)
+                .map_err(|e| unusable(format!("state database: keying references by env: {e}")))?,
             other => {
                 return Err(unusable(format!(
                     "state database version {other}, this renv reads version {SCHEMA_VERSION}"
@@ -430,6 +421,32 @@ fn worker_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SavedWorker> {
 
 fn parse_entries(text: &str) -> Vec<EntryId> {
     text.split(' ').filter_map(|name| name.parse().ok()).collect()
+}
+
+/// Moves `refs` to its current layout if it is still in the first one (checked and moved
+/// in one transaction, so two processes opening the database at once move it once).
+fn bring_refs_up(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let sql = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'refs'";
+    let current = |conn: &Connection| -> Result<bool, rusqlite::Error> {
+        let table: String = conn.query_row(sql, [], |row| row.get(0))?;
+        Ok(table.contains("WITHOUT ROWID"))
+    };
+    if current(conn)? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let moved = match current(conn) {
+        Ok(true) => Ok(()),
+        Ok(false) => conn.execute_batch(REFS_BY_ENV),
+        Err(e) => Err(e),
+    };
+    match moved {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// Applies one change; `last_ref` is the largest reference id given so far.
@@ -643,10 +660,11 @@ mod tests {
         assert!(db.load().unwrap().envs.is_empty());
     }
 
-    /// A database a version-1 renv wrote opens with its references kept, and numbering
-    /// goes on after them.
+    /// A database the renv before wrote (references with a rowid) opens with its
+    /// references kept and keyed by env, numbering goes on after them, and the version
+    /// stays the one that renv's supervisors accept.
     #[test]
-    fn a_version_1_database_is_brought_up_to_date() {
+    fn references_in_the_first_layout_are_brought_up_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
         layout.create().unwrap();
@@ -687,6 +705,16 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(version, 1, "an older supervisor still writes its worker's end");
+        let layout_sql: String = db
+            .conn
+            .query_row("SELECT sql FROM sqlite_master WHERE name = 'refs'", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert!(layout_sql.contains("WITHOUT ROWID"), "{layout_sql}");
+        // Opened again: nothing more to do.
+        drop(db);
+        assert_eq!(StateDb::open(&layout).unwrap().load().unwrap().refs.len(), 2);
     }
 }
