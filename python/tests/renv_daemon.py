@@ -53,10 +53,14 @@ class Daemon:
             time.sleep(0.01)
 
     def _accepts(self):
+        """Answers `/healthz`, not just connectable: a daemon killed a moment ago may have
+        left its listener in a child not yet exec'd, which takes a connection and resets it."""
         with sockets.socket(sockets.AF_UNIX) as s:
             try:
+                s.settimeout(5)
                 s.connect(self.socket)
-                return True
+                s.sendall(b"GET /healthz HTTP/1.1\r\nhost: renv\r\nconnection: close\r\n\r\n")
+                return s.recv(12).startswith(b"HTTP/1.1 200")
             except OSError:
                 return False
 

@@ -50,7 +50,14 @@ impl Daemon {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
+        // Answering, not just connectable: a daemon killed a moment ago may have left its
+        // listener in a child not yet exec'd (it holds copies of the descriptors), which
+        // takes a connection and then resets it.
+        let answers = || {
+            UnixStream::connect(&socket).is_ok()
+                && Client::new(&socket).json("GET", "/healthz", None).is_ok()
+        };
+        while !answers() {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
                 child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
