@@ -47,6 +47,8 @@ pub const RENV_SYSTEM_SITE_PACKAGES: &str = "RENV_SYSTEM_SITE_PACKAGES";
 pub const RENV_REMOTE: &str = "RENV_REMOTE";
 /// Remote URI prefixes requests to the daemon may name, comma-separated (`--allow-remote`).
 pub const RENV_ALLOW_REMOTE: &str = "RENV_ALLOW_REMOTE";
+/// Builds the daemon runs at once (`--max-concurrent-builds`); more wait their turn.
+pub const RENV_MAX_CONCURRENT_BUILDS: &str = "RENV_MAX_CONCURRENT_BUILDS";
 /// A stopping daemon leaves its workers running for the next one (`--live-restore`).
 pub const RENV_LIVE_RESTORE: &str = "RENV_LIVE_RESTORE";
 

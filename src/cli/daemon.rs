@@ -47,6 +47,13 @@ pub struct DaemonArgs {
     /// more are answered 429. Requests for a spec already building join that build.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     max_builds_per_uid: u32,
+    /// Builds run at once, all callers together (default: twice the cores, at least 4);
+    /// more wait for a slot in the order they came, so builds started together do not
+    /// all crawl on a few cores. A request for a spec already building or waiting joins
+    /// it. Waiting builds count toward --max-builds-per-uid.
+    #[arg(long, env = env_vars::RENV_MAX_CONCURRENT_BUILDS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_builds: Option<u32>,
     /// On SIGTERM/SIGINT, leave running workers running (their supervisors keep them and
     /// record their ends; the next daemon adopts them), as Docker's live-restore does for
     /// upgrades. Without it, a stopping daemon stops its workers. A daemon that dies
@@ -139,6 +146,9 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
         max_ended_workers: args.max_ended_workers,
         max_idle_envs: args.max_idle_envs,
         max_builds_per_uid: args.max_builds_per_uid as usize,
+        max_concurrent_builds: args
+            .max_concurrent_builds
+            .map_or_else(default_max_concurrent_builds, |n| n as usize),
         live_restore: args.live_restore,
         allow_remote: crate::remote::AllowList::new(&args.allow_remote)
             .map_err(|e| crate::spec::SpecError::new("--allow-remote", e.to_string()))?,
@@ -150,6 +160,15 @@ pub fn run(args: DaemonArgs) -> Result<(), Error> {
     runtime
         .block_on(serve(config, store, policy, remotes))
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Twice the cores: a build waits on its installer's processes and the disk as well as
+/// the CPU, so a core takes about two at once without their slowing each other; at least
+/// 4, so a few slow ones (a download from a slow server) leave room for others.
+fn default_max_concurrent_builds() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get() * 2)
+        .max(4)
 }
 
 /// Resolves `--build-user` (a name or a uid) against what the daemon runs as.

@@ -87,6 +87,8 @@ pub struct DaemonConfig {
     pub allow_remote: crate::remote::AllowList,
     /// Builds one uid (not root or the daemon's user) may have in flight at once.
     pub max_builds_per_uid: usize,
+    /// Builds running at once, all callers together; more wait in arrival order.
+    pub max_concurrent_builds: usize,
     /// A stopping daemon leaves its workers running (`--live-restore`).
     pub live_restore: bool,
 }
@@ -158,7 +160,10 @@ pub async fn serve(
         Arc::new(remotes),
         config.allow_remote.clone(),
         config.max_idle_envs,
-        config.max_builds_per_uid,
+        state::BuildLimits {
+            per_uid: config.max_builds_per_uid,
+            at_once: config.max_concurrent_builds,
+        },
         journal::Journal::start(db),
     ));
     let restored = daemon

@@ -149,6 +149,9 @@ pub struct Metrics {
     pub cache_hits: AtomicU64,
     pub requests: AtomicU64,
     pub workers_started: AtomicU64,
+    /// Builds holding a slot, and builds waiting for one (`--max-concurrent-builds`).
+    pub builds_running: AtomicU64,
+    pub builds_waiting: AtomicU64,
 }
 
 pub struct Daemon {
@@ -158,8 +161,12 @@ pub struct Daemon {
     pub remotes: Arc<Remotes>,
     /// Remote URIs requests may name (`--allow-remote`).
     allow_remote: AllowList,
-    /// Builds one non-admin uid may have in flight at once.
+    /// Builds one non-admin uid may have in flight at once (running or waiting for a slot).
     max_builds_per_uid: usize,
+    /// Slots for builds running at once (`--max-concurrent-builds`), handed out in arrival
+    /// order (tokio's semaphore is fair): 64 builds started together on two cores would
+    /// each take as long as all of them, while queued they finish one after another.
+    build_slots: tokio::sync::Semaphore,
     pub metrics: Metrics,
     /// Unix time the daemon started (for `renv_uptime_seconds`).
     pub started_at: f64,
@@ -176,6 +183,14 @@ pub struct Daemon {
     /// Envs with no reference and no worker kept in memory (for the fast path); beyond
     /// this, the least recently used are forgotten (the store keeps their entries).
     max_idle_envs: usize,
+}
+
+/// How many builds may be in flight: per non-admin uid (`--max-builds-per-uid`, running
+/// or waiting) and running at once in all (`--max-concurrent-builds`).
+#[derive(Debug, Clone, Copy)]
+pub struct BuildLimits {
+    pub per_uid: usize,
+    pub at_once: usize,
 }
 
 /// Builds in flight: by canonical key (requests for one spec share one), and how many each
@@ -204,13 +219,14 @@ impl Daemon {
         remotes: Arc<Remotes>,
         allow_remote: AllowList,
         max_idle_envs: usize,
-        max_builds_per_uid: usize,
+        limits: BuildLimits,
         journal: Journal,
     ) -> Daemon {
         Daemon {
             journal,
             lost: Mutex::new(HashMap::new()),
-            max_builds_per_uid,
+            max_builds_per_uid: limits.per_uid,
+            build_slots: tokio::sync::Semaphore::new(limits.at_once.max(1)),
             remotes,
             allow_remote,
             max_idle_envs,
@@ -413,7 +429,28 @@ impl Daemon {
         Some(Arc::clone(&record.built))
     }
 
+    /// Builds `spec` once a build slot is free. The spec is already in `Builds::running`
+    /// while this waits, so identical requests join this build rather than queue their own.
     async fn build(self: &Arc<Self>, spec: RuntimeEnvSpec, keys: [String; 2], caller: u32) -> BuildResult {
+        let m = &self.metrics;
+        let queued = Instant::now();
+        m.builds_waiting.fetch_add(1, Ordering::Relaxed);
+        let slot = self.build_slots.acquire().await;
+        m.builds_waiting.fetch_sub(1, Ordering::Relaxed);
+        let _slot = slot.map_err(|_| StateError::Internal("the build slots were closed".into()))?;
+        m.builds_running.fetch_add(1, Ordering::Relaxed);
+        let result = self.build_in_slot(spec, keys, caller, queued.elapsed()).await;
+        m.builds_running.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn build_in_slot(
+        self: &Arc<Self>,
+        spec: RuntimeEnvSpec,
+        keys: [String; 2],
+        caller: u32,
+        queued: Duration,
+    ) -> BuildResult {
         let daemon = Arc::clone(self);
         let start = Instant::now();
         let policy = VenvPolicy {
@@ -453,6 +490,7 @@ impl Daemon {
                     env_id = %built.env_id,
                     created,
                     ms = start.elapsed().as_millis() as u64,
+                    queued_ms = queued.as_millis() as u64,
                     "env ready"
                 );
                 let built = Arc::new(built);

@@ -338,7 +338,7 @@ impl Layout {
     }
 
     pub fn marker_path(&self, id: EntryId) -> PathBuf {
-        self.meta_dir().join(format!("{id}.json"))
+        self.meta_dir().join(marker_name(id))
     }
 
     /// Which package the zip with these bytes unpacked to.
@@ -364,18 +364,12 @@ impl Layout {
     }
 
     pub fn lock_path(&self, lock: LockName<'_>) -> PathBuf {
-        let name = match lock {
-            LockName::Entry(id) => id.to_string(),
-            LockName::Zip(digest) => format!("zip-{digest}"),
-            LockName::Remote(digest) => format!("remote-{digest}"),
-            LockName::Staging => "staging".into(),
-            LockName::Prune => "prune".into(),
-            LockName::UvCache => "uv-cache".into(),
-            LockName::BuildUser(uid) => format!("build-user-{uid}"),
-            LockName::Tool(name) => format!("tool-{name}"),
-            LockName::Daemon => "daemon".into(),
-        };
-        self.root.join("locks").join(format!("{name}.lock"))
+        self.locks_dir().join(lock_file_name(lock))
+    }
+
+    /// Every lock file (`<name>.lock`; an entry's is named by [`EntryId`]'s spelling).
+    pub fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
     }
 
     pub fn staging_dir(&self) -> PathBuf {
@@ -449,6 +443,27 @@ impl Layout {
     pub fn pycache_of_uid(&self, uid: u32) -> PathBuf {
         self.pycache_dir().join(uid.to_string())
     }
+}
+
+/// The file name of `lock` in [`Layout::locks_dir`].
+pub fn lock_file_name(lock: LockName<'_>) -> String {
+    let name = match lock {
+        LockName::Entry(id) => id.to_string(),
+        LockName::Zip(digest) => format!("zip-{digest}"),
+        LockName::Remote(digest) => format!("remote-{digest}"),
+        LockName::Staging => "staging".into(),
+        LockName::Prune => "prune".into(),
+        LockName::UvCache => "uv-cache".into(),
+        LockName::BuildUser(uid) => format!("build-user-{uid}"),
+        LockName::Tool(name) => format!("tool-{name}"),
+        LockName::Daemon => "daemon".into(),
+    };
+    format!("{name}.lock")
+}
+
+/// The file name of the entry's marker in [`Layout::meta_dir`].
+pub fn marker_name(id: EntryId) -> String {
+    format!("{id}.json")
 }
 
 #[cfg(test)]

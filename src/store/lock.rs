@@ -2,6 +2,7 @@
 //! holder exits or crashes, so a killed build never wedges the store.
 
 use std::fs::{File, TryLockError};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,35 @@ impl LockFile {
                 file,
                 path: path.to_path_buf(),
             })),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+
+    /// As [`Self::try_acquire`], for the lock file `name` in `dir`, a directory the caller
+    /// opened once for many locks (prune takes one per entry): no walk of the store's path
+    /// per lock. `path` is the file's full path, for errors and [`Self::remove`].
+    pub fn try_acquire_in(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        path: PathBuf,
+        mode: LockMode,
+    ) -> Result<Option<LockFile>, StoreError> {
+        use rustix::fs::{Mode, OFlags};
+        // As `open` above: created if missing, read-write for its owner as umask allows.
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o666),
+        )
+        .map_err(|e| {
+            let e = std::io::Error::from(e);
+            std::io::Error::new(e.kind(), format!("failed to open file `{}`: {e}", path.display()))
+        })?;
+        let file = File::from(fd);
+        match try_lock(&file, mode) {
+            Ok(()) => Ok(Some(LockFile { file, path })),
             Err(TryLockError::WouldBlock) => Ok(None),
             Err(TryLockError::Error(e)) => Err(e.into()),
         }

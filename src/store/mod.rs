@@ -287,7 +287,7 @@ impl Store {
             }
         };
         let trash = rustix::fs::open(self.layout.trash_dir(), dir_flags, Mode::empty())?;
-        let target = format!("{name}-{}-{}", std::process::id(), unique_nanos());
+        let target = trash_name(name);
         match rustix::fs::renameat(&parent, leaf, &trash, target.as_str()) {
             Err(rustix::io::Errno::NOENT) => return Ok(()),
             other => other?,
@@ -297,23 +297,31 @@ impl Store {
 
     /// Moves `path` (inside the store) to trash under a unique name, then deletes it.
     fn discard(&self, path: &Path, name: &str) -> std::io::Result<()> {
-        let target =
-            self.layout
-                .trash_dir()
-                .join(format!("{name}-{}-{}", std::process::id(), unique_nanos()));
-        // Moving a directory to another parent rewrites its `..`: a sealed (0555) entry must
-        // be made writable first. lstat: a symlink is never followed.
-        if let Ok(meta) = path.symlink_metadata()
-            && meta.is_dir()
-        {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
-        }
-        match fs_err::rename(path, &target) {
+        match self.move_to_trash(path, name)? {
+            Some(target) => remove_tree(&target),
             // Another sweeper got there first.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            other => other?,
+            None => Ok(()),
         }
-        remove_tree(&target)
+    }
+
+    /// Moves `path` (inside the store) to trash under a unique name, and says where (None:
+    /// it was gone already). A symlink is moved, never followed.
+    fn move_to_trash(&self, path: &Path, name: &str) -> std::io::Result<Option<PathBuf>> {
+        let target = self.layout.trash_dir().join(trash_name(name));
+        match std::fs::rename(path, &target) {
+            Ok(()) => return Ok(Some(target)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // Moving a directory to another parent rewrites its `..`: a sealed (0555) entry
+            // must be made writable first, unless we are root (checked by trying: one
+            // call for root, whose renames need no write bit).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => unseal_to_move(path),
+            Err(e) => return Err(with_path(e, "moving", path)),
+        }
+        match std::fs::rename(path, &target) {
+            Ok(()) => Ok(Some(target)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, "moving", path)),
+        }
     }
 
     /// Removes dead builders' staging dirs and empties the trash (see the module doc).
@@ -349,10 +357,29 @@ impl Store {
     }
 }
 
-fn unique_nanos() -> u128 {
-    SystemTime::now()
+/// Makes the directory `path` (never a symlink: lstat) writable by its owner, so that it
+/// can be moved to another parent (which rewrites its `..`).
+fn unseal_to_move(path: &Path) {
+    if let Ok(meta) = path.symlink_metadata()
+        && meta.is_dir()
+    {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+    }
+}
+
+/// A name in trash no one else uses: `<name>-<pid>-<nanoseconds>-<count>` (the count
+/// tells apart names one process makes within a clock tick).
+fn trash_name(name: &str) -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
+        .map_or(0, |d| d.as_nanos());
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{name}-{}-{nanos}-{count}", std::process::id())
+}
+
+fn with_path(e: std::io::Error, doing: &str, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{e} ({doing} {})", path.display()))
 }
 
 fn is_staging_id(name: &str) -> bool {
@@ -376,13 +403,19 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
         }
         Ok(())
     }
+    // Root needs no write bits, and must not chmod by path in a tree another user may
+    // still reach through an open descriptor (a bytecode cache moved to trash). Nor does
+    // it need a look first: `remove_dir_all` removes a symlink without following it, and
+    // says when `path` is a file.
+    if crate::sys::geteuid() == 0 {
+        return match std::fs::remove_dir_all(path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => std::fs::remove_file(path),
+            other => other,
+        };
+    }
     match path.symlink_metadata() {
         Ok(meta) if meta.is_dir() => {
-            // Root needs no write bits, and must not chmod by path in a tree another user
-            // may still reach through an open descriptor (a bytecode cache moved to trash).
-            if crate::sys::geteuid() != 0 {
-                make_writable(path)?;
-            }
+            make_writable(path)?;
             std::fs::remove_dir_all(path)
         }
         Ok(_) => std::fs::remove_file(path),

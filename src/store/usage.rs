@@ -9,7 +9,8 @@
 //! and the kernel drops the lease when its holder dies. The holders of a lock are read
 //! from `/proc/locks`.
 
-use std::os::unix::fs::MetadataExt;
+use std::collections::HashMap;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -99,60 +100,125 @@ impl Store {
     }
 
     /// As [`Self::list_entries`], with the runtime roots already scanned; the saved
-    /// state's roots are read here.
+    /// state's roots are read here. Per entry this costs one open, `fstat` and read of its
+    /// marker, on the store's threads: who holds entry locks is read once for the whole
+    /// listing (`/proc/locks` and one pass over `locks/`), not once per entry.
     pub(super) fn list_entries_using(
         &self,
         roots: &super::roots::RuntimeRoots,
     ) -> Result<Vec<EntryInfo>, StoreError> {
         let mut saved = super::state_db::roots(&self.layout)?;
-        let now = unix_now();
-        let mut out = Vec::new();
+        let mut locked = self.entry_lock_holders();
+        let mut ids = Vec::new();
         for kind in EntryKind::ALL {
             for dir_entry in fs_err::read_dir(self.layout.entries_dir(kind))? {
                 let name = dir_entry?.file_name();
-                let Some(id) = name.to_str().and_then(|n| self.layout.entry_named(kind, n)) else {
-                    continue;
-                };
-                let Some(marker) = self.read_marker(id)? else {
-                    continue;
-                };
-                let mtime = std::fs::metadata(self.layout.marker_path(id))
-                    .and_then(|m| m.modified())
-                    .map(unix)
-                    .unwrap_or(0);
-                // A future stamp (the clock went back) says nothing: fall back to creation.
-                let last_used = if mtime > now {
-                    marker.created_unix.min(now)
-                } else {
-                    mtime
-                };
-                out.push(EntryInfo {
-                    kind,
-                    id: id.digest.to_string(),
-                    path: self.layout.entry_path(id),
-                    bytes: marker.bytes,
-                    created_unix: marker.created_unix,
-                    last_used_unix: last_used,
-                    holders: {
-                        let mut pids = self.holders(id);
-                        pids.extend(roots.pids(id));
-                        pids.sort_unstable();
-                        pids.dedup();
-                        pids
-                    },
-                    held_by: saved.remove(&id).unwrap_or_default(),
-                    source: match (&marker.source, kind) {
-                        // Env markers from before `source` was written: their requirements.
-                        (Value::Null, EntryKind::Env) => marker.description["requirements"].clone(),
-                        (source, _) => source.clone(),
-                    },
-                    entry: id,
-                    marker,
-                });
+                if let Some(id) = name.to_str().and_then(|n| self.layout.entry_named(kind, n)) {
+                    ids.push(id);
+                }
             }
+        }
+        let markers = crate::package::parallel_map(ids.len(), self.options.threads, |i| {
+            self.read_marker_and_mtime(ids[i])
+        })?;
+        let now = unix_now();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, found) in ids.into_iter().zip(markers) {
+            let Some((marker, mtime)) = found else {
+                continue;
+            };
+            let mtime = unix(mtime);
+            // A future stamp (the clock went back) says nothing: fall back to creation.
+            let last_used = if mtime > now {
+                marker.created_unix.min(now)
+            } else {
+                mtime
+            };
+            out.push(EntryInfo {
+                kind: id.kind,
+                id: id.digest.to_string(),
+                path: self.layout.entry_path(id),
+                bytes: marker.bytes,
+                created_unix: marker.created_unix,
+                last_used_unix: last_used,
+                holders: {
+                    let mut pids = locked.remove(&id).unwrap_or_default();
+                    pids.extend(roots.pids(id));
+                    pids.sort_unstable();
+                    pids.dedup();
+                    pids
+                },
+                held_by: saved.remove(&id).unwrap_or_default(),
+                source: match (&marker.source, id.kind) {
+                    // Env markers from before `source` was written: their requirements.
+                    (Value::Null, EntryKind::Env) => marker.description["requirements"].clone(),
+                    (source, _) => source.clone(),
+                },
+                entry: id,
+                marker,
+            });
         }
         out.sort_by(|a, b| (a.last_used_unix, &a.id).cmp(&(b.last_used_unix, &b.id)));
         Ok(out)
+    }
+
+    /// The entry's marker and its mtime (the entry's last use), through one descriptor.
+    fn read_marker_and_mtime(&self, id: EntryId) -> std::io::Result<Option<(Marker, SystemTime)>> {
+        use std::io::Read;
+        let path = self.layout.marker_path(id);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(with_path(e, &path)),
+        };
+        let meta = file.metadata().map_err(|e| with_path(e, &path))?;
+        // Sized from the fstat (`read_to_end` would ask the file for its size again).
+        let mut bytes = vec![0; meta.len() as usize + 1];
+        let mut filled = 0;
+        loop {
+            if filled == bytes.len() {
+                bytes.resize(bytes.len() * 2, 0);
+            }
+            match file.read(&mut bytes[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(with_path(e, &path)),
+            }
+        }
+        // Unparsable: never completely written, as absent (see `marker`).
+        let Some(marker) = serde_json::from_slice::<Marker>(&bytes[..filled])
+            .ok()
+            .filter(|m| m.is_of(id))
+        else {
+            return Ok(None);
+        };
+        Ok(Some((marker, meta.modified().unwrap_or(std::time::UNIX_EPOCH))))
+    }
+
+    /// Processes holding each entry's lock (leases and builders), for every entry whose
+    /// lock anyone holds: `/proc/locks` read once, and the lock files' inodes from one
+    /// read of `locks/` (a directory entry carries its inode).
+    fn entry_lock_holders(&self) -> HashMap<EntryId, Vec<u32>> {
+        let by_inode = flock_holders_by_inode();
+        if by_inode.is_empty() {
+            return HashMap::new();
+        }
+        let Ok(dir) = std::fs::read_dir(self.layout.locks_dir()) else {
+            return HashMap::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| {
+                let pids = by_inode.get(&e.ino())?;
+                let id = e
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".lock")?
+                    .parse::<EntryId>()
+                    .ok()?;
+                Some((id, pids.clone()))
+            })
+            .collect()
     }
 
     /// Bytes of the committed entries of `kind`, from their markers.
@@ -173,26 +239,41 @@ fn lock_holders(path: &Path) -> Vec<u32> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Vec::new();
     };
-    let inode = meta.ino();
+    flock_holders_by_inode().remove(&meta.ino()).unwrap_or_default()
+}
+
+/// Every `flock` held (not waited for) on the node, by inode, with its holders' pids
+/// (sorted, once each), from /proc/locks.
+fn flock_holders_by_inode() -> HashMap<u64, Vec<u32>> {
     let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
-        return Vec::new();
+        return HashMap::new();
     };
-    let mut pids: Vec<u32> = locks
-        .lines()
-        .filter(|line| line.contains("FLOCK"))
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // "1: FLOCK ADVISORY READ 1234 08:01:5678 0 EOF" (a "->" marks a waiter)
-            let at = fields.iter().position(|f| *f == "FLOCK")?;
-            if fields.get(at.saturating_sub(1)) == Some(&"->") {
-                return None;
-            }
-            let pid: u32 = fields.get(at + 3)?.parse().ok()?;
-            let ino: u64 = fields.get(at + 4)?.rsplit(':').next()?.parse().ok()?;
-            (ino == inode).then_some(pid)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
+    let mut by_inode: HashMap<u64, Vec<u32>> = HashMap::new();
+    for line in locks.lines().filter(|line| line.contains("FLOCK")) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK ADVISORY READ 1234 08:01:5678 0 EOF" (a "->" marks a waiter)
+        let Some(at) = fields.iter().position(|f| *f == "FLOCK") else {
+            continue;
+        };
+        if fields.get(at.saturating_sub(1)) == Some(&"->") {
+            continue;
+        }
+        let pid = fields.get(at + 3).and_then(|f| f.parse::<u32>().ok());
+        let ino = fields
+            .get(at + 4)
+            .and_then(|f| f.rsplit(':').next())
+            .and_then(|f| f.parse::<u64>().ok());
+        if let (Some(pid), Some(ino)) = (pid, ino) {
+            by_inode.entry(ino).or_default().push(pid);
+        }
+    }
+    for pids in by_inode.values_mut() {
+        pids.sort_unstable();
+        pids.dedup();
+    }
+    by_inode
+}
+
+fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{e} (while reading {})", path.display()))
 }

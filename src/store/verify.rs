@@ -94,7 +94,7 @@ impl Store {
             && roots.pids(id).is_empty()
             && let Some(lock) = self.lock_unused(id)?
         {
-            self.remove_locked(id, &lock)?;
+            self.remove_locked(id, lock)?;
             repaired = true;
         }
         report.problems.push(Finding {

@@ -54,8 +54,7 @@ impl Daemon {
         // listener in a child not yet exec'd (it holds copies of the descriptors), which
         // takes a connection and then resets it.
         let answers = || {
-            UnixStream::connect(&socket).is_ok()
-                && Client::new(&socket).json("GET", "/healthz", None).is_ok()
+            UnixStream::connect(&socket).is_ok() && Client::new(&socket).json("GET", "/healthz", None).is_ok()
         };
         while !answers() {
             if let Some(status) = child.try_wait().unwrap() {
@@ -925,6 +924,103 @@ fn a_disconnecting_waiter_does_not_cancel_the_build() {
     assert!(env["python"].as_str().unwrap().contains("/envs/"));
     let log = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(log.lines().filter(|l| *l == "venv").count(), 1, "{log}");
+}
+
+/// With `--max-concurrent-builds 1` builds run one at a time, in the order they were asked
+/// for: a wrapper uv logs when each of its runs starts and ends (a venv takes 0.2 s more,
+/// so builds let run together would overlap), and no run starts before the one before it
+/// ended. A request for a spec whose build waits for the slot joins that build, and every
+/// request gets its env.
+#[test]
+fn builds_wait_for_a_slot_in_the_order_they_came() {
+    let ws = Workspace::new();
+    let names: Vec<String> = (0..5).map(|i| format!("queuedpkg{i}")).collect();
+    let wheels: Vec<(&str, &str, &str)> = names.iter().map(|n| (n.as_str(), "1.0", "")).collect();
+    wheelhouse(&ws.path("wheels"), &wheels);
+    let log = ws.path("uv-runs.log");
+    let script = format!(
+        "#!/bin/sh\necho \"start $*\" >> {log}\n[ \"$1\" = venv ] && sleep 0.2\n{uv} \"$@\"\nrc=$?\necho end >> {log}\nexit $rc\n",
+        log = log.display(),
+        uv = crate::common::uv().display()
+    );
+    let uv = ws.write("timed-uv", script);
+    crate::common::set_mode(&uv, 0o755);
+    let daemon = Daemon::start(
+        &ws,
+        &["--uv", uv.to_str().unwrap(), "--max-concurrent-builds", "1"],
+    );
+    let request = |name: &str| json!({"runtime_env": {"pip": [format!("{name}==1.0")]}});
+    let answers: Vec<(Value, Value)> = std::thread::scope(|scope| {
+        let mut asked = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let first = scope.spawn(|| daemon.post("/v1/envs", &request(name)).unwrap());
+            // In line before the next one comes: the first holds the slot, the rest wait.
+            let (running, waiting) = (1.0, i as f64);
+            crate::common::wait_for(
+                || {
+                    (daemon.metric("renv_builds_running") == running
+                        && daemon.metric("renv_builds_waiting") == waiting)
+                        .then_some(())
+                },
+                &format!("the build of {name} to be in line"),
+            );
+            // The same spec again, while its build runs or waits: it joins that build.
+            let again = scope.spawn(|| daemon.post("/v1/envs", &request(name)).unwrap());
+            asked.push((first, again));
+        }
+        asked
+            .into_iter()
+            .map(|(first, again)| (first.join().unwrap(), again.join().unwrap()))
+            .collect()
+    });
+    for ((first, again), name) in answers.iter().zip(&names) {
+        assert_eq!(first["env_id"], again["env_id"], "{name}");
+        // Both got the build's answer: a later request would have found the env made.
+        assert_eq!(
+            (&first["created"], &again["created"]),
+            (&json!(true), &json!(true)),
+            "{name}"
+        );
+    }
+    assert_eq!(daemon.metric("renv_builds_total"), 5.0);
+    assert_eq!(
+        (
+            daemon.metric("renv_builds_running"),
+            daemon.metric("renv_builds_waiting")
+        ),
+        (0.0, 0.0)
+    );
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = runs.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let expected = if i % 2 == 0 { "start " } else { "end" };
+        assert!(
+            line.starts_with(expected),
+            "line {i}: two uv runs at once:\n{runs}"
+        );
+    }
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("start venv")).count(),
+        5,
+        "{runs}"
+    );
+    // Built in the order they were asked for.
+    let mut order: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("start pip install"))
+        .filter_map(|l| {
+            names
+                .iter()
+                .find(|n| l.contains(&format!("{n}==")))
+                .map(String::as_str)
+        })
+        .collect();
+    order.dedup();
+    assert_eq!(
+        order,
+        names.iter().map(String::as_str).collect::<Vec<_>>(),
+        "{runs}"
+    );
 }
 
 /// With --max-store-size the daemon prunes released entries itself, never referenced ones.

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, assert_success};
+use crate::common::{Workspace, assert_success, list_dir};
 
 /// Three packages, last used 3 days, 2 days and 1 day ago.
 fn three_packages(ws: &Workspace) -> Vec<String> {
@@ -274,11 +274,16 @@ fn crash_loop_keeps_the_store_consistent() {
             report["problems"].as_array().unwrap().is_empty(),
             "iteration {i}: {report}"
         );
-        for pkg in ws.committed_packages() {
-            assert!(
-                ws.store_v1("meta").join(format!("pkg-{pkg}.json")).exists()
-                    || !ws.store_v1("pkgs").join(&pkg).exists()
-            );
+        // The marker is written last: it never vouches for a tree that is not there. (A
+        // tree without its marker, from a kill between the publish and the marker, is
+        // garbage that is never served and that the next prune removes.)
+        for marker in list_dir(&ws.store_v1("meta")) {
+            if let Some(pkg) = marker.strip_prefix("pkg-").and_then(|m| m.strip_suffix(".json")) {
+                assert!(
+                    ws.store_v1("pkgs").join(pkg).is_dir(),
+                    "iteration {i}: the marker of {pkg} without its tree"
+                );
+            }
         }
     }
     for spec in ["t0.json", "t1.json", "t2.json", "zip.json", "env.json"] {
@@ -656,4 +661,161 @@ fn prune_leaves_alone_another_users_directory_moved_into_a_bytecode_cache() {
     let report = prune(&ws, &["--min-age", "0s"]);
     assert_eq!(report["bytecode_removed"], 0, "{report}");
     assert_eq!(std::fs::read_to_string(&moved).unwrap(), "uid 1001's\n");
+}
+
+/// `count` packages of `files` small files each, packaged straight into the store, least
+/// recently used first (the first was last used `count` hours ago, the last one an hour
+/// ago). Returns their digests and source directories, in that order.
+fn many_packages(ws: &Workspace, count: usize, files: usize) -> Vec<(String, String)> {
+    let mut made = Vec::new();
+    for i in 0..count {
+        let dir = format!("many/p{i:03}");
+        for f in 0..files {
+            ws.write(&format!("{dir}/m{f:02}.py"), format!("VALUE = {}\n", i * 100 + f));
+        }
+        made.push((package_into_store(ws, &dir), dir));
+    }
+    for (age, (digest, _)) in made.iter().rev().enumerate() {
+        let marker = ws.store_v1("meta").join(format!("pkg-{digest}.json"));
+        let then = SystemTime::now() - Duration::from_secs(3600 * (age as u64 + 1));
+        std::fs::File::options()
+            .write(true)
+            .open(marker)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+    made
+}
+
+/// `renv package DIR` into the store; its digest.
+fn package_into_store(ws: &Workspace, dir: &str) -> String {
+    let out = ws.renv().args(["package", dir]).output().unwrap();
+    assert_success(&out);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let uri = printed.lines().next().unwrap();
+    uri.strip_prefix("pkg://").unwrap().to_string()
+}
+
+/// Prune removes many entries at once, on several threads: an entry leased (a shared lock
+/// on its lock file, as `renv run` holds one) and an entry a process works in, both in the
+/// middle of the LRU order, are kept, and every other entry goes, whole, with nothing left
+/// in staging or trash.
+#[test]
+fn entries_in_use_among_many_removed_at_once_are_kept() {
+    let ws = Workspace::new();
+    // Enough that prune removes on threads of its own.
+    let made = many_packages(&ws, 80, 2);
+    let (leased, worked_in) = (&made[37].0, &made[52].0);
+    let lease = std::fs::File::create(ws.store_v1("locks").join(format!("pkg-{leased}.lock"))).unwrap();
+    lease.lock_shared().unwrap();
+    let mut worker = std::process::Command::new("sleep")
+        .arg("300")
+        .current_dir(ws.store_v1("pkgs").join(worked_in))
+        .spawn()
+        .unwrap();
+
+    let report = prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let expected: Vec<String> = made
+        .iter()
+        .map(|(digest, _)| digest.clone())
+        .filter(|d| d != leased && d != worked_in)
+        .collect();
+    assert_eq!(ids(&report["removed"]), expected, "in LRU order");
+    let mut kept = ids(&report["kept"]);
+    kept.sort();
+    let mut in_use = vec![leased.clone(), worked_in.clone()];
+    in_use.sort();
+    assert_eq!(kept, in_use);
+    for decision in report["kept"].as_array().unwrap() {
+        assert!(
+            decision["reason"].as_str().unwrap().starts_with("in use"),
+            "{decision}"
+        );
+    }
+    let mut committed = ws.committed_packages();
+    committed.sort();
+    assert_eq!(committed, in_use);
+    let markers = crate::common::list_dir(&ws.store_v1("meta"));
+    assert_eq!(markers.len(), 2, "{markers:?}");
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    let out = ws.renv().args(["verify", "--json"]).output().unwrap();
+    let verified: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            verified["checked"].as_u64(),
+            verified["problems"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(0)),
+        "{verified}"
+    );
+}
+
+/// A prune SIGKILLed while it is removing many entries at once leaves no half entry: each
+/// entry is whole and served (its marker there, its tree matching its digest) or not
+/// served at all (no marker); what the prune had in trash goes with the next renv command,
+/// and a removed entry is built again on request.
+#[test]
+fn a_prune_killed_mid_way_leaves_whole_entries_or_none() {
+    let ws = Workspace::new();
+    let count = 120;
+    let made = many_packages(&ws, count, 20);
+    let mut interrupted = 0;
+    for attempt in 0..6 {
+        // Everything back in the store (a package again where the last attempt removed it).
+        for (digest, dir) in &made {
+            if !ws.store_v1("meta").join(format!("pkg-{digest}.json")).exists() {
+                assert_eq!(&package_into_store(&ws, dir), digest);
+            }
+        }
+        let mut pruning = ws
+            .renv()
+            .args(["prune", "--max-size", "0", "--min-age", "0s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed once it has begun removing, later at each attempt.
+        let markers = |ws: &Workspace| crate::common::list_dir(&ws.store_v1("meta")).len();
+        while markers(&ws) >= count - attempt * 5 && pruning.try_wait().unwrap().is_none() {
+            std::thread::yield_now();
+        }
+        pruning.kill().unwrap();
+        pruning.wait().unwrap();
+        let left = markers(&ws);
+        if left > 0 && left < count {
+            interrupted += 1;
+        }
+        // Every entry with a marker is whole; every tree without one is never served.
+        for (digest, _) in &made {
+            let marker = ws.store_v1("meta").join(format!("pkg-{digest}.json"));
+            let tree = ws.store_v1("pkgs").join(digest);
+            assert!(
+                !marker.exists() || tree.is_dir(),
+                "attempt {attempt}: {digest} has a marker but no tree"
+            );
+        }
+        let out = ws.renv().args(["verify", "--json"]).output().unwrap();
+        let verified: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            verified["checked"].as_u64(),
+            Some(left as u64),
+            "attempt {attempt}: {verified}"
+        );
+        assert!(
+            verified["problems"].as_array().unwrap().is_empty(),
+            "attempt {attempt}: {verified}"
+        );
+        // `verify` opened the store: what the killed prune had in trash is gone.
+        assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
+    }
+    assert!(interrupted > 0, "no attempt stopped the prune mid-way");
+    // A removed entry comes back on request; a whole prune leaves nothing behind.
+    let (digest, dir) = &made[0];
+    assert_eq!(&package_into_store(&ws, dir), digest);
+    prune(&ws, &["--max-size", "0", "--min-age", "0s"]);
+    assert!(ws.committed_packages().is_empty());
+    assert!(ws.leftovers().is_empty(), "{:?}", ws.leftovers());
 }

@@ -24,6 +24,15 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
         .unwrap_or(0);
     let gauges: BTreeMap<&str, f64> = BTreeMap::from([
         ("renv_builds_total", m.builds.load(Ordering::Relaxed) as f64),
+        // Builds holding one of --max-concurrent-builds' slots, and builds queued for one.
+        (
+            "renv_builds_running",
+            m.builds_running.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_builds_waiting",
+            m.builds_waiting.load(Ordering::Relaxed) as f64,
+        ),
         (
             "renv_build_failures_total",
             m.build_failures.load(Ordering::Relaxed) as f64,
