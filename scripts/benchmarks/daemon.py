@@ -64,12 +64,23 @@ def requests(work, renv, loadgen, uv, quick):
 
 def concurrency(work, renv, uv, quick):
     """1/8/64 simultaneous first requests: one new env (built once) and distinct new envs;
-    a cached request's latency while 8 builds run."""
+    a cached request's latency while 8 builds run; and the most distinct requests again
+    with no cap on concurrent builds, as the daemon ran before it had one."""
     counts = [1, 8] if quick else [1, 8, 64]
-    wheels = _tiny_wheels(work, max(counts) * 2 + 8)
-    daemon = start(work, renv, wheels, uv)
+    # Each request a new package: the capped run's, then the uncapped run's.
+    wheels = _tiny_wheels(work, max(counts) * 5 + 40)
+    result = _concurrency(work, renv, uv, counts, wheels, [], 0)
+    uncapped = _concurrency(work, renv, uv, counts[-1:], wheels, ["--max-concurrent-builds", "100000"],
+                            max(counts) * 3 + 20, fairness=False)
+    result["first_requests"][-1]["distinct_uncapped"] = uncapped["first_requests"][-1]["distinct"]
+    return result
+
+
+def _concurrency(work, renv, uv, counts, wheels, flags, first_pkg, fairness=True):
+    store = os.path.join(work, "store-uncapped" if flags else "store")
+    daemon = Daemon("--no-index", "--find-links", wheels, *flags, store=store, env={"RENV_UV": uv})
     client = RenvClient(daemon.socket)
-    serial = [0]
+    serial = [first_pkg]
 
     def fresh_pkg():
         serial[0] += 1
@@ -108,6 +119,8 @@ def concurrency(work, renv, uv, quick):
             rows.append({"requests": n, "same": Stat(same).as_json(), "same_builds": same_builds,
                          "distinct": Stat(distinct).as_json()})
 
+        if not fairness:
+            return {"first_requests": rows}
         # Fairness: a cached env's latency, alone and while 8 new envs are building.
         cached = {"pip": ["benchpkg0==1.0"]}
         client.get_or_create_env(cached)
