@@ -79,7 +79,7 @@ pub fn copy_into(
 /// Copies a walked tree into the empty directory `dest`, reading every file once: a file
 /// the stat cache knew is checked against its digest as it is copied (as [`copy_into`]
 /// does), any other is hashed as it is copied, and must not change meanwhile (see
-/// [`copy_once`]). Returns the tree as scanned, its digests those of what was written,
+/// `copy_once`). Returns the tree as scanned, its digests those of what was written,
 /// and updates the stat cache.
 pub fn copy_walked(
     tree: &WalkedTree,
