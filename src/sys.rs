@@ -338,10 +338,33 @@ pub fn is_ignored(sig: libc::c_int) -> bool {
 /// When the process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field
 /// 22): with the pid, it names that process and no later one that gets the same pid.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let after_name = stat.rsplit_once(") ")?.1;
-    after_name.split(' ').nth(19)?.parse().ok()
+    Some(ProcStat::read(pid)?.start_time)
+}
+
+/// Opening a directory to work beneath it: never through a symlink, never inherited.
+pub const DIR_NO_FOLLOW: rustix::fs::OFlags = rustix::fs::OFlags::DIRECTORY
+    .union(rustix::fs::OFlags::NOFOLLOW)
+    .union(rustix::fs::OFlags::RDONLY)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
+/// The fields of `/proc/<pid>/stat` renv looks at, from one read.
+pub struct ProcStat {
+    /// Field 3: `R`, `S`, … `Z` (zombie), `X` (dead).
+    pub state: char,
+    /// Field 22 (see [`start_time`]).
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    pub fn read(pid: u32) -> Option<ProcStat> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count from its end.
+        let after_name = stat.rsplit_once(") ")?.1;
+        Some(ProcStat {
+            state: after_name.chars().next()?,
+            start_time: after_name.split(' ').nth(19)?.parse().ok()?,
+        })
+    }
 }
 
 /// A descriptor naming the process `process` (`pidfd_open`): signals sent through it

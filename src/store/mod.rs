@@ -265,11 +265,11 @@ impl Store {
     /// planted anywhere on the way cannot send the removal elsewhere, then renamed by its
     /// directory's descriptor into trash.
     fn discard_beneath(&self, base: &Path, rel: &Path, name: &str) -> std::io::Result<()> {
-        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::fs::{Mode, ResolveFlags};
         let (Some(parent), Some(leaf)) = (rel.parent(), rel.file_name()) else {
             return Ok(());
         };
-        let dir_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+        let dir_flags = crate::sys::DIR_NO_FOLLOW;
         let base = match rustix::fs::open(base, dir_flags, Mode::empty()) {
             Err(rustix::io::Errno::NOENT) => return Ok(()),
             other => other?,

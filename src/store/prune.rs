@@ -415,8 +415,8 @@ impl StoreDirs {
 }
 
 fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
-    use rustix::fs::{Mode, OFlags};
-    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+    use rustix::fs::Mode;
+    let flags = crate::sys::DIR_NO_FOLLOW;
     rustix::fs::open(path, flags, Mode::empty()).map_err(|e| io_error(e, "opening", path))
 }
 

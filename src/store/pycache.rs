@@ -14,7 +14,7 @@
 use std::os::fd::OwnedFd;
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, Mode};
 
 use super::{Store, StoreError};
 
@@ -55,7 +55,7 @@ impl Store {
 /// `path` as a directory (relative to `at` if given), never through a symlink; `None`
 /// if it is not there or not a directory.
 fn open_dir(at: Option<&OwnedFd>, path: &std::path::Path) -> Result<Option<OwnedFd>, StoreError> {
-    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+    let flags = crate::sys::DIR_NO_FOLLOW;
     let opened = match at {
         Some(at) => rustix::fs::openat(at, path, flags, Mode::empty()),
         None => rustix::fs::open(path, flags, Mode::empty()),

@@ -413,11 +413,8 @@ impl Supervisor {
 
     /// Whether it is still there (a spare someone killed is not).
     pub fn is_alive(&self) -> bool {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let exited = stat
-            .rsplit_once(") ")
-            .is_none_or(|(_, rest)| rest.starts_with(['Z', 'X']));
-        !exited && crate::sys::start_time(self.pid) == Some(self.start)
+        crate::sys::ProcStat::read(self.pid)
+            .is_some_and(|stat| !matches!(stat.state, 'Z' | 'X') && stat.start_time == self.start)
     }
 
     /// The worker's pid: the supervisor's one child.

@@ -129,13 +129,9 @@ fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// a copy of its own (a file's are checked only at open, so the old inode, which someone
 /// may hold open for writing, is left to them, out of the tree).
 pub fn reclaim(work: &Path) -> std::io::Result<()> {
-    use rustix::fs::{Mode, OFlags};
-    let root = rustix::fs::open(
-        work,
-        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", work.display())))?;
+    use rustix::fs::Mode;
+    let root = rustix::fs::open(work, crate::sys::DIR_NO_FOLLOW, Mode::empty())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", work.display())))?;
     take_dir(&root, work, 0)
 }
 
@@ -143,7 +139,7 @@ pub fn reclaim(work: &Path) -> std::io::Result<()> {
 const MAX_DEPTH: usize = 256;
 
 fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::Result<()> {
-    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use rustix::fs::{AtFlags, FileType, Mode};
     let (me, my_group) = (
         rustix::process::Uid::from_raw(crate::sys::geteuid()),
         rustix::process::Gid::from_raw(crate::sys::getegid()),
@@ -169,12 +165,7 @@ fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::R
         let stat = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
         match FileType::from_raw_mode(stat.st_mode) {
             FileType::Directory => {
-                let child = rustix::fs::openat(
-                    dir,
-                    &name,
-                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let child = rustix::fs::openat(dir, &name, crate::sys::DIR_NO_FOLLOW, Mode::empty())?;
                 take_dir(&child, &shown(), depth + 1)?;
             }
             FileType::RegularFile if stat.st_uid != me.as_raw() => {
