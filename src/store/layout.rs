@@ -22,6 +22,7 @@
 //!   trash/                      entries being deleted
 //!   cache/hashes/<digest>.json  stat caches of local sources (see `package::hash_cache`)
 //!   cache/probes/               cached `python -c …` / `uv --version` answers
+//!   cache/synced-inodes         inodes of the uv cache a commit made durable already
 //!   pycache/<uid>/<abs path>/…  bytecode written by the workers of one user, that user's
 //!                               own (PYTHONPYCACHEPREFIX: one tree mirroring source paths;
 //!                               an env's part goes with the env)
@@ -408,6 +409,12 @@ impl Layout {
     /// Stat caches of local sources.
     pub fn hash_cache_dir(&self) -> PathBuf {
         self.root.join("cache").join("hashes")
+    }
+
+    /// Inodes shared with the installer's cache that a commit made durable (see
+    /// [`super::synced_inodes`]).
+    pub fn synced_inodes_path(&self) -> PathBuf {
+        self.root.join("cache").join("synced-inodes")
     }
 
     /// Cached answers of `python -c …` / `uv --version`.

@@ -39,6 +39,7 @@ pub mod record;
 pub mod roots;
 mod single_flight;
 pub mod state_db;
+mod synced_inodes;
 pub mod transaction;
 pub mod usage;
 pub mod verify;

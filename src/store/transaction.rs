@@ -17,7 +17,8 @@
 //!    The staging dir's own lock is held for the whole build, so a sweep never takes it.
 //! 4. Commit: clear leftovers (a directory without its marker is a crashed publish, and a
 //!    committed entry the caller found unusable — `begin_checked` — is being replaced: the
-//!    marker goes first, then the directory to trash), fdatasync the staged files and fsync its
+//!    marker goes first, then the directory to trash), fdatasync the staged files (but
+//!    those an earlier commit synced already, see [`super::synced_inodes`]) and fsync its
 //!    directories, rename into place, fsync the parent, make the root read-only, then
 //!    write the marker (tmp file, fsync, rename, fsync `meta/`). The marker is last: a
 //!    directory without it is garbage, never served.
@@ -39,7 +40,7 @@ use super::layout::{EntryId, EntryName, LockName};
 use super::lock::{LockFile, LockMode};
 use super::marker::{Marker, write_json_atomic};
 use super::record;
-use super::{Store, StoreError, fsync_dir, remove_tree};
+use super::{Store, StoreError, fsync_dir, remove_tree, synced_inodes};
 use crate::package::{self, Manifest};
 use crate::progress::Progress;
 
@@ -80,7 +81,8 @@ pub enum Contents<'a> {
     /// every file and directory below the root its final mode).
     Manifest(&'a Manifest),
     /// Unknown (an installer's output): walked without following symlinks, and sealed
-    /// here through descriptors opened with `O_NOFOLLOW`: every file and directory made
+    /// here through descriptors opened with `O_NOFOLLOW` (a file the walk found sealed,
+    /// synced and vouched for already is recorded as it was found): every file and directory made
     /// read-only (no write, setuid, setgid or sticky bit; a file the installer hardlinked
     /// from its cache is sealed there too, so no one can change it in either place) and
     /// owned by the store's owner. Files of `builder` (the build user an installer ran
@@ -270,7 +272,8 @@ impl Store {
                     );
                 }
                 let walked = walk_tree(&staged)?;
-                let mut paths = sync_walked(&walked, builder, vouched, progress)?;
+                let synced = self.layout.synced_inodes_path();
+                let mut paths = sync_walked(&walked, builder, vouched, &synced, progress)?;
                 for (rel, target) in &walked.symlinks {
                     paths.insert(
                         rel.clone(),
@@ -294,12 +297,8 @@ impl Store {
                         paths,
                     },
                 )?;
-                // Deepest first, so every directory is still writable while its children
-                // are sealed; the root once it is in place (moving a directory to another
+                // The root is sealed once it is in place (moving a directory to another
                 // parent rewrites its `..`, which needs it writable).
-                for dir in walked.dirs.iter().rev() {
-                    seal(dir, true, builder, false)?;
-                }
                 fsync_dir(&staged)?;
                 (walked.files.len() as u64, walked.bytes)
             }
@@ -309,7 +308,7 @@ impl Store {
         let start = Instant::now();
         fs_err::rename(&staged, &path)?;
         fsync_dir(&self.layout.entries_dir(entry_id.kind))?;
-        seal(&path, true, builder, false)?;
+        seal(&path, true, builder, FileWork::NONE)?;
         let marker = Marker::new(entry_id, bytes, files, commit.source, commit.description);
         write_json_atomic(&marker_path, &marker)?;
         drop(staging);
@@ -411,17 +410,50 @@ struct Walked {
     root: PathBuf,
     /// Directories below the root (not the root), parents first.
     dirs: Vec<PathBuf>,
-    files: Vec<PathBuf>,
+    files: Vec<WalkedFile>,
     /// Relative path and target.
     symlinks: Vec<(String, PathBuf)>,
     bytes: u64,
 }
 
+/// What [`seal`] does to a file beyond making it the store owner's and read-only.
+#[derive(Clone, Copy)]
+struct FileWork {
+    /// Hash its content for the record (nothing else vouches for it).
+    hash: bool,
+    /// fdatasync it (its data may not be on disk yet).
+    sync: bool,
+}
+
+impl FileWork {
+    /// For a directory, or a file that only needs sealing.
+    const NONE: FileWork = FileWork {
+        hash: false,
+        sync: false,
+    };
+}
+
+/// A regular file of a walked tree.
+struct WalkedFile {
+    path: PathBuf,
+    /// Relative to the root, `/`-separated.
+    rel: String,
+    /// What the walk's `lstat` saw.
+    meta: std::fs::Metadata,
+    /// Its [`shared_inode_key`].
+    key: Option<u128>,
+}
+
 /// Makes the file or directory at `path` the store owner's and read-only, through a
-/// descriptor that is never a symlink's target (see [`Contents::Walk`]); a file is also
-/// made durable, and hashed if `hash`. Returns what was sealed (nothing to undo: a
-/// refused commit is discarded whole).
-fn seal(path: &Path, is_dir: bool, builder: Option<u32>, hash: bool) -> std::io::Result<record::Recorded> {
+/// descriptor that is never a symlink's target (see [`Contents::Walk`]), and does `work`
+/// to a file. Returns what was sealed (nothing to undo: a refused commit is discarded
+/// whole).
+fn seal(
+    path: &Path,
+    is_dir: bool,
+    builder: Option<u32>,
+    work: FileWork,
+) -> std::io::Result<record::Recorded> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
     if is_dir {
@@ -434,40 +466,26 @@ fn seal(path: &Path, is_dir: bool, builder: Option<u32>, hash: bool) -> std::io:
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let meta = file.metadata()?;
     let me = crate::sys::geteuid();
-    // The store owner's own files in a build user's output are renv's (a record, a
-    // relocated script), never writable by others; one that is was linked in from
-    // elsewhere, and sealing would change it there.
-    if builder.is_some() && meta.uid() == me && meta.mode() & 0o022 != 0 && !meta.is_dir() {
-        return Err(std::io::Error::other(format!(
-            "{}: a file of the store's owner writable by others in a build's output; refusing to store it",
-            path.display()
-        )));
-    }
+    refuse_foreign(path, &meta, builder)?;
     if meta.uid() != me {
-        if Some(meta.uid()) != builder {
-            return Err(std::io::Error::other(format!(
-                "{}: owned by uid {}, neither the store's owner nor the build user; refusing to store it",
-                path.display(),
-                meta.uid()
-            )));
-        }
         std::os::unix::fs::fchown(&file, Some(me), Some(crate::sys::getegid()))?;
     }
     let mode = meta.mode() & 0o7777;
-    let sealed = if is_dir {
-        package::tree::DIR_MODE
-    } else {
-        mode & 0o555
-    };
+    let sealed = sealed_mode(mode, is_dir);
     // After a chown the kernel has cleared setuid/setgid already; set the mode anyway.
     if mode != sealed || meta.uid() != me {
         file.set_permissions(std::fs::Permissions::from_mode(sealed))?;
     }
     if is_dir {
+        if work.sync {
+            file.sync_all()?;
+        }
         return Ok(record::Recorded::Dir { mode: sealed });
     }
-    file.sync_data()?;
-    let blake3 = match hash {
+    if work.sync {
+        file.sync_data()?;
+    }
+    let blake3 = match work.hash {
         false => None,
         true => {
             let mut hasher = blake3::Hasher::new();
@@ -480,6 +498,40 @@ fn seal(path: &Path, is_dir: bool, builder: Option<u32>, hash: bool) -> std::io:
         size: meta.len(),
         blake3,
     })
+}
+
+/// The mode a file or directory of mode `mode` is sealed to: read-only, no setuid, setgid
+/// or sticky bit.
+fn sealed_mode(mode: u32, is_dir: bool) -> u32 {
+    if is_dir {
+        package::tree::DIR_MODE
+    } else {
+        mode & 0o555
+    }
+}
+
+/// Refuses what a build's output must not hold: anything of a third user's, and a file of
+/// the store's owner that others may write.
+fn refuse_foreign(path: &Path, meta: &std::fs::Metadata, builder: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = crate::sys::geteuid();
+    // The store owner's own files in a build user's output are renv's (a record, a
+    // relocated script), never writable by others; one that is was linked in from
+    // elsewhere, and sealing would change it there.
+    if builder.is_some() && meta.uid() == me && meta.mode() & 0o022 != 0 && !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{}: a file of the store's owner writable by others in a build's output; refusing to store it",
+            path.display()
+        )));
+    }
+    if meta.uid() != me && Some(meta.uid()) != builder {
+        return Err(std::io::Error::other(format!(
+            "{}: owned by uid {}, neither the store's owner nor the build user; refusing to store it",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
 }
 
 /// `path` relative to `root`, `/`-separated.
@@ -501,7 +553,8 @@ fn write_record(staged: &Path, record: record::SealedRecord) -> std::io::Result<
     file.sync_data()
 }
 
-/// Lists a freshly built tree without following symlinks.
+/// Lists a freshly built tree without following symlinks, a level at a time, each
+/// level's directories read on the cores.
 fn walk_tree(root: &Path) -> std::io::Result<Walked> {
     let mut walked = Walked {
         root: root.to_path_buf(),
@@ -510,71 +563,154 @@ fn walk_tree(root: &Path) -> std::io::Result<Walked> {
         symlinks: Vec::new(),
         bytes: 0,
     };
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in fs_err::read_dir(&dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                walked.dirs.push(entry.path());
-                pending.push(entry.path());
-            } else if kind.is_file() {
-                if dir == root && entry.file_name() == record::FILE_NAME {
-                    return Err(std::io::Error::other(format!(
-                        "{}: the build left a file of the store's name; refusing it",
-                        entry.path().display()
-                    )));
-                }
-                walked.bytes += entry.metadata()?.len();
-                walked.files.push(entry.path());
-            } else if kind.is_symlink() {
-                if dir == root && entry.file_name() == record::FILE_NAME {
-                    return Err(std::io::Error::other(format!(
-                        "{}: the build left a symlink at the store's name; refusing it",
-                        entry.path().display()
-                    )));
-                }
-                let target = fs_err::read_link(entry.path())?;
-                walked.symlinks.push((relative(root, &entry.path()), target));
-            } else {
-                return Err(std::io::Error::other(format!(
-                    "{}: not a regular file, directory or symlink; refusing to store it",
-                    entry.path().display()
-                )));
-            }
+    let mut level = vec![root.to_path_buf()];
+    while !level.is_empty() {
+        let listed = package::parallel_map(level.len(), package::worker_threads(), |i| {
+            list_dir(root, &level[i])
+        })?;
+        level = Vec::new();
+        for listing in listed {
+            walked.bytes += listing.files.iter().map(|file| file.meta.len()).sum::<u64>();
+            walked.files.extend(listing.files);
+            walked.symlinks.extend(listing.symlinks);
+            walked.dirs.extend(listing.dirs.iter().cloned());
+            level.extend(listing.dirs);
         }
     }
     walked.dirs.sort();
     Ok(walked)
 }
 
-/// Seals and fdatasyncs every file and fsyncs every directory of a walked tree; returns
-/// what each file was sealed as, its content hashed unless `vouched` for.
+/// What [`list_dir`] found in one directory.
+#[derive(Default)]
+struct Listing {
+    dirs: Vec<PathBuf>,
+    files: Vec<WalkedFile>,
+    symlinks: Vec<(String, PathBuf)>,
+}
+
+fn list_dir(root: &Path, dir: &Path) -> std::io::Result<Listing> {
+    let mut listing = Listing::default();
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let at_record = dir == root && entry.file_name() == record::FILE_NAME;
+        if kind.is_dir() {
+            listing.dirs.push(entry.path());
+        } else if kind.is_file() {
+            if at_record {
+                return Err(std::io::Error::other(format!(
+                    "{}: the build left a file of the store's name; refusing it",
+                    entry.path().display()
+                )));
+            }
+            let path = entry.path();
+            let meta = entry.metadata()?;
+            listing.files.push(WalkedFile {
+                rel: relative(root, &path),
+                key: shared_inode_key(&meta),
+                path,
+                meta,
+            });
+        } else if kind.is_symlink() {
+            if at_record {
+                return Err(std::io::Error::other(format!(
+                    "{}: the build left a symlink at the store's name; refusing it",
+                    entry.path().display()
+                )));
+            }
+            let target = fs_err::read_link(entry.path())?;
+            listing.symlinks.push((relative(root, &entry.path()), target));
+        } else {
+            return Err(std::io::Error::other(format!(
+                "{}: not a regular file, directory or symlink; refusing to store it",
+                entry.path().display()
+            )));
+        }
+    }
+    Ok(listing)
+}
+
+/// The [`synced_inodes`] key of a file shared with the installer's cache (more than one
+/// link): only those are worth recording, since only those a later entry meets again.
+fn shared_inode_key(meta: &std::fs::Metadata) -> Option<u128> {
+    use std::os::unix::fs::MetadataExt;
+    (meta.nlink() > 1).then(|| synced_inodes::key(meta)).flatten()
+}
+
+/// Seals every file of a walked tree and makes the tree durable (fdatasync every file
+/// not already on disk, fsync every directory; nothing on tmpfs); returns what each file
+/// was sealed as, its content hashed unless `vouched` for.
+///
+/// Most of an env built by uv is files hardlinked from its cache that an earlier commit
+/// sealed and synced already (`synced`, see [`super::synced_inodes`]): those are recorded
+/// from the walk's `lstat` without being opened. No one but the store's owner can change
+/// the tree any more (a build user's output was reclaimed), so what the walk saw is what
+/// is published.
 fn sync_walked(
     walked: &Walked,
     builder: Option<u32>,
     vouched: &HashSet<String>,
+    synced: &Path,
     progress: &Progress,
 ) -> std::io::Result<BTreeMap<String, record::Recorded>> {
-    let sealed = std::sync::Mutex::new(BTreeMap::new());
-    let all: Vec<(&PathBuf, bool)> = walked
-        .files
-        .iter()
-        .map(|f| (f, false))
-        .chain(walked.dirs.iter().map(|d| (d, true)))
-        .collect();
-    let phase = progress.phase("syncing", all.len() as u64);
-    package::parallel_map(all.len(), SYNC_THREADS, |i| {
-        let (path, is_dir) = all[i];
-        phase.inc(1);
-        if is_dir {
-            return fsync_dir(path);
+    use std::os::unix::fs::MetadataExt;
+    let durable = !crate::sys::is_volatile_fs(&walked.root);
+    let me = crate::sys::geteuid();
+    let phase = progress.phase("syncing", (walked.files.len() + walked.dirs.len()) as u64);
+    let wanted: HashSet<u128> = match durable {
+        true => walked.files.iter().filter_map(|file| file.key).collect(),
+        false => HashSet::new(),
+    };
+    let known = synced_inodes::recorded(synced, &wanted);
+
+    let mut sealed = BTreeMap::new();
+    // What is left to open: a file with its path in the record, or a directory.
+    let mut left: Vec<(&Path, Option<&String>, FileWork)> = Vec::new();
+    let mut newly_synced = Vec::new();
+    for WalkedFile { path, rel, meta, key } in &walked.files {
+        refuse_foreign(path, meta, builder)?;
+        let work = FileWork {
+            hash: !vouched.contains(rel),
+            sync: durable && !key.is_some_and(|key| known.contains(&key)),
+        };
+        let mode = meta.mode() & 0o7777;
+        if meta.uid() == me && mode == sealed_mode(mode, false) && !work.hash && !work.sync {
+            phase.inc(1);
+            let recorded = record::Recorded::File {
+                mode,
+                size: meta.len(),
+                blake3: None,
+            };
+            sealed.insert(rel.clone(), recorded);
+            continue;
         }
-        let rel = relative(&walked.root, path);
-        let recorded = seal(path, false, builder, !vouched.contains(&rel))?;
-        sealed.lock().unwrap().insert(rel, recorded);
-        Ok(())
+        if work.sync {
+            newly_synced.extend(*key);
+        }
+        left.push((path, Some(rel), work));
+    }
+    // Directories in any order: sealed, one still lets its owner open what is in it.
+    let dir_work = FileWork {
+        hash: false,
+        sync: durable,
+    };
+    left.extend(walked.dirs.iter().map(|dir| (dir.as_path(), None, dir_work)));
+    // The rest wait on the disk more than on the cores.
+    let threads = if durable {
+        SYNC_THREADS
+    } else {
+        package::worker_threads()
+    };
+    let done = package::parallel_map(left.len(), threads, |i| {
+        phase.inc(1);
+        let (path, rel, work) = left[i];
+        let recorded = seal(path, rel.is_none(), builder, work)?;
+        Ok::<_, std::io::Error>(rel.map(|rel| (rel.clone(), recorded)))
     })?;
+    sealed.extend(done.into_iter().flatten());
+    // Sealing changed no key: a chmod moves neither the mtime nor the size.
+    synced_inodes::record(synced, &newly_synced);
     phase.finish();
-    Ok(sealed.into_inner().unwrap())
+    Ok(sealed)
 }

@@ -19,6 +19,18 @@ impl Workspace {
         }
     }
 
+    /// A workspace on the filesystem of the build's target dir, not /tmp (which may be
+    /// tmpfs): for what only happens on a disk. Fails where the target dir is tmpfs too.
+    pub fn on_disk() -> Self {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        assert!(
+            !renv::sys::is_volatile_fs(dir.path()),
+            "{} is tmpfs; this test needs a disk",
+            dir.path().display()
+        );
+        Workspace { dir }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -1,6 +1,7 @@
 //! Virtualenvs built by the real uv (and pip) from wheels the tests make, checked from
 //! inside the env by running its python.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -152,6 +153,82 @@ fn a_package_from_the_operators_wheelhouse_imports_at_its_version() {
         crate::common::tree_listing(&Path::new(pycache).join(".renv-by-content")),
         compiled
     );
+}
+
+/// On a disk, a commit fdatasyncs each file of the installer's cache it hardlinks once:
+/// the inodes it synced are recorded (`cache/synced-inodes`), a later env linking the same
+/// inodes syncs none of them, and an inode written since is synced (and recorded) again.
+#[test]
+fn cache_files_are_synced_once_and_again_once_changed() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = Workspace::on_disk();
+    wheelhouse(&ws.path("wheels"), &[TINY_1]);
+    let flags: Vec<String> = ["--no-index", "--find-links"]
+        .map(String::from)
+        .into_iter()
+        .chain([ws.path("wheels").display().to_string()])
+        .collect();
+    let synced = ws.store_v1("cache/synced-inodes");
+    let records = || std::fs::metadata(&synced).map_or(0, |m| m.len() / 16);
+    let shared = |env: &Value| -> Vec<PathBuf> {
+        let venv = Path::new(env["venv"]["path"].as_str().unwrap());
+        crate::common::tree_listing(venv)
+            .into_iter()
+            .filter(|rel| !rel.ends_with('/') && !rel.contains(" -> "))
+            .map(|rel| venv.join(rel))
+            .filter(|path| {
+                let meta = std::fs::symlink_metadata(path).unwrap();
+                meta.is_file() && meta.nlink() > 1
+            })
+            .collect()
+    };
+
+    let first = build(&ws, &flags, &json!({"pip": ["tinypkg==1.0"]}), "first.json");
+    let linked = shared(&first);
+    assert!(
+        linked.len() >= 2,
+        "the wheel's files are hardlinked from the cache: {linked:?}"
+    );
+    assert_eq!(
+        records(),
+        linked.len() as u64,
+        "each shared inode synced and recorded once"
+    );
+
+    let second = build(
+        &ws,
+        &flags,
+        &json!({"pip": ["tinypkg==1.0,!=0.0.1"]}),
+        "second.json",
+    );
+    assert_ne!(second["venv"]["key"], first["venv"]["key"]);
+    assert_eq!(shared(&second).len(), linked.len());
+    assert_eq!(records(), linked.len() as u64, "nothing synced again");
+
+    // The store's owner changes one cache inode (through the first env's link): it is
+    // synced again, and only it.
+    let changed = &linked[0];
+    let mode = crate::common::mode_of(changed);
+    crate::common::set_mode(changed, 0o644);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(changed)
+        .unwrap()
+        .write_all(b"\n# changed\n")
+        .unwrap();
+    crate::common::set_mode(changed, mode);
+    let third = build(
+        &ws,
+        &flags,
+        &json!({"pip": ["tinypkg==1.0,!=0.0.2"]}),
+        "third.json",
+    );
+    assert_eq!(shared(&third).len(), linked.len());
+    assert_eq!(records(), linked.len() as u64 + 1);
+    for env in [&second, &third] {
+        let python = env["python"].as_str().unwrap();
+        assert_eq!(in_env(python, "import tinypkg; print(tinypkg.VERSION)"), "1.0");
+    }
 }
 
 /// A new env's workers load the bytecode an older env's workers compiled, when their
