@@ -49,7 +49,7 @@ def clock(fn):
 class Methods:
     """One sample of each (method, kind): setup untimed, the step timed."""
 
-    def __init__(self, base, renv, uv, python, requirements, wheels):
+    def __init__(self, base, renv, uv, python, requirements, wheels, with_pip=True):
         self.base, self.renv, self.uv, self.python = base, renv, uv, python
         self.requirements = requirements
         self.index = ["--no-index", "--find-links", wheels]
@@ -67,7 +67,8 @@ class Methods:
         self.renv_cli(self.path("store"), self.existing_spec)()
         self.existing_env = self.client.get_or_create_env({"pip": self.existing_spec}).env_id
         self.uv_existing = self.uv_install(self.path("uv-cache"))
-        self.pip_existing = self.pip_install(self.path("pip-cache"))
+        if with_pip:
+            self.pip_existing = self.pip_install(self.path("pip-cache"))
 
     def path(self, name):
         return os.path.join(self.base, name)
@@ -181,3 +182,30 @@ def run(work, renv, uv, python, quick):
         rmtree(base)
     return results
 
+
+
+# What the disk section measures: a new env from warm wheels, where renv's fsyncs count.
+DISK_SAMPLES = [("renv build", "warm"), ("renv daemon", "warm"), ("uv venv + uv pip install", "warm")]
+
+
+def run_disk(work, renv, uv, python, quick):
+    """New envs from warm wheels on a disk (the work dir's filesystem), where making an env
+    durable costs what it costs: renv (CLI and daemon) against uv by hand, interleaved."""
+    from common import filesystem_of
+    runs = 3 if quick else 9
+    results = {"filesystem": filesystem_of(work), "sets": {}}
+    for name, requirements in SETS.items():
+        base = os.path.join(work, name)
+        os.makedirs(base)
+        methods = Methods(base, renv, uv, python, requirements, wheelhouse(name, requirements), with_pip=False)
+        try:
+            every = methods.samples()
+            samples = {}
+            for _ in range(runs):
+                for key in DISK_SAMPLES:
+                    samples.setdefault(key, []).append(every[key]())
+        finally:
+            methods.close()
+        results["sets"][name] = {method: Stat(values).as_json() for (method, _), values in samples.items()}
+        rmtree(base)
+    return results

@@ -5,7 +5,9 @@ In one Ray cluster, with renv's plugin registered and a renv daemon on the node:
 - environments: a task whose runtime_env is new to the cluster (a no-op `!=0.0.N` clause
   makes each sample new), by Ray's `pip` field, Ray's `uv` field and the renv plugin,
   interleaved sample by sample after one warm-up each; and a task in an env that exists.
-  The floor, a new env with nothing to install (`env_vars` only), still starts a worker.
+  The floor, a new env with nothing to install (`env_vars` only), still starts a worker;
+  an old env's first task (the renv plugin's env again, in a new worker) imports what the
+  new env's task imports.
 - working_dir: a driver with a changed tree (one file rewritten per sample, so nothing
   is cached) from `ray.init` until its first task returns: Ray's own `working_dir` (zip,
   upload to the GCS, download, unpack; Ray takes local trees only at the job level) and
@@ -37,6 +39,10 @@ from renv import RenvClient  # noqa: E402
 
 def log(message):
     print(f"  ray: {message}", file=sys.stderr, flush=True)
+
+
+# The renv plugin's env again, in a new worker: what an old env's first task costs.
+OLD_ENV = "renv plugin, env built already"
 
 
 def env_specs(requirements, wheels, n):
@@ -96,6 +102,12 @@ def main():
                         continue
                     new.setdefault(method, []).append(elapsed)
                     existing.setdefault(method, []).append(timed_task(runtime_env, imports))
+                    if method == "renv plugin":
+                        # An old env's first task: the env is built, the worker is new (its
+                        # own env_vars make the runtime_env new to Ray), its imports too.
+                        again = dict(runtime_env, env_vars={"BENCH_WORKER": str(n)})
+                        new.setdefault(OLD_ENV, []).append(timed_task(again, imports))
+                        existing.setdefault(OLD_ENV, []).append(timed_task(again, imports))
             results["envs"][name] = {m: {"warm": Stat(new[m]).as_json(), "existing": Stat(existing[m]).as_json()}
                                      for m in new}
 

@@ -92,7 +92,7 @@ class Page:
         return lines
 
 
-def envs_section(page, envs, ray):
+def envs_section(page, envs, ray, disk):
     page.add("## Environments", "",
              "A new env per sample (a no-op `!=0.0.N` clause makes each spec new), wheels from a local "
              "wheelhouse (`--no-index --find-links`), so no figure depends on the network. *Warm*: the "
@@ -112,17 +112,29 @@ def envs_section(page, envs, ray):
                     page.compare(f"{name}, new env ({col})" if col != "existing" else f"{name}, existing env",
                                  method, r[col], "uv venv + uv pip install", uv[col])
         page.table(["", "new env, warm", "vs uv", "new env, cold", "vs uv", "existing env", "vs uv"], body)
+    if disk:
+        page.add(f"### On a disk ({disk['filesystem']})", "",
+                 "New envs from warm wheels in a work dir on a disk, so what makes an env durable costs what "
+                 "it costs (renv fsyncs what it publishes; uv by hand syncs nothing). Interleaved, same run.", "")
+        body = []
+        for name, rows in disk["sets"].items():
+            uv = rows["uv venv + uv pip install"]
+            for method, r in rows.items():
+                body.append([name, method, cell(r), ratio(r, uv)])
+        page.table(["", "", "new env, warm", "vs uv"], body)
     if ray and ray.get("envs"):
         page.add(f"### With Ray {ray['ray']}", "",
                  "Time from submitting a task with a runtime_env new to the cluster until it returns (a new "
                  "worker process included), Ray's own `pip` and `uv` fields against the renv plugin, in one "
-                 "cluster, interleaved; warm installer caches. The floor row needs no install at all.", "")
+                 "cluster, interleaved; warm installer caches. The floor row needs no install at all (and its "
+                 "task imports nothing); *env built already* is an old env's first task: the renv plugin's env "
+                 "again, in a new worker, importing what the new env's task imports.", "")
         for name, rows in ray["envs"].items():
             pip, uv = rows["ray pip"], rows["ray uv"]
             body = [[m, cell(r["warm"]), ratio(r["warm"], pip["warm"]), ratio(r["warm"], uv["warm"]),
                      cell(r["existing"])] for m, r in rows.items()]
             page.add(f"**{name}**", "")
-            page.table(["", "new env", "vs ray pip", "vs ray uv", "env exists"], body)
+            page.table(["", "first task (a new worker)", "vs ray pip", "vs ray uv", "again (the same worker)"], body)
 
 
 def working_dir_section(page, wd, ray, plots):
@@ -381,8 +393,17 @@ def floors_section(page, results):
     for name, goal in (("numpy+pandas", 1.3), ("requests", 1.1)):
         if name in ray:
             rows_ = ray[name]
-            row(f"ray {name}", f"Ray task, new `{name}` env", rows_["renv plugin"]["warm"]["median"],
+            new = rows_["renv plugin"]["warm"]["median"]
+            row(f"ray {name}", f"Ray task, new `{name}` env", new,
                 rows_["ray, env_vars only (floor)"]["warm"]["median"], "env_vars-only task", goal)
+            if "renv plugin, env built already" in rows_:
+                row(f"ray {name} old env", f"Ray task, new `{name}` env", new,
+                    rows_["renv plugin, env built already"]["warm"]["median"],
+                    "an old env's first task", goal)
+    disk = results.get("envs_disk")
+    for name, rows_ in (disk or {}).get("sets", {}).items():
+        row("disk", f"new `{name}` env on a disk ({disk['filesystem']}), warm wheels",
+            rows_["renv build"]["median"], rows_["uv venv + uv pip install"]["median"], "uv by hand", 1.05)
     for point in results.get("working_dir", {}).get("by_files", []):
         if point["files"] == 100_000:
             r = point["rows"]
@@ -417,7 +438,8 @@ def floors_section(page, results):
         return
     page.add("## Distance to the floor", "",
              "Each workload against the least it could cost, in this run: a Ray task with nothing to install, "
-             "`cp -r` and `rm -rf` of the same tree, the daemon's `/healthz`. The goal is the project's.", "")
+             "the same env's first task once it is built, uv by hand, `cp -r` and `rm -rf` of the same tree, the "
+             "daemon's `/healthz`. The goal is the project's.", "")
     page.table(["workload", "renv", "floor", "ratio", "goal", ""], rows)
 
 
@@ -442,7 +464,7 @@ def write(results, out_dir, plots):
     ])
     ray = results.get("ray")
     if "envs" in results:
-        envs_section(page, results["envs"], ray)
+        envs_section(page, results["envs"], ray, results.get("envs_disk"))
     if "working_dir" in results:
         working_dir_section(page, results["working_dir"], ray, plots)
     if "remote" in results:
