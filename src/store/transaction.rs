@@ -18,7 +18,7 @@
 //! 4. Commit: clear leftovers (a directory without its marker is a crashed publish, and a
 //!    committed entry the caller found unusable — `begin_checked` — is being replaced: the
 //!    marker goes first, then the directory to trash), fdatasync the staged files (but
-//!    those an earlier commit synced already, see [`super::synced_inodes`]) and fsync its
+//!    those an earlier commit synced already, see `store::synced_inodes`) and fsync its
 //!    directories, rename into place, fsync the parent, make the root read-only, then
 //!    write the marker (tmp file, fsync, rename, fsync `meta/`). The marker is last: a
 //!    directory without it is garbage, never served.
@@ -643,7 +643,7 @@ fn shared_inode_key(meta: &std::fs::Metadata) -> Option<u128> {
 /// was sealed as, its content hashed unless `vouched` for.
 ///
 /// Most of an env built by uv is files hardlinked from its cache that an earlier commit
-/// sealed and synced already (`synced`, see [`super::synced_inodes`]): those are recorded
+/// sealed and synced already (`synced`, see `store::synced_inodes`): those are recorded
 /// from the walk's `lstat` without being opened. No one but the store's owner can change
 /// the tree any more (a build user's output was reclaimed), so what the walk saw is what
 /// is published.
