@@ -16,6 +16,7 @@
 //!   locks/prune.lock            one prune at a time
 //!   locks/uv-cache.lock         shared by builds using the uv cache, exclusive to prune it
 //!   locks/tool-<name>.lock      exclusive while bootstrapping a tool into tools/
+//!   locks/template-<key>.lock   exclusive while making or discarding templates/<key>
 //!   locks/build-user-<uid>.lock held by the build running as that build user
 //!   locks/daemon.lock           held by the one daemon serving the store
 //!   staging/<id>/ + <id>.lock   builds in progress; the .lock is held by the live builder
@@ -27,6 +28,9 @@
 //!                               own (PYTHONPYCACHEPREFIX: one tree mirroring source paths;
 //!                               an env's part goes with the env)
 //!   tools/<name>/               bootstrapped tools (the pinned uv)
+//!   templates/<key>/            venv skeletons: what `uv venv` made for one uv, interpreter
+//!                               and set of options, copied into new envs instead of running
+//!                               it again (see `venv::template`); read-only, never pruned
 //!   uv-cache/                   the installer's wheel cache, on this filesystem so installs hardlink
 //!   uv-cache-<b>-for-<c>/       the wheel cache of builds as build user <b> for caller <c>
 //!   logs/                       build logs; logs/workers/: worker output
@@ -164,6 +168,8 @@ pub enum LockName<'a> {
     BuildUser(u32),
     /// Bootstrapping the tool `tools/<name>`.
     Tool(&'a str),
+    /// Making or discarding the venv template `templates/<key>`.
+    Template(Digest),
     /// Held by the one daemon serving the store.
     Daemon,
 }
@@ -175,7 +181,7 @@ pub struct Layout {
 }
 
 /// Directories [`Layout::create`] makes.
-const SUBDIRS: [&str; 14] = [
+const SUBDIRS: [&str; 15] = [
     "pkgs",
     "envs",
     "meta",
@@ -187,6 +193,7 @@ const SUBDIRS: [&str; 14] = [
     "cache/hashes",
     "cache/probes",
     "tools",
+    "templates",
     "uv-cache",
     "pycache",
     "state",
@@ -304,6 +311,7 @@ impl Layout {
             ("cache", 0o700),
             ("state", 0o700),
             ("tools", 0o755),
+            ("templates", 0o700),
             ("uv-cache", 0o700),
             ("pycache", 0o711),
         ] {
@@ -427,6 +435,16 @@ impl Layout {
         self.root.join("tools").join(name)
     }
 
+    /// The venv templates (see `venv::template`): the store owner's alone.
+    pub fn templates_dir(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// The venv template whose description has the digest `key`.
+    pub fn template_dir(&self, key: Digest) -> PathBuf {
+        self.templates_dir().join(key.to_string())
+    }
+
     /// The installer's wheel cache: on the store's filesystem, so installs hardlink.
     pub fn uv_cache_dir(&self) -> PathBuf {
         self.root.join("uv-cache")
@@ -463,6 +481,7 @@ pub fn lock_file_name(lock: LockName<'_>) -> String {
         LockName::UvCache => "uv-cache".into(),
         LockName::BuildUser(uid) => format!("build-user-{uid}"),
         LockName::Tool(name) => format!("tool-{name}"),
+        LockName::Template(key) => format!("template-{key}"),
         LockName::Daemon => "daemon".into(),
     };
     format!("{name}.lock")

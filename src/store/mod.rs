@@ -228,6 +228,12 @@ impl Store {
         self.discard(&self.layout.root().join(name), name)
     }
 
+    /// Removes the venv template `key` (see [`Layout::template_dir`]): renamed to trash,
+    /// then deleted. The caller holds its lock (`LockName::Template`).
+    pub fn discard_template(&self, key: crate::digest::Digest) -> std::io::Result<()> {
+        self.discard(&self.layout.template_dir(key), &format!("template-{key}"))
+    }
+
     /// Lets exactly the users `uids` and groups `gids` (besides the owner and root) reach
     /// the store's entries, as the workers of a daemon's callers must: `store-v1` becomes
     /// 0700 with a POSIX ACL granting them search (`x`) and nothing else. Everything inside

@@ -17,7 +17,9 @@
 //! before it is handed over, so nothing can lease it in between.
 //!
 //! Caches that belong to the layers above (the installer's wheel cache) are pruned by
-//! their owners, after this.
+//! their owners, after this. Venv templates (`templates/`) are never pruned: a few
+//! kilobytes each, and builds copy from them without a lock: nothing may vanish under one
+//! (see `venv::template`).
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};

@@ -9,9 +9,10 @@
 //! - [`verify`]: what makes a committed env sound (`renv verify`); [`uv_cache`]: pruning
 //!   the installer's wheel cache.
 //!
-//! A uv build: `uv venv --relocatable`, then `uv pip install --offline` against renv's own
-//! uv cache in the store (same filesystem, so files are hardlinked, not copied), and only
-//! if the cache cannot satisfy it, the same install online.
+//! A uv build: `uv venv --relocatable` (run once per uv, interpreter and options, and
+//! copied from that [`template`] after that), then `uv pip install --offline` against
+//! renv's own uv cache in the store (same filesystem, so files are hardlinked, not
+//! copied), and only if the cache cannot satisfy it, the same install online.
 //!
 //! Bytecode: a committed env is read-only, so workers cannot write `__pycache__` into it.
 //! By default nothing is compiled at build time (for numpy + pandas that would cost 25×
@@ -33,6 +34,7 @@ pub mod installer;
 pub mod interpreter;
 mod probe;
 pub mod sandbox;
+pub mod template;
 pub mod uv_cache;
 pub mod verify;
 
@@ -514,15 +516,7 @@ fn build_with_uv(
         ("UV_CACHE_DIR", cache.as_os_str()),
         ("UV_LINK_MODE", OsStr::new(link_mode)),
     ];
-    let mut args: Vec<OsString> = ["venv", "--relocatable", "--no-config", "--quiet", "--python"]
-        .map(OsString::from)
-        .to_vec();
-    args.push(plan.python.path.clone().into());
-    if plan.system_site_packages {
-        args.push("--system-site-packages".into());
-    }
-    args.push(venv.into());
-    sandbox.run("uv venv", uv, &as_os(&args), &env)?;
+    template::make_venv(plan, uv, venv, store, sandbox, &env)?;
     link_parent_site_packages(plan, venv)?;
 
     let python = venv.join("bin").join("python");
@@ -556,6 +550,26 @@ fn build_with_uv(
         sandbox.run("uv pip check", uv, &as_os(&check), &env)?;
     }
     Ok(())
+}
+
+/// `uv venv` into `target`, as every uv build once ran it: now into a [`template`], and
+/// into an env only where its template cannot be made or used.
+fn uv_venv(
+    plan: &VenvPlan,
+    uv: &Path,
+    target: &Path,
+    sandbox: &mut Sandbox,
+    env: &[(&str, &OsStr)],
+) -> Result<(), VenvError> {
+    let mut args: Vec<OsString> = ["venv", "--relocatable", "--no-config", "--quiet", "--python"]
+        .map(OsString::from)
+        .to_vec();
+    args.push(plan.python.path.clone().into());
+    if plan.system_site_packages {
+        args.push("--system-site-packages".into());
+    }
+    args.push(target.into());
+    sandbox.run("uv venv", uv, &as_os(&args), env)
 }
 
 fn build_with_pip(

@@ -6,6 +6,7 @@
 //! unprivileged user (an sdist's build code is anyone's code), and when the build is over
 //! everything that user still runs is killed ([`BuildSlot`]).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -129,16 +130,34 @@ fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// a copy of its own (a file's are checked only at open, so the old inode, which someone
 /// may hold open for writing, is left to them, out of the tree).
 pub fn reclaim(work: &Path) -> std::io::Result<()> {
+    take(work, None)
+}
+
+/// [`reclaim`], noting the mode (`0o7777` bits) every directory and regular file below
+/// `work` had before it was taken: what the build made, which taking it changes (a venv
+/// template records it).
+pub fn reclaim_noting_modes(work: &Path) -> std::io::Result<HashMap<PathBuf, u32>> {
+    let mut modes = HashMap::new();
+    take(work, Some(&mut modes))?;
+    Ok(modes)
+}
+
+fn take(work: &Path, modes: Option<&mut HashMap<PathBuf, u32>>) -> std::io::Result<()> {
     use rustix::fs::Mode;
     let root = rustix::fs::open(work, crate::sys::DIR_NO_FOLLOW, Mode::empty())
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", work.display())))?;
-    take_dir(&root, work, 0)
+    take_dir(&root, work, 0, modes)
 }
 
 /// Deeper than this, a build's output is refused rather than walked.
 const MAX_DEPTH: usize = 256;
 
-fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::Result<()> {
+fn take_dir(
+    dir: &std::os::fd::OwnedFd,
+    path: &Path,
+    depth: usize,
+    mut modes: Option<&mut HashMap<PathBuf, u32>>,
+) -> std::io::Result<()> {
     use rustix::fs::{AtFlags, FileType, Mode};
     let (me, my_group) = (
         rustix::process::Uid::from_raw(crate::sys::geteuid()),
@@ -149,6 +168,9 @@ fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::R
             "{}: nested too deep",
             path.display()
         )));
+    }
+    if let Some(modes) = modes.as_deref_mut() {
+        modes.insert(path.to_path_buf(), rustix::fs::fstat(dir)?.st_mode & 0o7777);
     }
     rustix::fs::fchown(dir, Some(me), Some(my_group))?;
     rustix::fs::fchmod(dir, Mode::from_raw_mode(0o700))?;
@@ -166,13 +188,17 @@ fn take_dir(dir: &std::os::fd::OwnedFd, path: &Path, depth: usize) -> std::io::R
         match FileType::from_raw_mode(stat.st_mode) {
             FileType::Directory => {
                 let child = rustix::fs::openat(dir, &name, crate::sys::DIR_NO_FOLLOW, Mode::empty())?;
-                take_dir(&child, &shown(), depth + 1)?;
+                take_dir(&child, &shown(), depth + 1, modes.as_deref_mut())?;
             }
-            FileType::RegularFile if stat.st_uid != me.as_raw() => {
-                replace_with_copy(dir, &name, stat.st_mode & 0o755)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", shown().display())))?;
+            FileType::RegularFile => {
+                if let Some(modes) = modes.as_deref_mut() {
+                    modes.insert(shown(), stat.st_mode & 0o7777);
+                }
+                if stat.st_uid != me.as_raw() {
+                    replace_with_copy(dir, &name, stat.st_mode & 0o755)
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", shown().display())))?;
+                }
             }
-            FileType::RegularFile => {}
             FileType::Symlink => {
                 rustix::fs::chownat(dir, &name, Some(me), Some(my_group), AtFlags::SYMLINK_NOFOLLOW)?;
             }
@@ -238,14 +264,8 @@ impl Sandbox {
         let tmp = work.join("tmp");
         fs_err::create_dir_all(&home)?;
         fs_err::create_dir_all(&tmp)?;
-        if let Some(user) = user {
-            // The build user's alone while it builds: no other user (an allowed caller
-            // reaches `staging/` through the store's ACL) may look in, or hold a
-            // descriptor inside, to race what root does with the tree afterwards.
-            for dir in [work, &home, &tmp] {
-                std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))?;
-                fs_err::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-            }
+        for dir in [work, &home, &tmp] {
+            lend(dir, user)?;
         }
         // Build logs are the store owner's: they show what was asked for and how.
         let log = std::fs::OpenOptions::new()
@@ -268,6 +288,23 @@ impl Sandbox {
 
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// Who the steps run as (`None`: renv's own user).
+    pub fn user(&self) -> Option<BuildUser> {
+        self.user
+    }
+
+    /// Gives `dir` to the build user, as the build's own work dir is given to it, for a
+    /// step that writes elsewhere (a venv template). Nothing without a build user.
+    pub fn lend(&self, dir: &Path) -> std::io::Result<()> {
+        lend(dir, self.user)
+    }
+
+    /// A line of renv's own in the build log (`# …`): what it did instead of a step.
+    pub fn note(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        writeln!(self.log, "# {line}")
     }
 
     /// Runs one step; `step` names it in errors (`uv pip install`).
@@ -361,6 +398,17 @@ impl Sandbox {
         let lines: Vec<&str> = text.lines().collect();
         Ok(lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n"))
     }
+}
+
+/// The build user's alone while it builds: no other user (an allowed caller reaches
+/// `staging/` through the store's ACL) may look in, or hold a descriptor inside, to race
+/// what root does with the tree afterwards.
+fn lend(dir: &Path, user: Option<BuildUser>) -> std::io::Result<()> {
+    if let Some(user) = user {
+        std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))?;
+        fs_err::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn kill_group(pid: i32) {

@@ -544,18 +544,27 @@ pub fn wait_for<T>(mut check: impl FnMut() -> Option<T>, what: &str) -> T {
     }
 }
 
-/// A wrapper around the test uv that logs each call's first two arguments, to count
-/// installer runs. Returns (wrapper, log).
+/// A wrapper around the test uv that logs each call's first three arguments, to count
+/// installer runs (`venv --relocatable`: a venv template made, see [`builds`]). Returns
+/// (wrapper, log).
 pub fn counting_uv(ws: &Workspace) -> (PathBuf, PathBuf) {
     let calls = ws.path("uv-calls.log");
     let script = format!(
-        "#!/bin/sh\necho \"$1 $2\" >> {}\nexec {} \"$@\"\n",
+        "#!/bin/sh\necho \"$1 $2 $3\" >> {}\nexec {} \"$@\"\n",
         calls.display(),
         uv().display()
     );
     let wrapper = ws.write("counting-uv", script);
     set_mode(&wrapper, 0o755);
     (wrapper, calls)
+}
+
+/// How many env builds a [`counting_uv`] log shows: every build installs, offline first
+/// (`uv venv` runs only to make a venv template, once for many builds).
+pub fn builds(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.starts_with("pip install --offline"))
+        .count()
 }
 
 /// The real path of `python3` (not a shim): what tests hand renv as `--python`.

@@ -243,7 +243,7 @@ fn fifty_concurrent_requests_share_one_build_and_one_failure() {
     let ids: Vec<&Value> = results.iter().map(|r| &r.as_ref().unwrap()["env_id"]).collect();
     assert!(ids.iter().all(|id| *id == ids[0]));
     let log = std::fs::read_to_string(&calls).unwrap();
-    assert_eq!(log.lines().filter(|l| l.starts_with("venv")).count(), 1, "{log}");
+    assert_eq!(crate::common::builds(&log), 1, "{log}");
     assert_eq!(daemon.get("/v1/envs")["envs"][0]["refs"], 50);
 
     // One failure reaches every waiter, and is not remembered.
@@ -258,7 +258,7 @@ fn fifty_concurrent_requests_share_one_build_and_one_failure() {
     );
     let log = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(
-        log.lines().filter(|l| l.starts_with("venv")).count(),
+        crate::common::builds(&log),
         2,
         "one more build for the failure: {log}"
     );
@@ -272,11 +272,7 @@ fn fifty_concurrent_requests_share_one_build_and_one_failure() {
 
     // Different specs (their env_vars differ) that need one env share its failing build
     // too, instead of each waiter building it again.
-    let builds_before = std::fs::read_to_string(&calls)
-        .unwrap()
-        .lines()
-        .filter(|l| l.starts_with("venv"))
-        .count();
+    let builds_before = crate::common::builds(&std::fs::read_to_string(&calls).unwrap());
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|i| {
@@ -293,7 +289,7 @@ fn fifty_concurrent_requests_share_one_build_and_one_failure() {
             .all(|r| api_error(r).3.contains("never-package"))
     );
     let log = std::fs::read_to_string(&calls).unwrap();
-    let builds = log.lines().filter(|l| l.starts_with("venv")).count() - builds_before;
+    let builds = crate::common::builds(&log) - builds_before;
     assert!(
         builds < 4,
         "8 requests for one failing env made {builds} builds: {log}"
@@ -901,7 +897,7 @@ fn a_disconnecting_waiter_does_not_cancel_the_build() {
     let ws = setup();
     let calls = ws.path("uv-calls.log");
     let slow = format!(
-        "#!/bin/sh\necho \"$1\" >> {}\n[ \"$1\" = venv ] && sleep 1\nexec {} \"$@\"\n",
+        "#!/bin/sh\necho \"$1 $2 $3\" >> {}\n[ \"$1\" = pip ] && sleep 1\nexec {} \"$@\"\n",
         calls.display(),
         crate::common::uv().display()
     );
@@ -923,11 +919,11 @@ fn a_disconnecting_waiter_does_not_cancel_the_build() {
         .unwrap();
     assert!(env["python"].as_str().unwrap().contains("/envs/"));
     let log = std::fs::read_to_string(&calls).unwrap();
-    assert_eq!(log.lines().filter(|l| *l == "venv").count(), 1, "{log}");
+    assert_eq!(crate::common::builds(&log), 1, "{log}");
 }
 
 /// With `--max-concurrent-builds 1` builds run one at a time, in the order they were asked
-/// for: a wrapper uv logs when each of its runs starts and ends (a venv takes 0.2 s more,
+/// for: a wrapper uv logs when each of its runs starts and ends (an install takes 0.2 s more,
 /// so builds let run together would overlap), and no run starts before the one before it
 /// ended. A request for a spec whose build waits for the slot joins that build, and every
 /// request gets its env.
@@ -939,7 +935,7 @@ fn builds_wait_for_a_slot_in_the_order_they_came() {
     wheelhouse(&ws.path("wheels"), &wheels);
     let log = ws.path("uv-runs.log");
     let script = format!(
-        "#!/bin/sh\necho \"start $*\" >> {log}\n[ \"$1\" = venv ] && sleep 0.2\n{uv} \"$@\"\nrc=$?\necho end >> {log}\nexit $rc\n",
+        "#!/bin/sh\necho \"start $*\" >> {log}\n[ \"$1\" = pip ] && sleep 0.2\n{uv} \"$@\"\nrc=$?\necho end >> {log}\nexit $rc\n",
         log = log.display(),
         uv = crate::common::uv().display()
     );
@@ -1000,7 +996,10 @@ fn builds_wait_for_a_slot_in_the_order_they_came() {
         );
     }
     assert_eq!(
-        lines.iter().filter(|l| l.starts_with("start venv")).count(),
+        lines
+            .iter()
+            .filter(|l| l.starts_with("start pip install --offline"))
+            .count(),
         5,
         "{runs}"
     );

@@ -17,6 +17,7 @@ mod remote;
 mod restart;
 mod spec_cli;
 mod store_safety;
+mod venv_templates;
 mod venvs;
 mod zip_safety;
 mod zips;
