@@ -14,9 +14,10 @@ REASONS = {
     "renv package -o": "renv hashes every file (blake3) for the digest while writing the zip.",
     "renv upload to the daemon": "packaging with hashing, a socket transfer, a checked unpack and a synced "
                                  "publish, against a plain zip and unzip.",
-    "renv build": "renv runs the same two uv commands, then fsyncs every installed file (free on tmpfs) and "
-                  "publishes. A cold store also probes the interpreter and uv once (about 100 ms) before its "
-                  "first build; an existing store has those answers cached.",
+    "renv build": "renv runs the same `uv pip install` (its venv is copied from a template `uv venv` made "
+                  "once), then walks, seals and records what was installed, syncs what is not on disk yet "
+                  "(nothing on tmpfs) and publishes. A cold store also probes the interpreter and uv and makes "
+                  "the template once (about 100 ms) before its first build; an existing store has them.",
     "renv build (fetch)": "renv does more than a download into a file: it also unpacks the zip with its checks "
                           "as it arrives, hashes every file and publishes the entry (fsyncing it on a disk; its "
                           "`timings_ms` split the time below the table).",
@@ -368,6 +369,9 @@ FLOOR_REASONS = {
                         "now finds by content). The import is the workload's own cost, not renv's.",
     "ray requests": "the env's install alone (uv's own `uv venv` + `uv pip install`, about 65 ms here) is more "
                     "than a tenth of the floor.",
+    "disk": "uv by hand makes nothing durable; renv walks the new env, seals it read-only, records it and "
+            "fsyncs every new directory (322 for numpy+pandas) and every file not synced before (the ones "
+            "hardlinked from the uv cache were, by the first env that had them) before it publishes.",
     "cached get-or-create": "every request takes a reference and commits it to SQLite before the answer "
                             "(its WAL append and locks, about 8 µs), parses the request and writes a 400-byte "
                             "answer; `/healthz` does none of it, and got twice as fast itself when connections "
