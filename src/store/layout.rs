@@ -412,7 +412,7 @@ impl Layout {
     }
 
     /// Inodes shared with the installer's cache that a commit made durable (see
-    /// [`super::synced_inodes`]).
+    /// `store::synced_inodes`).
     pub fn synced_inodes_path(&self) -> PathBuf {
         self.root.join("cache").join("synced-inodes")
     }

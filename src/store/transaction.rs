@@ -18,7 +18,7 @@
 //! 4. Commit: clear leftovers (a directory without its marker is a crashed publish, and a
 //!    committed entry the caller found unusable — `begin_checked` — is being replaced: the
 //!    marker goes first, then the directory to trash), fdatasync the staged files (but
-//!    those an earlier commit synced already, see [`super::synced_inodes`]) and fsync its
+//!    those an earlier commit synced already, see `store::synced_inodes`) and fsync its
 //!    directories, rename into place, fsync the parent, make the root read-only, then
 //!    write the marker (tmp file, fsync, rename, fsync `meta/`). The marker is last: a
 //!    directory without it is garbage, never served.
