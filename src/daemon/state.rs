@@ -351,6 +351,12 @@ impl Daemon {
             .any(|p| matches!(p.origin(), Origin::File(_) | Origin::Remote(_)));
         if !names_a_file && let Some(built) = self.cached(&key) {
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+            // Another spelling of a spec built before (a client that serializes its JSON
+            // its own way): its next repeat takes the text's path. It passed every check
+            // above, none of which depends on the caller for a request naming no file.
+            if !may_name_a_file {
+                self.remember(vec![raw_key], built.env_id);
+            }
             return Ok((built, false));
         }
         let mut rx = {
@@ -427,6 +433,17 @@ impl Daemon {
         }
         record.last_used = now();
         Some(Arc::clone(&record.built))
+    }
+
+    /// Maps request texts and canonical specs to the env they resolved to, for [`Self::cached`].
+    fn remember(&self, keys: Vec<String>, env_id: EnvId) {
+        let mut resolved = self.resolved.lock().unwrap();
+        if resolved.len() + keys.len() > MAX_RESOLVED {
+            resolved.clear();
+        }
+        for key in keys {
+            resolved.insert(key, env_id);
+        }
     }
 
     /// Builds `spec` once a build slot is free. The spec is already in `Builds::running`
@@ -517,16 +534,13 @@ impl Daemon {
                 }
                 let forgotten = forget_idle(&mut envs, self.max_idle_envs, built.env_id);
                 drop(envs);
-                let mut resolved = self.resolved.lock().unwrap();
                 if !forgotten.is_empty() {
-                    resolved.retain(|_, id| !forgotten.contains(id));
+                    self.resolved
+                        .lock()
+                        .unwrap()
+                        .retain(|_, id| !forgotten.contains(id));
                 }
-                if resolved.len() + keys.len() > MAX_RESOLVED {
-                    resolved.clear();
-                }
-                for key in keys {
-                    resolved.insert(key, built.env_id);
-                }
+                self.remember(keys.into(), built.env_id);
                 Ok(built)
             }
             Err(e) => {
@@ -620,7 +634,8 @@ impl Daemon {
     }
 
     /// Adds a reference or a running worker of `owner` to an env. A reference is saved
-    /// before it counts (a worker's hold is saved by [`super::workers`] with the worker).
+    /// before it counts, and counts as soon as it is saved, whether or not its client
+    /// still waits (a worker's hold is saved by [`super::workers`] with the worker).
     /// If the env's entries are not leased yet, the leases are taken on the blocking pool
     /// (another process may hold an entry's lock for as long as it likes; the event loop
     /// never waits for it, and the wait ends at the store's lock deadline). If they cannot
@@ -634,28 +649,54 @@ impl Daemon {
             .get(&env_id)
             .map(|record| Arc::clone(&record.built))
             .ok_or_else(|| StateError::NotFound(format!("no env {env_id}")))?;
-        let taken = match hold {
+        let leasing = match hold {
             Hold::Reference(tag) => {
-                let ids = self
-                    .journal
-                    .write(vec![
-                        Self::save_env(&built),
-                        Change::AddRef {
-                            env_id: env_id.to_string(),
+                // Counted as soon as it is saved, by whoever commits it: a client that goes
+                // away meanwhile must not leave its reference saved and never counted.
+                let daemon = Arc::clone(self);
+                let runtime = tokio::runtime::Handle::current();
+                let changes = vec![
+                    Self::save_env(&built),
+                    Change::AddRef {
+                        env_id: env_id.to_string(),
+                        uid: owner,
+                        tag: tag.clone(),
+                    },
+                ];
+                self.journal
+                    .write_then(changes, move |saved| {
+                        let ids =
+                            saved.map_err(|e| StateError::Internal(format!("saving the reference: {e}")))?;
+                        let taken = Taken::Reference(Ref {
+                            id: ids[1],
                             uid: owner,
-                            tag: tag.clone(),
-                        },
-                    ])
+                            tag,
+                        });
+                        daemon.count(env_id, taken, &runtime)
+                    })
                     .await
-                    .map_err(|e| StateError::Internal(format!("saving the reference: {e}")))?;
-                Taken::Reference(Ref {
-                    id: ids[1],
-                    uid: owner,
-                    tag,
-                })
+                    .map_err(|e| StateError::Internal(format!("saving the reference: {e}")))??
             }
-            Hold::Worker => Taken::Worker(owner),
+            Hold::Worker => self.count(env_id, Taken::Worker(owner), &tokio::runtime::Handle::current())?,
         };
+        match leasing {
+            Some(leasing) => leasing
+                .await
+                .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a hold in its env's record. If the env is not leased yet, its leases are
+    /// taken by a task of its own (returned, to wait for), so that happens even if the
+    /// request's client goes away meanwhile. An env forgotten meanwhile (it was idle) is
+    /// an error, and a reference's saved row is dropped again.
+    fn count(
+        self: &Arc<Self>,
+        env_id: EnvId,
+        taken: Taken,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Option<tokio::task::JoinHandle<Result<(), StateError>>>, StateError> {
         let unleased = {
             let mut envs = self.envs.lock().unwrap();
             envs.get_mut(&env_id).map(|record| {
@@ -667,58 +708,62 @@ impl Daemon {
                 record.leases.is_none().then(|| Arc::clone(&record.built))
             })
         };
-        // Forgotten while the reference was saved (it was idle then).
         let Some(unleased) = unleased else {
-            self.unsave(&taken, env_id).await;
+            let changes = unsave(&taken, env_id);
+            if !changes.is_empty() {
+                self.journal
+                    .write_detached(changes, "a reference given back stays saved");
+            }
             return Err(StateError::Conflict(
                 "the env was forgotten meanwhile; ask again".into(),
             ));
         };
-        let Some(built) = unleased else {
-            return Ok(());
-        };
-        // The leases are recorded (or the hold given back) by a task of their own, so
-        // that happens even if this request's client goes away while they are taken.
-        let daemon = Arc::clone(self);
-        tokio::spawn(async move {
-            let store = Arc::clone(&daemon.store);
-            let leased = tokio::task::spawn_blocking(move || built.lease(&store))
-                .await
-                .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))
-                .and_then(|leased| leased.map_err(StateError::from))
-                .and_then(|leases| {
-                    leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
-                });
-            let failed = {
-                let mut envs = daemon.envs.lock().unwrap();
-                let record = envs
-                    .get_mut(&env_id)
-                    .ok_or_else(|| StateError::Internal(format!("env {env_id} vanished while held")))?;
-                match leased {
-                    Ok(leases) => {
-                        if record.leases.is_none() && !(record.refs.is_empty() && record.workers.is_empty()) {
-                            record.leases = Some(leases);
-                        }
-                        None
+        Ok(unleased.map(|built| runtime.spawn(Arc::clone(self).lease_held(env_id, built, taken))))
+    }
+
+    /// Leases the entries of an env a hold was just counted in; if they cannot be leased
+    /// (and no other hold leased them meanwhile), the hold is given back.
+    async fn lease_held(
+        self: Arc<Self>,
+        env_id: EnvId,
+        built: Arc<BuiltEnv>,
+        taken: Taken,
+    ) -> Result<(), StateError> {
+        let store = Arc::clone(&self.store);
+        let leased = tokio::task::spawn_blocking(move || built.lease(&store))
+            .await
+            .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))
+            .and_then(|leased| leased.map_err(StateError::from))
+            .and_then(|leases| {
+                leases.ok_or_else(|| StateError::Conflict("the env's entries changed; ask again".into()))
+            });
+        let failed = {
+            let mut envs = self.envs.lock().unwrap();
+            let record = envs
+                .get_mut(&env_id)
+                .ok_or_else(|| StateError::Internal(format!("env {env_id} vanished while held")))?;
+            match leased {
+                Ok(leases) => {
+                    if record.leases.is_none() && !(record.refs.is_empty() && record.workers.is_empty()) {
+                        record.leases = Some(leases);
                     }
-                    // Another hold leased the env meanwhile: this one is protected too.
-                    Err(_) if record.leases.is_some() => None,
-                    Err(e) => {
-                        record.give_back(&taken);
-                        Some(e)
-                    }
+                    None
                 }
-            };
-            match failed {
-                None => Ok(()),
-                Some(e) => {
-                    daemon.unsave(&taken, env_id).await;
-                    Err(e)
+                // Another hold leased the env meanwhile: this one is protected too.
+                Err(_) if record.leases.is_some() => None,
+                Err(e) => {
+                    record.give_back(&taken);
+                    Some(e)
                 }
             }
-        })
-        .await
-        .map_err(|e| StateError::Internal(format!("leasing panicked: {e}")))?
+        };
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                self.unsave(&taken, env_id).await;
+                Err(e)
+            }
+        }
     }
 
     /// Holds an env for a worker a previous daemon started, which its supervisor keeps
@@ -732,19 +777,9 @@ impl Daemon {
 
     /// Removes a saved reference that was given back (a worker's row is its module's).
     async fn unsave(&self, taken: &Taken, env_id: EnvId) {
-        if let Taken::Reference(r) = taken
-            && let Err(e) = self
-                .journal
-                .write(vec![
-                    Change::DropRef {
-                        env_id: env_id.to_string(),
-                        id: r.id,
-                    },
-                    Change::DropEnvIfUnheld {
-                        env_id: env_id.to_string(),
-                    },
-                ])
-                .await
+        let changes = unsave(taken, env_id);
+        if !changes.is_empty()
+            && let Err(e) = self.journal.write(changes).await
         {
             tracing::warn!(error = %e, "a reference given back stays saved");
         }
@@ -983,6 +1018,23 @@ fn forget_idle(envs: &mut HashMap<EnvId, EnvRecord>, max: usize, keep: EnvId) ->
 enum Taken {
     Reference(Ref),
     Worker(u32),
+}
+
+/// The changes that remove a hold given back from the saved state: a reference's row
+/// (a worker's row is [`super::workers`]'s), and its env's if nothing else holds it.
+fn unsave(taken: &Taken, env_id: EnvId) -> Vec<Change> {
+    match taken {
+        Taken::Reference(r) => vec![
+            Change::DropRef {
+                env_id: env_id.to_string(),
+                id: r.id,
+            },
+            Change::DropEnvIfUnheld {
+                env_id: env_id.to_string(),
+            },
+        ],
+        Taken::Worker(_) => Vec::new(),
+    }
 }
 
 impl EnvRecord {

@@ -17,7 +17,7 @@
 //! Prune reads the same database: an entry an env here is referenced by, or a running
 //! worker runs in, is a root, whether or not a daemon is up to hold its lease ([`roots`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -187,8 +187,34 @@ pub enum Change {
 
 pub struct StateDb {
     conn: Connection,
+    written: Written,
+}
+
+/// What one connection knows of the rows it writes.
+#[derive(Default)]
+struct Written {
     /// The largest reference id given (see the schema).
     last_ref: i64,
+    /// Env rows this connection committed and has not asked to drop since. Only a
+    /// [`Change::DropEnvIfUnheld`] drops an env row, and only the daemon's one connection
+    /// makes those (supervisors record workers' ends, `renv prune` and `renv ls` read), so
+    /// saving one of these again would change nothing: it is skipped.
+    envs: HashSet<String>,
+    /// Env rows saved by the transaction under way, known once it commits.
+    envs_put: Vec<String>,
+}
+
+/// Beyond this many, the env rows known saved are forgotten (and saved again once each).
+const MAX_KNOWN_ENVS: usize = 65_536;
+
+impl Written {
+    /// The transaction under way committed.
+    fn committed(&mut self) {
+        if self.envs.len() + self.envs_put.len() > MAX_KNOWN_ENVS {
+            self.envs.clear();
+        }
+        self.envs.extend(self.envs_put.drain(..));
+    }
 }
 
 fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -247,7 +273,13 @@ impl StateDb {
         let last_ref = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM refs", [], |row| row.get(0))
             .map_err(&err)?;
-        Ok(StateDb { conn, last_ref })
+        Ok(StateDb {
+            conn,
+            written: Written {
+                last_ref,
+                ..Written::default()
+            },
+        })
     }
 
     /// Stops checkpointing on commit: the owner calls [`Self::checkpoint`] when it suits
@@ -289,40 +321,61 @@ impl StateDb {
     ) -> Result<Vec<Result<Vec<i64>, String>>, StoreError> {
         let path = self.path();
         let err = db_error(&path);
+        self.written.envs_put.clear();
+        let written = &mut self.written;
         // IMMEDIATE: the write lock from the start, so two writing processes (the daemon,
         // a supervisor) wait for each other at BEGIN instead of failing at the first write.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        // Changes that fail are rare (a disk error fails them all): all in one go first
+        // (one batch needs nothing more: its failure is the transaction's), and only if
+        // that fails, again with a savepoint per batch.
+        let applied: Result<Vec<Vec<i64>>, rusqlite::Error> = batches
+            .iter()
+            .map(|batch| batch.iter().map(|c| apply(&tx, c, written)).collect())
+            .collect();
+        match applied {
+            Ok(ids) => {
+                tx.commit().map_err(&err)?;
+                written.committed();
+                return Ok(ids.into_iter().map(Ok).collect());
+            }
+            Err(e) if batches.len() == 1 => {
+                // Dropping the transaction rolls it back.
+                written.envs_put.clear();
+                return Ok(vec![Err(e.to_string())]);
+            }
+            Err(_) => {
+                tx.rollback().map_err(&err)?;
+                written.envs_put.clear();
+            }
+        }
         let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
-        // One batch needs no savepoint: its failure is the transaction's.
-        if let [batch] = batches {
-            let applied: Result<Vec<i64>, rusqlite::Error> =
-                batch.iter().map(|c| apply(&tx, c, &mut self.last_ref)).collect();
-            return match applied {
-                Ok(ids) => {
-                    tx.commit().map_err(&err)?;
-                    Ok(vec![Ok(ids)])
-                }
-                // Dropping the transaction rolls it back.
-                Err(e) => Ok(vec![Err(e.to_string())]),
-            };
-        }
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             let sp = tx.savepoint().map_err(&err)?;
+            let put_before = written.envs_put.len();
             let applied: Result<Vec<i64>, rusqlite::Error> =
-                batch.iter().map(|c| apply(&sp, c, &mut self.last_ref)).collect();
+                batch.iter().map(|c| apply(&sp, c, written)).collect();
             match applied {
                 Ok(ids) => {
                     sp.commit().map_err(&err)?;
                     results.push(Ok(ids));
                 }
                 // Dropping the savepoint rolls it back.
-                Err(e) => results.push(Err(e.to_string())),
+                Err(e) => {
+                    written.envs_put.truncate(put_before);
+                    results.push(Err(e.to_string()));
+                }
             }
         }
         tx.commit().map_err(&err)?;
+        written.committed();
         Ok(results)
     }
 
@@ -449,15 +502,21 @@ fn bring_refs_up(conn: &Connection) -> Result<(), rusqlite::Error> {
     }
 }
 
-/// Applies one change; `last_ref` is the largest reference id given so far.
-fn apply(conn: &Connection, change: &Change, last_ref: &mut i64) -> Result<i64, rusqlite::Error> {
+/// Applies one change, in a transaction `written` knows of.
+fn apply(conn: &Connection, change: &Change, written: &mut Written) -> Result<i64, rusqlite::Error> {
     match change {
         Change::PutEnv(env) => {
+            if written.envs.contains(&env.env_id) || written.envs_put.contains(&env.env_id) {
+                return Ok(0);
+            }
             let entries: Vec<String> = env.entries.iter().map(EntryId::to_string).collect();
             conn.prepare_cached("INSERT OR IGNORE INTO envs (env_id, recipe, entries) VALUES (?1, ?2, ?3)")?
                 .execute(params![env.env_id, env.recipe, entries.join(" ")])?;
+            written.envs_put.push(env.env_id.clone());
         }
         Change::DropEnvIfUnheld { env_id } => {
+            written.envs.remove(env_id);
+            written.envs_put.retain(|put| put != env_id);
             conn.prepare_cached(
                 "DELETE FROM envs WHERE env_id = ?1 \
                  AND NOT EXISTS (SELECT 1 FROM refs WHERE env_id = ?1) \
@@ -466,10 +525,10 @@ fn apply(conn: &Connection, change: &Change, last_ref: &mut i64) -> Result<i64, 
             .execute(params![env_id])?;
         }
         Change::AddRef { env_id, uid, tag } => {
-            let id = *last_ref + 1;
+            let id = written.last_ref + 1;
             conn.prepare_cached("INSERT INTO refs (env_id, id, uid, tag) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![env_id, id, uid, tag])?;
-            *last_ref = id;
+            written.last_ref = id;
             return Ok(id);
         }
         Change::DropRef { env_id, id } => {
@@ -658,6 +717,74 @@ mod tests {
         .unwrap();
         assert!(roots(&layout).unwrap().is_empty());
         assert!(db.load().unwrap().envs.is_empty());
+    }
+
+    /// An env row this connection saved is not written again until it may be gone: once
+    /// its drop is asked for (in the same transaction or an earlier one), or when the
+    /// transaction that saved it failed. No saved reference is ever without its env.
+    #[test]
+    fn env_rows_are_saved_again_whenever_they_may_be_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let entry: EntryId = format!("pkg-{}", "cd".repeat(32)).parse().unwrap();
+        let env = |id: &str| {
+            Change::PutEnv(SavedEnv {
+                env_id: id.into(),
+                recipe: "{}".into(),
+                entries: vec![entry],
+            })
+        };
+        let add = |id: &str| Change::AddRef {
+            env_id: id.into(),
+            uid: 1000,
+            tag: None,
+        };
+        let drop = |id: &str, r: i64| {
+            [
+                Change::DropRef {
+                    env_id: id.into(),
+                    id: r,
+                },
+                Change::DropEnvIfUnheld { env_id: id.into() },
+            ]
+        };
+        let mut db = StateDb::open(&layout).unwrap();
+        let saved_envs =
+            |db: &StateDb| -> Vec<String> { db.load().unwrap().envs.into_iter().map(|e| e.env_id).collect() };
+        let first = db.commit(&[env("e1"), add("e1")]).unwrap()[1];
+        // Its last reference dropped and a new one taken in one commit: the row is back.
+        let results = db
+            .commit_batches(&[&drop("e1", first), &[env("e1"), add("e1")]])
+            .unwrap();
+        let second = results[1].as_ref().unwrap()[1];
+        assert_eq!(saved_envs(&db), ["e1"]);
+        // Dropped in one commit, saved again in the next.
+        db.commit(&drop("e1", second)).unwrap();
+        assert!(saved_envs(&db).is_empty());
+        db.commit(&[env("e1"), add("e1")]).unwrap();
+        assert_eq!(saved_envs(&db), ["e1"]);
+        // A batch that failed saved nothing, and does not count as saved.
+        db.commit(&[Change::AddWorker(worker(1, "e1"))]).unwrap();
+        let results = db
+            .commit_batches(&[
+                &[env("e2"), add("e2"), Change::AddWorker(worker(1, "e2"))],
+                &[add("e1")],
+            ])
+            .unwrap();
+        assert!(results[0].is_err() && results[1].is_ok());
+        assert_eq!(saved_envs(&db), ["e1"]);
+        db.commit(&[env("e2"), add("e2")]).unwrap();
+        let mut envs = saved_envs(&db);
+        envs.sort();
+        assert_eq!(envs, ["e1", "e2"]);
+        assert!(
+            db.load()
+                .unwrap()
+                .refs
+                .iter()
+                .all(|r| r.env_id == "e1" || r.env_id == "e2")
+        );
     }
 
     /// A database the renv before wrote (references with a rowid) opens with its

@@ -226,6 +226,178 @@ fn get_or_create_takes_references_and_release_gives_them_back() {
     assert_eq!((status, kind.as_str()), (404, "not_found"));
 }
 
+/// A request's exact text is remembered for the fast path once answered, also when it
+/// spells an env first built from another spelling; that memory answers nothing the slow
+/// path would not: the same bytes from another caller get that caller's own env and
+/// checks, what is checked per request is checked every time, and an env gone from the
+/// store is built again. References taken together (their commits shared) are all saved.
+#[test]
+fn a_remembered_request_text_answers_only_what_the_slow_path_would() {
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = ["--gpus", "none", "--allow-uid", "1000"];
+    let mut daemon = Daemon::start(&ws, &args);
+    let open_socket_dir = |daemon: &Daemon| {
+        std::fs::set_permissions(
+            daemon.socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap()
+    };
+    open_socket_dir(&daemon);
+    let first = json!({"runtime_env": {"pip": ["tinypkg==1.0"]}});
+    let other = json!({"runtime_env": {"pip": {"packages": ["tinypkg==1.0"]}}});
+    let built = daemon.post("/v1/envs", &first).unwrap();
+    assert_eq!(built["created"], true);
+    let id = built["env_id"].as_str().unwrap().to_string();
+    // Found by its canonical form once, by its text after.
+    for _ in 0..3 {
+        let again = daemon.post("/v1/envs", &other).unwrap();
+        assert_eq!(
+            (again["env_id"].as_str(), &again["created"]),
+            (Some(id.as_str()), &json!(false))
+        );
+    }
+
+    // The same bytes from another caller: the same env (the daemon's installers run as
+    // itself here: envs are shared), its own reference, its own answer.
+    let (status, theirs) = as_user(&daemon.socket, 1000, "POST", "/v1/envs", Some(&other));
+    assert_eq!(status, 200, "{theirs}");
+    assert_eq!(
+        (&theirs["env_id"], &theirs["created"]),
+        (&built["env_id"], &json!(false))
+    );
+    let cache = |answer: &Value| answer["env"]["PYTHONPYCACHEPREFIX"].as_str().unwrap().to_string();
+    assert_ne!(cache(&theirs), cache(&built), "a bytecode cache of its own");
+    let (_, listed) = as_user(&daemon.socket, 1000, "GET", "/v1/envs", None);
+    assert_eq!(listed["envs"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["envs"][0]["refs"], 1);
+    // ... and its own checks: a file only the daemon's user and root may name.
+    ws.write("proj/main.py", "print('hi')\n");
+    ws.package_zip("proj", "p.zip");
+    let zip = json!({"runtime_env": {"working_dir": format!("file://{}", ws.path("p.zip").display())}});
+    daemon.post("/v1/envs", &zip).unwrap();
+    daemon.post("/v1/envs", &zip).unwrap();
+    let (status, refused) = as_user(&daemon.socket, 1000, "POST", "/v1/envs", Some(&zip));
+    assert_eq!(
+        (status, &refused["error"]["kind"]),
+        (403, &json!("forbidden")),
+        "{refused}"
+    );
+    // What is checked per request is checked with remembered bytes too.
+    let long_tag = json!({"runtime_env": other["runtime_env"], "ref": "x".repeat(300)});
+    let (status, kind, field, _) = api_error(daemon.post("/v1/envs", &long_tag));
+    assert_eq!(
+        (status, kind.as_str(), field.as_deref()),
+        (400, "bad_request", Some("ref"))
+    );
+
+    // Many references at once: all answered, all saved (a kill -9 loses none).
+    let answered: usize = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = daemon.client();
+                    (0..20)
+                        .filter(|_| client.json("POST", "/v1/envs", Some(&other)).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    assert_eq!(answered, 320);
+    assert!(daemon.metric("renv_state_commits_total") <= daemon.metric("renv_state_writes_total"));
+    daemon.kill9();
+    daemon = Daemon::start(&ws, &args);
+    open_socket_dir(&daemon);
+    let refs_of = |daemon: &Daemon, id: &str| -> u64 {
+        daemon.get("/v1/envs")["envs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|env| env["env_id"] == id)
+            .map_or(0, |env| env["refs"].as_u64().unwrap())
+    };
+    assert_eq!(refs_of(&daemon, &id), 1 + 3 + 320 + 1, "root's, and uid 1000's");
+
+    // Remembered again (the restarted daemon remembers nothing); then every reference
+    // given back and the env pruned from the store: the remembered text builds it again.
+    assert_eq!(daemon.post("/v1/envs", &other).unwrap()["created"], false);
+    let client = daemon.client();
+    for _ in 0..325 {
+        client.json("DELETE", &format!("/v1/envs/{id}"), None).unwrap();
+    }
+    let release = format!("/v1/envs/{id}");
+    assert_eq!(as_user(&daemon.socket, 1000, "DELETE", &release, None).0, 200);
+    let venv = Path::new(built["python"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let pruned = ws
+        .renv()
+        .args(["prune", "--json", "--max-size", "0", "--min-age", "0s"])
+        .output()
+        .unwrap();
+    assert_success(&pruned);
+    assert!(!venv.exists(), "{}", String::from_utf8_lossy(&pruned.stdout));
+    for expected_created in [true, false] {
+        let again = daemon.post("/v1/envs", &other).unwrap();
+        assert_eq!(again["env_id"], id.as_str());
+        assert_eq!(again["created"], expected_created);
+        assert!(Path::new(again["python"].as_str().unwrap()).exists());
+    }
+    assert_eq!(refs_of(&daemon, &id), 2);
+}
+
+/// With a build user, envs are per caller, and so is what the fast path remembers: the
+/// same bytes, remembered for one caller, are another's own env.
+#[test]
+fn remembered_request_texts_are_per_caller_with_a_build_user() {
+    const BUILDER: u32 = 1094;
+    let ws = setup();
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = crate::common::shared_python().to_str().unwrap();
+    let daemon = Daemon::start(
+        &ws,
+        &[
+            "--gpus",
+            "none",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+            "--python",
+            python,
+            "--build-user",
+            &BUILDER.to_string(),
+        ],
+    );
+    std::fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let first = json!({"runtime_env": {"pip": ["tinypkg==1.0"]}});
+    let other = json!({"runtime_env": {"pip": {"packages": ["tinypkg==1.0"]}}});
+    let post = |uid: u32, body: &Value| {
+        let (status, answer) = as_user(&daemon.socket, uid, "POST", "/v1/envs", Some(body));
+        assert_eq!(status, 200, "{answer}");
+        answer
+    };
+    let mine = post(1000, &first)["env_id"].clone();
+    for _ in 0..3 {
+        assert_eq!(post(1000, &other)["env_id"], mine);
+    }
+    let theirs = post(1001, &other);
+    assert_ne!(theirs["env_id"], mine, "another caller's own env");
+    assert_eq!(theirs["created"], true);
+    assert_eq!(post(1001, &other)["env_id"], theirs["env_id"]);
+    assert_eq!(post(1000, &other)["env_id"], mine);
+}
+
 #[test]
 fn fifty_concurrent_requests_share_one_build_and_one_failure() {
     let ws = setup();

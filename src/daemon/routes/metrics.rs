@@ -78,6 +78,16 @@ pub(super) async fn metrics(State(app): AppState) -> impl IntoResponse {
             "renv_remote_uploads_total",
             remote.uploads.load(Ordering::Relaxed) as f64,
         ),
+        // Saved state: writes (each answered only once committed) and the commits that
+        // held them (several writes share one when requests come together).
+        (
+            "renv_state_writes_total",
+            daemon.journal.writes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "renv_state_commits_total",
+            daemon.journal.commits.load(Ordering::Relaxed) as f64,
+        ),
         ("renv_uptime_seconds", now() - daemon.started_at),
     ]);
     let mut text = String::new();
