@@ -212,6 +212,10 @@ def main():
     for leftover in [os.path.join(work, name) for name in os.listdir(work)] + list(temps.values()):
         rmtree(leftover)
     json.dump(results, sys.stdout)
+    sys.stdout.flush()
+    # Ray's native teardown at interpreter exit has been seen to segfault (after a run
+    # whose every figure was in): the results are out, so leave without it.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,10 @@ def main():
     for leftover in glob.glob(os.path.join(work, "*")) + [ray_temp]:
         rmtree(leftover)
     json.dump(results, sys.stdout)
+    sys.stdout.flush()
+    # Ray's native teardown at interpreter exit has been seen to segfault (after a run
+    # whose every figure was in): the results are out, so leave without it.
+    os._exit(0)
 
 
 if __name__ == "__main__":
