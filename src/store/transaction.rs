@@ -271,7 +271,9 @@ impl Store {
                         std::io::Error::other(format!("{}: not a directory", staged.display())).into(),
                     );
                 }
-                let walked = walk_tree(&staged)?;
+                // Nothing to make durable on tmpfs: no inode keys to compute, no syncs.
+                let durable = !crate::sys::is_volatile_fs(&staged);
+                let walked = walk_tree(&staged, durable)?;
                 let synced = self.layout.synced_inodes_path();
                 let mut paths = sync_walked(&walked, builder, vouched, &synced, progress)?;
                 for (rel, target) in &walked.symlinks {
@@ -414,6 +416,8 @@ struct Walked {
     /// Relative path and target.
     symlinks: Vec<(String, PathBuf)>,
     bytes: u64,
+    /// On a filesystem where syncing makes anything durable (not tmpfs).
+    durable: bool,
 }
 
 /// What [`seal`] does to a file beyond making it the store owner's and read-only.
@@ -440,7 +444,7 @@ struct WalkedFile {
     rel: String,
     /// What the walk's `lstat` saw.
     meta: std::fs::Metadata,
-    /// Its [`shared_inode_key`].
+    /// Its [`shared_inode_key`], where the tree is durable.
     key: Option<u128>,
 }
 
@@ -466,7 +470,7 @@ fn seal(
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let meta = file.metadata()?;
     let me = crate::sys::geteuid();
-    refuse_foreign(path, &meta, builder)?;
+    refuse_foreign(path, &meta, me, builder)?;
     if meta.uid() != me {
         std::os::unix::fs::fchown(&file, Some(me), Some(crate::sys::getegid()))?;
     }
@@ -512,9 +516,13 @@ fn sealed_mode(mode: u32, is_dir: bool) -> u32 {
 
 /// Refuses what a build's output must not hold: anything of a third user's, and a file of
 /// the store's owner that others may write.
-fn refuse_foreign(path: &Path, meta: &std::fs::Metadata, builder: Option<u32>) -> std::io::Result<()> {
+fn refuse_foreign(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    me: u32,
+    builder: Option<u32>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let me = crate::sys::geteuid();
     // The store owner's own files in a build user's output are renv's (a record, a
     // relocated script), never writable by others; one that is was linked in from
     // elsewhere, and sealing would change it there.
@@ -555,18 +563,19 @@ fn write_record(staged: &Path, record: record::SealedRecord) -> std::io::Result<
 
 /// Lists a freshly built tree without following symlinks, a level at a time, each
 /// level's directories read on the cores.
-fn walk_tree(root: &Path) -> std::io::Result<Walked> {
+fn walk_tree(root: &Path, durable: bool) -> std::io::Result<Walked> {
     let mut walked = Walked {
         root: root.to_path_buf(),
         dirs: Vec::new(),
         files: Vec::new(),
         symlinks: Vec::new(),
         bytes: 0,
+        durable,
     };
     let mut level = vec![root.to_path_buf()];
     while !level.is_empty() {
         let listed = package::parallel_map(level.len(), package::worker_threads(), |i| {
-            list_dir(root, &level[i])
+            list_dir(root, &level[i], durable)
         })?;
         level = Vec::new();
         for listing in listed {
@@ -589,7 +598,7 @@ struct Listing {
     symlinks: Vec<(String, PathBuf)>,
 }
 
-fn list_dir(root: &Path, dir: &Path) -> std::io::Result<Listing> {
+fn list_dir(root: &Path, dir: &Path, durable: bool) -> std::io::Result<Listing> {
     let mut listing = Listing::default();
     for entry in fs_err::read_dir(dir)? {
         let entry = entry?;
@@ -608,7 +617,7 @@ fn list_dir(root: &Path, dir: &Path) -> std::io::Result<Listing> {
             let meta = entry.metadata()?;
             listing.files.push(WalkedFile {
                 rel: relative(root, &path),
-                key: shared_inode_key(&meta),
+                key: durable.then(|| shared_inode_key(&meta)).flatten(),
                 path,
                 meta,
             });
@@ -655,13 +664,10 @@ fn sync_walked(
     progress: &Progress,
 ) -> std::io::Result<BTreeMap<String, record::Recorded>> {
     use std::os::unix::fs::MetadataExt;
-    let durable = !crate::sys::is_volatile_fs(&walked.root);
+    let durable = walked.durable;
     let me = crate::sys::geteuid();
     let phase = progress.phase("syncing", (walked.files.len() + walked.dirs.len()) as u64);
-    let wanted: HashSet<u128> = match durable {
-        true => walked.files.iter().filter_map(|file| file.key).collect(),
-        false => HashSet::new(),
-    };
+    let wanted: HashSet<u128> = walked.files.iter().filter_map(|file| file.key).collect();
     let known = synced_inodes::recorded(synced, &wanted);
 
     let mut sealed = BTreeMap::new();
@@ -669,7 +675,7 @@ fn sync_walked(
     let mut left: Vec<(&Path, Option<&String>, FileWork)> = Vec::new();
     let mut newly_synced = Vec::new();
     for WalkedFile { path, rel, meta, key } in &walked.files {
-        refuse_foreign(path, meta, builder)?;
+        refuse_foreign(path, meta, me, builder)?;
         let work = FileWork {
             hash: !vouched.contains(rel),
             sync: durable && !key.is_some_and(|key| known.contains(&key)),

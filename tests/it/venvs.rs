@@ -225,6 +225,46 @@ fn cache_files_are_synced_once_and_again_once_changed() {
     );
     assert_eq!(shared(&third).len(), linked.len());
     assert_eq!(records(), linked.len() as u64 + 1);
+
+    // Another user can neither forge a record nor remove the file to plant one of its own.
+    for uid in ["1000", "65534"] {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ])
+            .args([
+                "sh",
+                "-c",
+                "printf 0123456789abcdef >> \"$1\" || rm -f \"$1\"",
+                "sh",
+            ])
+            .arg(&synced)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "uid {uid} changed {}", synced.display());
+        assert_eq!(records(), linked.len() as u64 + 1);
+    }
+    // A symlink in its place (whoever planted it) is never followed: the build neither
+    // writes through it nor trusts what it names, and syncs what it must.
+    let elsewhere = ws.write("elsewhere", b"");
+    std::fs::remove_file(&synced).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &synced).unwrap();
+    let fourth = build(
+        &ws,
+        &flags,
+        &json!({"pip": ["tinypkg==1.0,!=0.0.3"]}),
+        "fourth.json",
+    );
+    assert_eq!(shared(&fourth).len(), linked.len());
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), b"");
+    assert!(
+        std::fs::symlink_metadata(&synced)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     for env in [&second, &third] {
         let python = env["python"].as_str().unwrap();
         assert_eq!(in_env(python, "import tinypkg; print(tinypkg.VERSION)"), "1.0");
